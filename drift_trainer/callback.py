@@ -1,0 +1,322 @@
+"""DriftCallback: runs a refresh on schedule inside any ``transformers.Trainer``.
+
+A callback is handed the model, the dataloader and the optimizer, never the trainer, yet ZeRO-3 generation needs the
+DeepSpeed engine (``trainer.model_wrapped``) and logging needs ``trainer.log``. So the trainer is taken through one
+documented step, as TRL's own callbacks do::
+
+    trainer = Trainer(model=model, args=DriftTrainingArguments(...), train_dataset=train)
+    DriftCallback(query_dataset=queries, reward_funcs=exact_match).attach(trainer)
+    trainer.train()
+
+``DriftSFTTrainer`` does this for you.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import numpy as np
+from transformers import TrainerCallback
+
+from .config import DriftArguments, drift_arguments_from
+from .features import ProjectedGradients, select_target_modules
+from .refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh
+from .rewards import completion_text, resolve_reward_funcs
+from .rollouts import check_query_dataset, generation_context
+from .sampler import DriftSampler
+from .state import STATE_FILE, DriftState, atomic_write_text, write_refresh_artifacts
+
+logger = logging.getLogger("drift_trainer")
+INDEX_COLUMN = "drift_index"
+SAMPLER_FILE = "drift_sampler.json"
+
+
+def check_train_dataset(train_dataset) -> None:
+    """Reject train sets DRIFT cannot index."""
+    from datasets import IterableDataset
+
+    if train_dataset is None:
+        raise ValueError("DRIFT needs a train_dataset to score; got None.")
+    if isinstance(train_dataset, IterableDataset) or not hasattr(train_dataset, "__len__"):
+        raise ValueError(
+            "DRIFT does not support an IterableDataset (streaming) train_dataset: it scores and reweights every "
+            "example by index. Load it as a map-style datasets.Dataset (streaming=False), or set drift_enabled=False."
+        )
+
+
+class DriftCallback(TrainerCallback):
+    """Refreshes the train-data weights every ``drift_refresh_steps`` steps (see the module docstring).
+
+    Args:
+        query_dataset: validation queries, a ``datasets.Dataset`` with a ``prompt`` column (text or messages) plus the
+            columns the reward functions need.
+        reward_funcs: a callable ``f(prompts, completions, **columns) -> list[float]``, a built-in name
+            (``"exact_match"``, ``"math_answer"``), or a list of them (rewards are summed).
+        args: a ``DriftArguments`` (or any object with ``drift_*`` fields). Default: the trainer's own args when they
+            carry ``drift_*`` fields, else ``DriftArguments()`` defaults.
+        trainer: attach at once (same as calling :meth:`attach`).
+    """
+
+    def __init__(self, query_dataset=None, reward_funcs=None, args: DriftArguments | None = None, trainer=None):
+        self.query_dataset = query_dataset
+        self.reward_funcs = resolve_reward_funcs(reward_funcs)
+        self._own_args = args
+        self.args: DriftArguments | None = None
+        self.trainer = None
+        self.drift_state = DriftState()
+        self.sampler: DriftSampler | None = None
+        self.view: TrainView | None = None
+        self.projector: ProjectedGradients | None = None
+        self.fused_lm_head = False
+        self.loss_weights = None  # per user example, used by DriftSFTTrainer in `loss` mode
+        self._loaded_checkpoint: str | None = None
+        if trainer is not None:
+            self.attach(trainer)
+
+    # ------------------------------------------------------------------ setup
+    def resolve_args(self, trainer_args) -> DriftArguments:
+        source = self._own_args
+        if source is None:
+            source = trainer_args if hasattr(trainer_args, "drift_enabled") else DriftArguments()
+        return drift_arguments_from(source)
+
+    def validate(self, drift_args: DriftArguments, train_dataset, trainer_args=None) -> None:
+        """Check every input DRIFT needs; raises before training starts."""
+        if not drift_args.drift_enabled:
+            return
+        check_query_dataset(self.query_dataset)
+        if not self.reward_funcs:
+            raise ValueError(
+                "DRIFT is enabled but no reward function was given: pass reward_funcs=exact_match (or 'math_answer', "
+                "or your own f(prompts, completions, **columns) -> list[float]), or set drift_enabled=False."
+            )
+        check_train_dataset(train_dataset)
+        if trainer_args is not None:
+            if getattr(trainer_args, "packing", False) or getattr(trainer_args, "padding_free", False):
+                raise ValueError(
+                    "DRIFT scores each train example, but packing / padding_free merges examples into one row. "
+                    "Set packing=False and padding_free=False, or drift_enabled=False."
+                )
+
+    def attach(self, trainer) -> DriftCallback:
+        """Bind to ``trainer`` (adding this callback to it if needed) and validate the inputs. Returns self."""
+        self.trainer = trainer
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self.args = self.resolve_args(trainer.args)
+        self.validate(self.args, trainer.train_dataset, trainer.args)
+        if self.args.drift_enabled and self.args.drift_reweight_mode == "loss" and not hasattr(trainer, "drift_state"):
+            raise ValueError(
+                "drift_reweight_mode='loss' needs DriftSFTTrainer (a plain Trainer's loss cannot be reweighted from a "
+                "callback). Use drift_reweight_mode='sampler', or DriftSFTTrainer."
+            )
+        return self
+
+    def _require_trainer(self):
+        if self.trainer is None:
+            raise RuntimeError(
+                "DriftCallback is not attached to a trainer: call DriftCallback(...).attach(trainer) instead of "
+                "trainer.add_callback(DriftCallback(...))."
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.args is not None and self.args.drift_enabled
+
+    def build_view(self, dataset, num_examples: int | None = None) -> TrainView:
+        n_rows = len(dataset)
+        if hasattr(dataset, "column_names") and INDEX_COLUMN in dataset.column_names:
+            user_index = np.asarray(dataset[INDEX_COLUMN], dtype=np.int64)
+        else:
+            user_index = np.arange(n_rows)
+        rows = dataset
+        if hasattr(dataset, "select_columns"):
+            keep = [c for c in ("input_ids", "labels", "completion_mask", "assistant_masks") if c in dataset.column_names]
+            if "input_ids" not in keep:
+                raise ValueError(
+                    "DRIFT scores tokenized examples: the trainer's train_dataset has no `input_ids` column "
+                    f"(columns: {dataset.column_names}). Tokenize it first, or use DriftSFTTrainer."
+                )
+            rows = dataset.select_columns(keep).with_format("python")
+        total = int(num_examples if num_examples is not None else (user_index.max() + 1 if n_rows else 0))
+        return TrainView(rows=rows, user_index=user_index, num_examples=total)
+
+    def make_sampler(self, num_rows: int, trainer_args) -> DriftSampler:
+        seed = trainer_args.data_seed if trainer_args.data_seed is not None else trainer_args.seed
+        self.sampler = DriftSampler(num_rows, seed=seed)
+        return self.sampler
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self._require_trainer()
+        if not self.enabled:
+            return
+        trainer = self.trainer
+        self.view = self.build_view(trainer.train_dataset, getattr(trainer, "_drift_num_examples", None))
+        if self.args.drift_reweight_mode == "sampler" and self.sampler is None:
+            sampler = self.make_sampler(len(trainer.train_dataset), args)
+            if train_dataloader is None or not hasattr(train_dataloader, "set_sampler"):
+                raise RuntimeError("DriftCallback could not reach the train dataloader to install its sampler.")
+            train_dataloader.set_sampler(sampler)
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else model
+        self.projector = ProjectedGradients(
+            select_target_modules(unwrapped, self.args.drift_target_modules),
+            self.args.drift_projection_dim,
+            self.args.drift_projection_seed,
+        )
+        if state.global_step > 0 and self._loaded_checkpoint is None:
+            candidate = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(candidate):
+                self.load_checkpoint(candidate)
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # accelerate does not reach the sampler's set_epoch on a resumed epoch with several ranks: do it here
+        if self.sampler is not None:
+            self.sampler.set_epoch(int(state.epoch or 0))
+
+    def is_due(self, step: int) -> bool:
+        first = self.args.drift_first_step
+        return step >= first and (step - first) % self.args.drift_refresh_steps == 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.enabled and self.is_due(state.global_step):
+            self.refresh(state.global_step, is_main=state.is_world_process_zero)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self.enabled or not state.is_world_process_zero:
+            return
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt):
+            self.save_checkpoint(ckpt)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, directory: str) -> None:
+        """Write ``drift_state.json`` and the sampler's state into a checkpoint directory."""
+        atomic_write_text(os.path.join(directory, STATE_FILE), json.dumps(self.drift_state.to_dict()))
+        if self.sampler is not None:
+            atomic_write_text(os.path.join(directory, SAMPLER_FILE), json.dumps(self.sampler.state_dict()))
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore ``drift_state`` and the sampler from a checkpoint directory written by :meth:`save_checkpoint`."""
+        path = os.path.join(directory, STATE_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                self.drift_state = DriftState.from_dict(json.load(f))
+            if self.args is not None and self.args.drift_reweight_mode == "loss":
+                self.loss_weights = self.drift_state.weights
+        sampler_path = os.path.join(directory, SAMPLER_FILE)
+        if self.sampler is not None and os.path.exists(sampler_path):
+            with open(sampler_path) as f:
+                self.sampler.load_state_dict(json.load(f))
+        self._loaded_checkpoint = directory
+
+    # ------------------------------------------------------------------ the refresh
+    def refresh(self, step: int, is_main: bool = True) -> None:
+        """Run one refresh now (every rank must call it) and swap in the new weights."""
+        self._require_trainer()
+        trainer, args = self.trainer, self.args
+        dist = Dist()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        tokenizer = trainer.processing_class
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        started = time.perf_counter()
+        result = run_refresh(
+            args=args,
+            step=step,
+            model=model,
+            tokenizer=tokenizer,
+            view=self.view,
+            query_dataset=self.query_dataset,
+            reward_funcs=self.reward_funcs,
+            projector=self.projector,
+            generation_context=lambda: generation_context(trainer, model),
+            fused_lm_head=self.fused_lm_head,
+            dist=dist,
+            refresh_index=self.drift_state.num_refreshes,
+            seed=int(trainer.args.seed),
+            progress=args.drift_progress,
+        )
+        engine = getattr(trainer, "model_wrapped", None)
+        if hasattr(engine, "empty_partition_cache"):
+            engine.empty_partition_cache()
+        previous = self.drift_state
+        reason = None
+        if not result.contrast:
+            reason = (
+                "no contrast: every judged rollout got the same verdict "
+                f"(rollout accuracy {result.rollout_accuracy:.3f}); previous weights kept"
+            )
+            logger.warning("DRIFT refresh at step %d: %s", step, reason)
+            smoothed = previous.smoothed
+            weights = previous.weights if previous.weights is not None else np.ones(result.scores.shape[0])
+        else:
+            smoothed, weights = new_weights(result, previous.smoothed, previous.weights, args)
+            weights = dist.broadcast(weights)  # identical on every rank, bit for bit
+        metrics = refresh_summary(result, weights, args)
+        metrics["drift/refresh_seconds"] = time.perf_counter() - started
+        self._apply(weights, changed=result.contrast)
+        summary = {
+            "step": step,
+            "refresh": previous.num_refreshes,
+            "metrics": metrics,
+            "timings": {k: round(v, 4) for k, v in result.timings.items()},
+            "num_examples": int(result.scores.shape[0]),
+            "num_scored": int(result.scored.sum()),
+            "num_masked": result.num_masked,
+            "num_rollouts": len(result.rollouts),
+            "contrast": result.contrast,
+            "reason": reason,
+            "weights_changed": bool(result.contrast),
+            "options": args.drift_options(),
+        }
+        self.drift_state = DriftState(
+            step=step,
+            num_refreshes=previous.num_refreshes + 1,
+            scores=result.scores,
+            smoothed=smoothed,
+            weights=np.asarray(weights),
+            grad_norm=result.grad_norm,
+            rollout_accuracy=metrics["drift/rollout_accuracy"],
+            reward_mean=metrics["drift/reward_mean"],
+            history=previous.history + [summary],
+        )
+        if is_main and args.drift_save_artifacts:
+            self._write_artifacts(step, result, weights, summary)
+        if hasattr(trainer, "log"):
+            trainer.log(dict(metrics))
+
+    def _apply(self, weights: np.ndarray, changed: bool) -> None:
+        if not changed:
+            return
+        if self.args.drift_reweight_mode == "loss":
+            self.loss_weights = np.asarray(weights)
+        elif self.sampler is not None:
+            self.sampler.update(np.asarray(weights)[self.view.user_index])
+
+    def _write_artifacts(self, step, result, weights, summary) -> None:
+        out_dir = os.path.join(self.trainer.args.output_dir, "drift", f"refresh-{step:06d}")
+        n = result.scores.shape[0]
+        columns = {
+            "index": np.arange(n),
+            "score": result.scores,
+            "weight": np.asarray(weights, dtype=np.float64),
+            "grad_norm": result.grad_norm,
+            "raw_score": result.raw_scores,
+            "loss": result.loss,
+            "scored": result.scored,
+        }
+        ro = result.rollouts
+        records = [
+            {
+                "query_index": ro.query_index[j],
+                "query": ro.prompts[j],
+                "completion": completion_text(ro.completions[j]),
+                "reward": ro.rewards[j],
+                "sign": float(result.signs[j]),
+            }
+            for j in range(len(ro))
+        ]
+        write_refresh_artifacts(out_dir, columns, records, summary)

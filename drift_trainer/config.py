@@ -1,0 +1,268 @@
+"""Configuration: every ``drift_*`` option, documented and validated.
+
+``DriftArguments`` is a dataclass mixin. ``DriftConfig`` adds it to ``trl.SFTConfig`` (for ``DriftSFTTrainer``) and
+``DriftTrainingArguments`` to ``transformers.TrainingArguments`` (for a plain ``Trainer`` with ``DriftCallback``). Both
+parse with ``HfArgumentParser`` / ``TrlParser``, so ``--drift_refresh_steps 50`` works on the command line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from transformers import TrainingArguments
+from trl import SFTConfig
+
+SIGNINGS = ("correctness", "advantage")
+DEBIASINGS = ("normalize", "regress", "none")
+PRECONDITIONERS = ("identity", "fisher")
+WEIGHTINGS = ("softmax", "prune", "truncate")
+REWEIGHT_MODES = ("sampler", "loss")
+NO_CONTRAST = ("skip", "keep")
+
+
+def _help(text: str, choices: tuple[str, ...] | None = None) -> dict:
+    meta = {"help": text}
+    if choices:
+        meta["choices"] = list(choices)
+    return meta
+
+
+@dataclass
+class DriftArguments:
+    """The DRIFT options. Every field is a ``--drift_*`` command-line flag; defaults are documented in each help."""
+
+    drift_enabled: bool = field(
+        default=True,
+        metadata=_help("Turn DRIFT on. When False the run is plain SFT: no rollouts, no scoring, the default sampler."),
+    )
+    drift_refresh_steps: int = field(
+        default=100,
+        metadata=_help("Optimizer steps between two refreshes (rollouts, features, influence, new weights)."),
+    )
+    drift_first_refresh_step: int | None = field(
+        default=None,
+        metadata=_help(
+            "Global step of the first refresh (warm-up: on-policy signing needs a mix of right and wrong rollouts). "
+            "Default: `drift_refresh_steps`."
+        ),
+    )
+    drift_num_queries: int = field(
+        default=32,
+        metadata=_help("Validation queries sampled (seeded) from `query_dataset` at each refresh; all if fewer."),
+    )
+    drift_num_rollouts: int = field(default=4, metadata=_help("Rollouts sampled per query at each refresh."))
+    drift_rollout_batch_size: int = field(
+        default=16, metadata=_help("Sequences per `generate` call (each call is one batch of prompts x rollouts).")
+    )
+    drift_temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the rollouts (> 0)."))
+    drift_top_p: float = field(default=1.0, metadata=_help("Nucleus sampling top-p of the rollouts, in (0, 1]."))
+    drift_max_new_tokens: int = field(default=64, metadata=_help("Maximum new tokens per rollout."))
+    drift_reward_threshold: float = field(
+        default=0.5,
+        metadata=_help("A rollout whose summed reward is >= this counts as correct (for `correctness` signing)."),
+    )
+    drift_signing: str = field(
+        default="correctness",
+        metadata=_help(
+            "How rollouts sign the validation target. `correctness`: +1 for correct, -1 for wrong rollouts, each class "
+            "averaged so neither dominates by count. `advantage`: reward minus the query's mean reward (GRPO style).",
+            SIGNINGS,
+        ),
+    )
+    drift_no_contrast: str = field(
+        default="skip",
+        metadata=_help(
+            "Queries whose rollouts all get the same verdict carry no contrast. `skip`: they get sign 0. `keep`: under "
+            "`correctness` signing their rollouts keep their global sign (all-correct queries pull towards their "
+            "rollouts, all-wrong ones push away). `advantage` signing gives them 0 either way.",
+            NO_CONTRAST,
+        ),
+    )
+    drift_debias: str = field(
+        default="normalize",
+        metadata=_help(
+            "Debiasing against gradient norm. `normalize`: divide each train feature by its norm to the power "
+            "`drift_norm_exponent` (1.0 = cosine-like). `regress`: remove the part of the score explained by the log "
+            "gradient norm (least squares). `none`: raw inner products.",
+            DEBIASINGS,
+        ),
+    )
+    drift_norm_exponent: float = field(
+        default=1.0, metadata=_help("Exponent alpha of the norm in `normalize` debiasing, in [0, 1].")
+    )
+    drift_preconditioner: str = field(
+        default="identity",
+        metadata=_help(
+            "Preconditioner H in the projected space. `identity`, or `fisher`: the damped empirical Fisher "
+            "(mean outer product of train features).",
+            PRECONDITIONERS,
+        ),
+    )
+    drift_damping: float = field(
+        default=0.1,
+        metadata=_help("Damping of the `fisher` preconditioner, relative to its mean eigenvalue (> 0)."),
+    )
+    drift_projection_dim: int = field(
+        default=16,
+        metadata=_help(
+            "Side of the per-module random projection: each target module contributes `drift_projection_dim**2` "
+            "features (P_out d)(P_in a)^T."
+        ),
+    )
+    drift_target_modules: str = field(
+        default="auto",
+        metadata=_help(
+            "Modules whose gradients make the features: `auto` (LoRA A/B modules on a PEFT model, otherwise every "
+            "nn.Linear except the LM head), `all-linear`, or comma-separated name substrings (e.g. `q_proj,v_proj`)."
+        ),
+    )
+    drift_feature_batch_size: int = field(
+        default=16, metadata=_help("Examples per forward+backward of the feature pass.")
+    )
+    drift_projection_seed: int = field(
+        default=1234, metadata=_help("Seed of the Gaussian projection matrices (fixed for a run).")
+    )
+    drift_weighting: str = field(
+        default="softmax",
+        metadata=_help(
+            "How scores become weights. `softmax` of standardised scores over `drift_softmax_temperature`; `prune` "
+            "drops the lowest `drift_prune_fraction`; `truncate` keeps scores between the percentiles "
+            "`drift_truncate_low` and `drift_truncate_high` (the TIF rule).",
+            WEIGHTINGS,
+        ),
+    )
+    drift_softmax_temperature: float = field(
+        default=1.0, metadata=_help("Temperature of `softmax` weighting on standardised scores (> 0).")
+    )
+    drift_prune_fraction: float = field(
+        default=0.3, metadata=_help("Share of lowest-scored examples dropped by `prune` weighting, in [0, 1).")
+    )
+    drift_truncate_low: float = field(
+        default=10.0, metadata=_help("Lower percentile kept by `truncate` weighting, in [0, 100).")
+    )
+    drift_truncate_high: float = field(
+        default=90.0, metadata=_help("Upper percentile kept by `truncate` weighting, in (low, 100].")
+    )
+    drift_uniform_mix: float = field(
+        default=0.1,
+        metadata=_help(
+            "Mix the weights with uniform: w = (1-mix)*w + mix. 0 allows weight exactly 0; 1.0 scores without "
+            "reweighting."
+        ),
+    )
+    drift_weight_clip: float = field(
+        default=5.0, metadata=_help("Largest weight (weights have mean 1), applied before the uniform mix (>= 1).")
+    )
+    drift_score_ema: float = field(
+        default=0.5,
+        metadata=_help(
+            "Smoothing of standardised scores across refreshes: new = ema*previous + (1-ema)*current. 0 disables."
+        ),
+    )
+    drift_reweight_mode: str = field(
+        default="sampler",
+        metadata=_help(
+            "`sampler`: draw training examples by weight (with replacement, changes mid-epoch). `loss`: keep the "
+            "usual order and scale each example's loss by its weight (DriftSFTTrainer only).",
+            REWEIGHT_MODES,
+        ),
+    )
+    drift_save_artifacts: bool = field(
+        default=True,
+        metadata=_help("Write `{output_dir}/drift/refresh-{step:06d}/` (scores.parquet, rollouts.jsonl, summary.json)."),
+    )
+    drift_progress: bool = field(default=True, metadata=_help("Show tqdm progress bars on rank 0 during a refresh."))
+
+    def validate_drift(self) -> None:
+        """Raise ``ValueError`` naming the field and the allowed values for any bad ``drift_*`` option."""
+        _choice(self, "drift_signing", SIGNINGS)
+        _choice(self, "drift_debias", DEBIASINGS)
+        _choice(self, "drift_preconditioner", PRECONDITIONERS)
+        _choice(self, "drift_weighting", WEIGHTINGS)
+        _choice(self, "drift_reweight_mode", REWEIGHT_MODES)
+        _choice(self, "drift_no_contrast", NO_CONTRAST)
+        for name in (
+            "drift_refresh_steps",
+            "drift_num_queries",
+            "drift_num_rollouts",
+            "drift_rollout_batch_size",
+            "drift_max_new_tokens",
+            "drift_projection_dim",
+            "drift_feature_batch_size",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.drift_first_refresh_step is not None and self.drift_first_refresh_step < 1:
+            raise ValueError(
+                f"drift_first_refresh_step must be >= 1 (or None for drift_refresh_steps), got "
+                f"{self.drift_first_refresh_step!r}."
+            )
+        _range(self, "drift_temperature", 0.0, None, low_open=True)
+        _range(self, "drift_top_p", 0.0, 1.0, low_open=True)
+        _range(self, "drift_norm_exponent", 0.0, 1.0)
+        _range(self, "drift_damping", 0.0, None, low_open=True)
+        _range(self, "drift_softmax_temperature", 0.0, None, low_open=True)
+        _range(self, "drift_uniform_mix", 0.0, 1.0)
+        _range(self, "drift_score_ema", 0.0, 1.0, high_open=True)
+        _range(self, "drift_weight_clip", 1.0, None)
+        if not 0.0 <= self.drift_prune_fraction < 1.0:
+            raise ValueError(
+                f"drift_prune_fraction must be in [0, 1), got {self.drift_prune_fraction!r}: a fraction of 1 prunes "
+                "every example. Lower drift_prune_fraction."
+            )
+        if not 0.0 <= self.drift_truncate_low < self.drift_truncate_high <= 100.0:
+            raise ValueError(
+                "drift_truncate_low and drift_truncate_high must satisfy 0 <= low < high <= 100, got "
+                f"{self.drift_truncate_low!r} and {self.drift_truncate_high!r}."
+            )
+
+    @property
+    def drift_first_step(self) -> int:
+        return self.drift_first_refresh_step or self.drift_refresh_steps
+
+    def drift_options(self) -> dict:
+        """The ``drift_*`` fields as a plain dict (written into each refresh's summary)."""
+        return {f.name: getattr(self, f.name) for f in fields(DriftArguments)}
+
+
+def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+def _range(obj, name, low, high, low_open=False, high_open=False) -> None:
+    value = getattr(obj, name)
+    ok = (value > low if low_open else value >= low) if low is not None else True
+    if high is not None:
+        ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        lo = ("(" if low_open else "[") + str(low)
+        hi = (str(high) + (")" if high_open else "]")) if high is not None else "inf)"
+        raise ValueError(f"{name} must be in {lo}, {hi}; got {value!r}.")
+
+
+def drift_arguments_from(args) -> DriftArguments:
+    """Copy the ``drift_*`` fields of any object that has them into a standalone ``DriftArguments``."""
+    values = {f.name: getattr(args, f.name) for f in fields(DriftArguments) if hasattr(args, f.name)}
+    out = DriftArguments(**values)
+    out.validate_drift()
+    return out
+
+
+@dataclass
+class DriftConfig(DriftArguments, SFTConfig):
+    """``trl.SFTConfig`` plus the DRIFT options, for :class:`~drift_trainer.DriftSFTTrainer`."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_drift()
+
+
+@dataclass
+class DriftTrainingArguments(DriftArguments, TrainingArguments):
+    """``transformers.TrainingArguments`` plus the DRIFT options, for a plain ``Trainer`` with ``DriftCallback``."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.validate_drift()

@@ -1,0 +1,208 @@
+"""Projected per-example gradients for a whole batch in one forward and one backward.
+
+For a Linear module with input ``a_t`` and output gradient ``d_t`` at token ``t``, an example's weight gradient is
+``sum_t d_t a_t^T``. Projected with seeded Gaussian matrices ``P_out (k, out)`` and ``P_in (k, in)`` it is
+``P_out (sum_t d_t a_t^T) P_in^T = sum_t (P_out d_t)(P_in a_t)^T``: a ``k x k`` block per module, computed from
+captured activations without forming any weight gradient. ``torch.autograd.grad`` towards the captured outputs runs
+no ``AccumulateGrad`` node, so parameter ``.grad`` (owned by the optimizer or DeepSpeed) is never touched.
+
+Precision: activations and output gradients are projected in float32 whatever the model's dtype; features are float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def select_target_modules(model: nn.Module, spec: str = "auto") -> list[tuple[str, nn.Linear]]:
+    """The ``(name, nn.Linear)`` modules whose weight gradients make the features, in a stable order.
+
+    ``auto``: the LoRA ``lora_A``/``lora_B`` Linear modules of every active adapter on a PEFT model, otherwise every
+    trainable ``nn.Linear`` except the LM head. ``all-linear``: every trainable ``nn.Linear`` except the LM head.
+    Otherwise a comma-separated list of name substrings matched against trainable ``nn.Linear`` modules.
+    """
+    named = list(model.named_modules())
+    lora_children: set[int] = set()
+    lora = []
+    for name, module in named:
+        if _is_lora_layer(module):
+            for adapter in module.active_adapters:
+                for kind in ("lora_A", "lora_B"):
+                    sub = getattr(module, kind, {}).get(adapter) if hasattr(module, kind) else None
+                    if isinstance(sub, nn.Linear):
+                        lora.append((f"{name}.{kind}.{adapter}", sub))
+                        lora_children.add(id(sub))
+    head = _lm_head(model)
+
+    def trainable_linears():
+        for name, module in named:
+            if not isinstance(module, nn.Linear) or module is head:
+                continue
+            weight = getattr(module, "weight", None)
+            if weight is not None and weight.requires_grad:
+                yield name, module
+
+    if spec == "auto":
+        chosen = lora if lora else list(trainable_linears())
+    elif spec == "all-linear":
+        chosen = list(trainable_linears())
+    else:
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
+        chosen = [(n, m) for n, m in trainable_linears() if any(p in n for p in parts)]
+    if not chosen:
+        raise ValueError(
+            f"drift_target_modules={spec!r} matched no trainable nn.Linear module. Use 'auto', 'all-linear', or name "
+            "substrings of trainable Linear modules (e.g. 'q_proj,v_proj')."
+        )
+    return chosen
+
+
+def _lm_head(model: nn.Module) -> nn.Module | None:
+    base = model
+    for attr in ("get_base_model",):
+        if hasattr(base, attr):
+            with contextlib.suppress(Exception):
+                base = base.get_base_model()
+    getter = getattr(base, "get_output_embeddings", None)
+    return getter() if getter is not None else None
+
+
+@dataclass
+class FeatureBatch:
+    """Output of one feature pass over ``B`` examples."""
+
+    features: torch.Tensor  # (B, dim) float32, on CPU
+    loss: torch.Tensor  # (B,) mean completion-token loss, float32, on CPU
+    num_tokens: torch.Tensor  # (B,) completion tokens per example (0: fully masked, feature is zero)
+
+
+class ProjectedGradients:
+    """Owns the hooks and projection matrices of a run: ``compute(model, batch)`` returns per-example features.
+
+    The projection matrices are drawn once from ``seed`` (so every rank and every refresh uses the same ones), and
+    scaled by ``1/sqrt(k)`` so inner products are preserved in expectation.
+    """
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Linear]], projection_dim: int, seed: int = 1234):
+        self.names = [n for n, _ in modules]
+        self.modules = [m for _, m in modules]
+        self.k = int(projection_dim)
+        gen = torch.Generator().manual_seed(int(seed))
+        self.p_in, self.p_out = [], []
+        for m in self.modules:
+            self.p_in.append(torch.randn(self.k, m.in_features, generator=gen) / self.k**0.5)
+            self.p_out.append(torch.randn(self.k, m.out_features, generator=gen) / self.k**0.5)
+        self._device = None
+
+    @property
+    def dim(self) -> int:
+        return len(self.modules) * self.k * self.k
+
+    def _to(self, device: torch.device) -> None:
+        if self._device != device:
+            self.p_in = [p.to(device) for p in self.p_in]
+            self.p_out = [p.to(device) for p in self.p_out]
+            self._device = device
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Register forward hooks that store each target module's projected input and its (live) output."""
+        records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
+
+        def make_hook(i):
+            def hook(module, inputs, output):
+                a = inputs[0].detach().float() @ self.p_in[i].T  # (B, T, k)
+                records[i].append((a, output))
+
+            return hook
+
+        handles = [m.register_forward_hook(make_hook(i)) for i, m in enumerate(self.modules)]
+        try:
+            yield records
+        finally:
+            for h in handles:
+                h.remove()
+
+    def compute(self, model: nn.Module, batch: dict, fused_lm_head: bool = False) -> FeatureBatch:
+        """Features of every example of a right-padded ``batch`` (``input_ids``, ``attention_mask``, ``labels``).
+
+        ``labels`` follow the HF convention (unshifted, -100 ignored). Each example's loss is its mean token loss
+        over its labelled tokens; its feature is the projected gradient of that loss. ``fused_lm_head`` uses TRL's
+        fused head (``model(..., fused_lm_head=True)``) instead of materialising logits.
+        """
+        device = batch["input_ids"].device
+        self._to(device)
+        with torch.enable_grad(), self.capture() as records:
+            loss, ntok = per_example_loss(model, batch, fused_lm_head)
+            pairs = [(i, a, out) for i, rec in enumerate(records) for a, out in rec if out.requires_grad]
+            grads = torch.autograd.grad(loss.sum(), [o for _, _, o in pairs], allow_unused=True) if pairs else []
+            bsz = batch["input_ids"].shape[0]
+            blocks = [torch.zeros(bsz, self.k, self.k, device=device) for _ in self.modules]
+            for (i, a, _), g in zip(pairs, grads):
+                if g is not None:
+                    d = g.float() @ self.p_out[i].T  # (B, T, k)
+                    blocks[i] += torch.einsum("btk,btl->bkl", d, a)
+            feats = torch.cat([b.reshape(bsz, -1) for b in blocks], dim=1)
+        return FeatureBatch(feats.detach().cpu(), loss.detach().float().cpu(), ntok.cpu())
+
+
+def per_example_loss(model: nn.Module, batch: dict, fused_lm_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean token NLL over each example's labelled tokens: returns ``(loss (B,), num_tokens (B,))``.
+
+    Examples with no labelled token get loss 0 (a constant, so their gradient and feature are 0).
+    """
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if fused_lm_head:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+        token_logps = out.log_probs.float()  # (B, T-1), 0 where label is -100
+        mask = (labels[:, 1:] != IGNORE_INDEX).to(token_logps.dtype)
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        target = labels[:, 1:]
+        mask = (target != IGNORE_INDEX).to(logits.dtype)
+        safe = target.clamp(min=0)
+        token_logps = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    ntok = mask.sum(1)
+    loss = -(token_logps * mask).sum(1) / ntok.clamp(min=1)
+    return loss, ntok.long()
+
+
+def example_labels(row: dict) -> list[int]:
+    """Labels of a tokenized row: its ``labels``, else ``input_ids`` masked by ``completion_mask`` /
+    ``assistant_masks``, else all of ``input_ids`` (language modelling)."""
+    ids = list(row["input_ids"])
+    if row.get("labels") is not None:
+        return list(row["labels"])
+    masks = [row[k] for k in ("completion_mask", "assistant_masks") if row.get(k) is not None]
+    return [t if all(m[j] for m in masks) else IGNORE_INDEX for j, t in enumerate(ids)]
+
+
+def collate_right(rows: Iterable[dict], pad_token_id: int, device: torch.device | str = "cpu") -> dict:
+    """Right-pad rows with ``input_ids`` and ``labels`` into a batch with an ``attention_mask``."""
+    rows = list(rows)
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.as_tensor(r["input_ids"])
+        labels[i, :n] = torch.as_tensor(r["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}

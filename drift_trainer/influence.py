@@ -1,0 +1,69 @@
+"""Influence: scores of train features against the signed on-policy target.
+
+``score_i = < H^-1 G, phi_i / ||phi_i||^alpha >`` with ``G = sum_j sign_j r_j / ||r_j||``. All arithmetic is float64
+on CPU (the projected space is small), whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPS = 1e-12
+
+
+def signed_target(rollout_features: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """``G`` (k,): the signed sum of normalised rollout features."""
+    r = np.asarray(rollout_features, dtype=np.float64)
+    norms = np.linalg.norm(r, axis=1, keepdims=True)
+    return (np.asarray(signs, dtype=np.float64)[:, None] * r / np.maximum(norms, EPS)).sum(0)
+
+
+def fisher(train_features: np.ndarray) -> np.ndarray:
+    """Empirical Fisher in the projected space, ``mean_i phi_i phi_i^T`` (k, k)."""
+    phi = np.asarray(train_features, dtype=np.float64)
+    return phi.T @ phi / max(len(phi), 1)
+
+
+def precondition(target: np.ndarray, preconditioner: str, fisher_matrix: np.ndarray | None, damping: float) -> np.ndarray:
+    """``H^-1 G``. ``fisher``: ``(F + damping * mean_eig(F) * I)^-1 G``; ``identity``: ``G``."""
+    if preconditioner == "identity":
+        return np.asarray(target, dtype=np.float64)
+    if preconditioner != "fisher":
+        raise ValueError(f"drift_preconditioner must be 'identity' or 'fisher'; got {preconditioner!r}.")
+    k = fisher_matrix.shape[0]
+    lam = damping * max(np.trace(fisher_matrix) / k, EPS)
+    return np.linalg.solve(fisher_matrix + lam * np.eye(k), target)
+
+
+def influence_scores(
+    train_features: np.ndarray, direction: np.ndarray, debias: str = "normalize", alpha: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Debiased scores (n,) and the train gradient norms (n,) of ``train_features`` against ``direction``."""
+    phi = np.asarray(train_features, dtype=np.float64)
+    norms = np.linalg.norm(phi, axis=1)
+    return debias_raw(phi @ direction, norms, debias, alpha), norms
+
+
+def debias_raw(raw: np.ndarray, norms: np.ndarray, debias: str = "normalize", alpha: float = 1.0) -> np.ndarray:
+    """Debias raw inner products ``<d, phi_i>`` against the gradient norms ``||phi_i||``.
+
+    ``normalize``: ``raw / ||phi_i||^alpha``. ``regress``: raw scores minus their least-squares fit on
+    ``[1, log ||phi_i||]``, plus their mean (so the scale is kept). ``none``: raw. Zero features (fully masked
+    examples) score 0.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    norms = np.asarray(norms, dtype=np.float64)
+    live = norms > EPS
+    if debias == "none":
+        scores = raw.copy()
+    elif debias == "normalize":
+        scores = np.where(live, raw / np.maximum(norms, EPS) ** alpha, 0.0)
+    elif debias == "regress":
+        scores = raw.copy()
+        if live.sum() >= 3:
+            x = np.stack([np.ones(live.sum()), np.log(norms[live])], axis=1)
+            coef, *_ = np.linalg.lstsq(x, raw[live], rcond=None)
+            scores[live] = raw[live] - x @ coef + raw[live].mean()
+    else:
+        raise ValueError(f"drift_debias must be one of 'normalize', 'regress', 'none'; got {debias!r}.")
+    return np.where(live, scores, 0.0)

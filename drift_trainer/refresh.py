@@ -1,0 +1,300 @@
+"""One refresh: rollouts -> signing -> features -> influence -> weights, with a timing table.
+
+The pipeline is independent of the Trainer: ``DriftCallback`` runs it on schedule during training, and the ``refine``
+command runs it once on a checkpoint. Ranks split the train rows (each rank's shard padded to equal batch counts, since
+a forward under ZeRO-3 is a collective); only ``G``, the preconditioner and the scores cross ranks.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .features import ProjectedGradients, collate_right, example_labels
+from .influence import debias_raw, precondition, signed_target
+from .rollouts import Rollouts, generate_rollouts, sample_queries
+from .signing import has_contrast, rollout_signs
+from .weighting import effective_sample_size, scores_to_weights, standardize
+
+
+class Dist:
+    """The few collectives a refresh needs, over ``torch.distributed`` when it is initialised (else identities)."""
+
+    def __init__(self):
+        import torch.distributed as td
+
+        self.td = td if td.is_available() and td.is_initialized() else None
+        self.world_size = self.td.get_world_size() if self.td else 1
+        self.rank = self.td.get_rank() if self.td else 0
+        self.device = torch.device("cpu")
+        if self.td is not None and self.td.get_backend() == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def all_reduce_sum(self, x: np.ndarray) -> np.ndarray:
+        if self.td is None:
+            return x
+        t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64, device=self.device)
+        self.td.all_reduce(t)
+        return t.cpu().numpy()
+
+    def all_gather(self, x: np.ndarray) -> np.ndarray:
+        """Concatenate equal-length arrays from every rank along axis 0 (rank order)."""
+        if self.td is None:
+            return x
+        t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64, device=self.device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        self.td.all_gather(parts, t)
+        return torch.cat(parts).cpu().numpy()
+
+    def broadcast(self, x: np.ndarray) -> np.ndarray:
+        if self.td is None:
+            return x
+        t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64, device=self.device)
+        self.td.broadcast(t, src=0)
+        return t.cpu().numpy()
+
+
+@dataclass
+class TrainView:
+    """The train rows DRIFT scores: tokenized rows and, for each, its index in the user's ``train_dataset``."""
+
+    rows: object  # indexable: rows[i] -> dict with input_ids and labels / completion_mask / assistant_masks
+    user_index: np.ndarray  # (n_rows,) int
+    num_examples: int  # rows in the user's train_dataset (weights are over these)
+
+    def __len__(self) -> int:
+        return len(self.user_index)
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray([len(self.rows[i]["input_ids"]) for i in range(len(self))])
+
+
+@dataclass
+class RefreshResult:
+    step: int
+    scores: np.ndarray  # (num_examples,) debiased; 0 where not scored
+    raw_scores: np.ndarray
+    grad_norm: np.ndarray
+    loss: np.ndarray  # mean completion-token loss of each example (nan where not scored)
+    scored: np.ndarray  # bool: has a feature (not dropped by preparation, not fully masked)
+    rollouts: Rollouts
+    signs: np.ndarray
+    contrast: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    num_masked: int = 0
+
+    @property
+    def rollout_accuracy(self) -> float:
+        return float(np.mean(np.asarray(self.rollouts.rewards) >= self._threshold)) if len(self.rollouts) else 0.0
+
+    _threshold: float = 0.5
+
+
+@contextmanager
+def _timed(timings: dict, name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def _progress(enabled: bool, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+class FeaturePass:
+    """Features of many rows, in length-sorted batches, optionally sharded over ranks with equal batch counts."""
+
+    def __init__(self, projector: ProjectedGradients, pad_token_id: int, batch_size: int, fused_lm_head: bool = False):
+        self.projector = projector
+        self.pad_token_id = pad_token_id
+        self.batch_size = batch_size
+        self.fused_lm_head = fused_lm_head
+
+    def run(self, model, rows: list[dict], num_batches: int | None = None, progress=None):
+        """``(features (n, dim), loss (n,), num_tokens (n,))`` for ``rows`` (dicts with input_ids and labels).
+
+        ``num_batches``: run at least this many forwards (extra ones repeat the last batch, results discarded).
+        """
+        n = len(rows)
+        order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+        batches = [order[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
+        total = max(len(batches), num_batches or 0)
+        feats = torch.zeros(n, self.projector.dim)
+        loss = torch.zeros(n)
+        ntok = torch.zeros(n, dtype=torch.long)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()  # no dropout; activation checkpointing layers do not checkpoint in eval mode
+        try:
+            for b in range(total):
+                idx = batches[min(b, len(batches) - 1)] if batches else None
+                if idx is None:
+                    break
+                batch = collate_right([rows[i] for i in idx], self.pad_token_id, device)
+                out = self.projector.compute(model, batch, fused_lm_head=self.fused_lm_head)
+                if progress is not None:
+                    progress.update(len(idx) if b < len(batches) else 0)
+                if b < len(batches):
+                    t = torch.as_tensor(idx)
+                    feats[t], loss[t], ntok[t] = out.features, out.loss, out.num_tokens
+        finally:
+            model.train(was_training)
+        return feats.numpy(), loss.numpy(), ntok.numpy()
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[np.ndarray, int]:
+    """Rows of this rank (strided) and the per-rank count every rank pads to."""
+    mine = np.arange(rank, n, world_size)
+    per_rank = (n + world_size - 1) // world_size
+    return mine, per_rank
+
+
+def run_refresh(
+    *,
+    args,
+    step: int,
+    model,
+    tokenizer,
+    view: TrainView,
+    query_dataset,
+    reward_funcs,
+    projector: ProjectedGradients,
+    generation_context=None,
+    fused_lm_head: bool = False,
+    dist: Dist | None = None,
+    refresh_index: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> RefreshResult:
+    """Run one refresh and return scores over the user's train examples (identical on every rank).
+
+    ``generation_context``: a callable returning a context manager that yields the model to ``generate`` with (under
+    ZeRO-3, TRL's gathered-weights context); default: ``model`` itself.
+    """
+    dist = dist or Dist()
+    show = progress and dist.rank == 0
+    timings: dict[str, float] = {}
+    # 1. rollouts: every rank samples the same queries with the same seed, so all hold the same rollouts
+    query_rows = sample_queries(query_dataset, args.drift_num_queries, seed + 7919 * (refresh_index + 1))
+    n_calls = -(-len(query_rows) * args.drift_num_rollouts // args.drift_rollout_batch_size)
+    with _timed(timings, "rollouts"), _progress(show, n_calls, "drift rollouts") as bar:
+        gen_ctx = generation_context() if generation_context is not None else nullcontext(model)
+        with gen_ctx as gen_model:
+            rollouts = generate_rollouts(
+                gen_model,
+                tokenizer,
+                query_dataset,
+                query_rows,
+                args,
+                reward_funcs,
+                seed=seed + 104729 * (refresh_index + 1),
+                progress=bar,
+            )
+    with _timed(timings, "signing"):
+        signs = rollout_signs(
+            np.asarray(rollouts.rewards),
+            np.asarray(rollouts.query_index),
+            args.drift_signing,
+            args.drift_reward_threshold,
+            args.drift_no_contrast,
+        )
+        contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+    fp = FeaturePass(projector, tokenizer.pad_token_id, args.drift_feature_batch_size, fused_lm_head)
+    # 2. rollout features (every rank, identical) -> G
+    with _timed(timings, "rollout_features"):
+        live = np.flatnonzero(signs != 0)
+        target = np.zeros(projector.dim)
+        if contrast and len(live):
+            r_rows = rollouts.training_rows()
+            rfeat, _, _ = fp.run(model, [r_rows[j] for j in live])
+            target = signed_target(rfeat, signs[live])
+    # 3. train features, sharded
+    n_rows = len(view)
+    mine, per_rank = shard(n_rows, dist.rank, dist.world_size)
+    rows = []
+    for i in mine:
+        r = view.rows[int(i)]
+        rows.append({"input_ids": list(r["input_ids"]), "labels": example_labels(r)})
+    n_batches = -(-per_rank // args.drift_feature_batch_size)
+    with _timed(timings, "features"), _progress(show, len(rows), "drift features") as bar:
+        phi, loss, ntok = fp.run(model, rows, num_batches=n_batches, progress=bar)
+    # 4. influence: preconditioner (all-reduced), raw scores and norms gathered
+    with _timed(timings, "influence"):
+        direction = target
+        if args.drift_preconditioner == "fisher":
+            phi64 = phi.astype(np.float64)
+            f_sum = dist.all_reduce_sum(phi64.T @ phi64)
+            count = dist.all_reduce_sum(np.asarray([float(len(phi))]))[0]
+            direction = precondition(target, "fisher", f_sum / max(count, 1.0), args.drift_damping)
+        raw_local = phi.astype(np.float64) @ direction
+        norm_local = np.linalg.norm(phi.astype(np.float64), axis=1)
+        pack = np.full((per_rank, 5), np.nan)
+        pack[: len(mine), 0] = mine
+        pack[: len(mine), 1] = raw_local
+        pack[: len(mine), 2] = norm_local
+        pack[: len(mine), 3] = loss
+        pack[: len(mine), 4] = ntok
+        gathered = dist.all_gather(pack)
+        gathered = gathered[~np.isnan(gathered[:, 0])]
+        row_ids = gathered[:, 0].astype(np.int64)
+        raw = np.zeros(n_rows)
+        norms = np.zeros(n_rows)
+        losses = np.full(n_rows, np.nan)
+        tokens = np.zeros(n_rows)
+        raw[row_ids], norms[row_ids], losses[row_ids], tokens[row_ids] = gathered[:, 1:].T
+        scores_rows = debias_raw(raw, norms, args.drift_debias, args.drift_norm_exponent)
+    # map rows -> user examples
+    n = view.num_examples
+    out = {k: np.zeros(n) for k in ("scores", "raw", "norm")}
+    loss_user = np.full(n, np.nan)
+    scored = np.zeros(n, dtype=bool)
+    ui = view.user_index
+    out["scores"][ui], out["raw"][ui], out["norm"][ui], loss_user[ui] = scores_rows, raw, norms, losses
+    scored[ui] = tokens > 0
+    for k in ("scores", "raw", "norm"):
+        out[k][~scored] = 0.0
+    result = RefreshResult(
+        step=step,
+        scores=out["scores"],
+        raw_scores=out["raw"],
+        grad_norm=out["norm"],
+        loss=loss_user,
+        scored=scored,
+        rollouts=rollouts,
+        signs=signs,
+        contrast=contrast,
+        timings=timings,
+        num_masked=int(n - scored.sum()),
+    )
+    result._threshold = args.drift_reward_threshold
+    return result
+
+
+def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, previous_weights, args):
+    """Smoothed standardised scores and the new weights (unscored examples keep their previous weight)."""
+    z = standardize(result.scores, result.scored)
+    if previous_smoothed is not None and args.drift_score_ema > 0:
+        z = np.where(result.scored, args.drift_score_ema * previous_smoothed + (1 - args.drift_score_ema) * z, 0.0)
+    weights = scores_to_weights(z, args, result.scored)
+    if previous_weights is not None:
+        weights = np.where(result.scored, weights, previous_weights)
+    return z, weights
+
+
+def refresh_summary(result: RefreshResult, weights: np.ndarray, args) -> dict:
+    """Metrics of a refresh, keyed as they are logged (``drift/*``)."""
+    rewards = np.asarray(result.rollouts.rewards, dtype=np.float64)
+    return {
+        "drift/rollout_accuracy": result.rollout_accuracy,
+        "drift/reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+        "drift/ess": effective_sample_size(weights),
+        "drift/frac_positive": float((result.scores[result.scored] > 0).mean()) if result.scored.any() else 0.0,
+        "drift/weight_max": float(weights.max()),
+        "drift/refresh_seconds": float(sum(result.timings.values())),
+    }

@@ -1,0 +1,176 @@
+"""Reward functions in TRL's convention and the code that calls them safely.
+
+A reward function is ``f(prompts, completions, **columns) -> list[float]``: the same callables a user passes to
+``GRPOTrainer(reward_funcs=...)``. ``completions`` are strings for plain-text prompts and one-message lists
+(``[{"role": "assistant", "content": ...}]``) for conversational prompts; every other column of the query dataset is
+passed by name, one value per completion.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+RewardFunc = Callable[..., list]
+
+
+def completion_text(completion) -> str:
+    """The text of a completion in either format (string, or list of messages: the last message's content)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+def _reference(kwargs: dict, n: int, name: str) -> list:
+    for key in ("answer", "solution", "reference", "ground_truth"):
+        if key in kwargs and kwargs[key] is not None:
+            return list(kwargs[key])
+    raise ValueError(
+        f"{name} needs the reference answers: give the query dataset an `answer` (or `solution`) column; "
+        f"got columns {sorted(kwargs)}."
+    )
+
+
+def exact_match(prompts, completions, **kwargs) -> list[float]:
+    """1.0 where the completion, stripped of surrounding whitespace, equals the reference answer, else 0.0.
+
+    Reads the reference from the query dataset's ``answer`` (or ``solution``) column.
+    """
+    refs = _reference(kwargs, len(completions), "exact_match")
+    return [float(completion_text(c).strip() == str(r).strip()) for c, r in zip(completions, refs)]
+
+
+_BOXED = re.compile(r"\\boxed\{")
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def _boxed_content(text: str) -> str | None:
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if not starts:
+        return None
+    i, depth = starts[-1], 1
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final answer of a solution: the last ``\\boxed{...}``, else what follows ``####``, else the last number."""
+    boxed = _boxed_content(text)
+    if boxed is not None:
+        return boxed.strip()
+    hashes = _HASHES.findall(text)
+    if hashes:
+        return hashes[-1].strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _as_number(text: str) -> float | None:
+    text = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def math_answer(prompts, completions, **kwargs) -> list[float]:
+    """1.0 where the completion's final answer (``\\boxed{}``, ``####`` or last number) matches the reference.
+
+    Numbers compare by value (``1,000`` == ``1000.0``, ``1/2`` == ``0.5``); anything else by stripped text. The
+    reference may itself be a full solution: its final answer is extracted the same way.
+    """
+    refs = _reference(kwargs, len(completions), "math_answer")
+    out = []
+    for c, r in zip(completions, refs):
+        got = extract_final_answer(completion_text(c))
+        want = extract_final_answer(str(r)) or str(r).strip()
+        if got is None:
+            out.append(0.0)
+            continue
+        a, b = _as_number(got), _as_number(want)
+        out.append(float(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) if a is not None and b is not None else got == want))
+    return out
+
+
+BUILTIN_REWARDS: dict[str, RewardFunc] = {"exact_match": exact_match, "math_answer": math_answer}
+
+
+def resolve_reward_funcs(reward_funcs) -> list[RewardFunc]:
+    """Normalise ``reward_funcs`` (a callable, a built-in name, ``module:function``, or a list of them) to callables."""
+    if reward_funcs is None:
+        return []
+    if callable(reward_funcs) or isinstance(reward_funcs, str):
+        reward_funcs = [reward_funcs]
+    out = []
+    for f in reward_funcs:
+        if isinstance(f, str):
+            f = load_reward(f)
+        if not callable(f):
+            raise TypeError(f"reward_funcs must be callables or names; got {f!r} of type {type(f).__name__}.")
+        out.append(f)
+    return out
+
+
+def load_reward(spec: str) -> RewardFunc:
+    """A built-in reward by name (``exact_match``, ``math_answer``) or ``package.module:function``."""
+    if spec in BUILTIN_REWARDS:
+        return BUILTIN_REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(
+            f"Unknown reward {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or 'package.module:function'."
+        )
+    import importlib
+
+    module_name, func_name = spec.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"Cannot import module {module_name!r} for reward {spec!r}: {exc}") from exc
+    if not hasattr(module, func_name):
+        raise ValueError(f"Module {module_name!r} has no function {func_name!r} (reward {spec!r}).")
+    return getattr(module, func_name)
+
+
+def _name(f) -> str:
+    return getattr(f, "__name__", None) or type(f).__name__
+
+
+def compute_rewards(
+    reward_funcs: Sequence[RewardFunc], prompts: list, completions: list, columns: dict[str, list]
+) -> list[float]:
+    """Sum the rewards of every function for each completion, checking what they return.
+
+    Raises ``RuntimeError`` naming the function if one raises, returns the wrong number of values, or returns NaN.
+    ``None`` (TRL's "not applicable") counts as 0.
+    """
+    total = [0.0] * len(completions)
+    for f in reward_funcs:
+        try:
+            values = f(prompts=prompts, completions=completions, **columns)
+        except Exception as exc:  # re-raised with the function's name
+            raise RuntimeError(f"Reward function {_name(f)!r} raised {type(exc).__name__}: {exc}") from exc
+        values = list(values) if values is not None else None
+        if values is None or len(values) != len(completions):
+            got = "None" if values is None else f"{len(values)} values"
+            raise RuntimeError(
+                f"Reward function {_name(f)!r} returned {got} for {len(completions)} completions; it must return "
+                "one float per completion."
+            )
+        for i, v in enumerate(values):
+            v = 0.0 if v is None else float(v)
+            if math.isnan(v):
+                raise RuntimeError(
+                    f"Reward function {_name(f)!r} returned NaN for completion {i} ({completion_text(completions[i])!r})."
+                )
+            total[i] += v
+    return total

@@ -1,0 +1,192 @@
+"""On-policy rollouts: batched, left-padded sampling from the model being trained, judged by reward functions."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from datasets import Dataset
+from transformers import GenerationConfig
+
+from .features import IGNORE_INDEX
+from .rewards import compute_rewards
+
+
+@dataclass
+class Rollouts:
+    """Sampled completions of one refresh; lists are aligned, one entry per rollout."""
+
+    query_index: list[int] = field(default_factory=list)  # row of the query dataset
+    prompts: list = field(default_factory=list)  # the query's prompt (text or messages)
+    completions: list = field(default_factory=list)  # text, or [{"role": "assistant", "content": ...}]
+    prompt_ids: list[list[int]] = field(default_factory=list)
+    completion_ids: list[list[int]] = field(default_factory=list)  # up to and including the first EOS
+    rewards: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rewards)
+
+    def training_rows(self) -> list[dict]:
+        """Each rollout as a tokenized example whose labels are its completion tokens (prompt masked)."""
+        return [
+            {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
+            for p, c in zip(self.prompt_ids, self.completion_ids)
+        ]
+
+
+def is_conversational_prompt(prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict) and "role" in prompt[0]
+
+
+def tokenize_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt as SFTTrainer tokenizes it: chat template with generation prompt for messages,
+    plain ``tokenizer(text)`` otherwise."""
+    if is_conversational_prompt(prompt):
+        out = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
+        return list(out["input_ids"])
+    if not isinstance(prompt, str):
+        raise ValueError(f"query_dataset `prompt` must be a string or a list of messages; got {type(prompt).__name__}.")
+    return list(tokenizer(text=prompt)["input_ids"])
+
+
+def check_query_dataset(query_dataset) -> None:
+    """Raise a clear error for a query dataset DRIFT cannot use."""
+    if query_dataset is None:
+        raise ValueError(
+            "DRIFT is enabled but no query_dataset was given: pass query_dataset=Dataset with a `prompt` column "
+            "(and the columns your reward functions need), or set drift_enabled=False."
+        )
+    if not isinstance(query_dataset, Dataset):
+        raise TypeError(
+            f"query_dataset must be a datasets.Dataset; got {type(query_dataset).__name__}. "
+            "Build one with Dataset.from_list([...]) or Dataset.from_dict({...})."
+        )
+    if "prompt" not in query_dataset.column_names:
+        raise ValueError(
+            f"query_dataset has no `prompt` column (columns: {query_dataset.column_names}). Rename the column that "
+            "holds the question to `prompt` (text or a list of chat messages)."
+        )
+    if len(query_dataset) == 0:
+        raise ValueError("query_dataset is empty: DRIFT needs at least one validation query.")
+
+
+def sample_queries(query_dataset: Dataset, num: int, seed: int) -> list[int]:
+    """Seeded choice of ``num`` query rows (all of them, in order, if there are fewer)."""
+    n = len(query_dataset)
+    if num >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).choice(n, size=num, replace=False).tolist())
+
+
+def generation_config(args, tokenizer) -> GenerationConfig:
+    """Explicit sampling settings: nothing is inherited from the model's own generation config."""
+    eos = tokenizer.eos_token_id
+    return GenerationConfig(
+        do_sample=True,
+        temperature=args.drift_temperature,
+        top_p=args.drift_top_p,
+        top_k=0,
+        max_new_tokens=args.drift_max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+        eos_token_id=eos,
+        bos_token_id=tokenizer.bos_token_id,
+        use_cache=True,
+        disable_compile=True,
+    )
+
+
+def _left_pad(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.as_tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cut_at_eos(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
+    if eos is not None and eos in ids:
+        return ids[: ids.index(eos) + 1]
+    if pad is not None and pad != eos:
+        while ids and ids[-1] == pad:
+            ids = ids[:-1]
+    return ids
+
+
+def generate_rollouts(
+    model,
+    tokenizer,
+    query_dataset: Dataset,
+    query_rows: list[int],
+    args,
+    reward_funcs,
+    seed: int,
+    num_calls: int | None = None,
+    progress=None,
+) -> Rollouts:
+    """Sample ``args.drift_num_rollouts`` completions per query row and judge them.
+
+    ``model`` must already be ready for generation (unwrapped / gathered). Runs in eval mode without grad and restores
+    the previous mode. Sampling runs under ``torch.random.fork_rng`` seeded by ``seed``, so the training RNG stream is
+    left as it was. ``num_calls``: make at least this many ``generate`` calls (ranks under ZeRO-3 must make equally
+    many; extra calls repeat the last batch and are discarded).
+    """
+    gen_cfg = generation_config(args, tokenizer)
+    k = args.drift_num_rollouts
+    rows = [query_dataset[int(i)] for i in query_rows]
+    flat = [(qi, row) for qi, row in zip(query_rows, rows) for _ in range(k)]
+    prompt_ids = [tokenize_prompt(tokenizer, row["prompt"]) for _, row in flat]
+    bs = max(1, args.drift_rollout_batch_size)
+    batches = [list(range(s, min(s + bs, len(flat)))) for s in range(0, len(flat), bs)]
+    device = next(model.parameters()).device
+    pad = gen_cfg.pad_token_id
+    out = Rollouts()
+    was_training = model.training
+    model.eval()
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            total_calls = max(len(batches), num_calls or 0)
+            for call in range(total_calls):
+                batch = batches[min(call, len(batches) - 1)] if batches else [0]
+                if not flat:
+                    break
+                ids, mask = _left_pad([prompt_ids[i] for i in batch], pad, device)
+                gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                if progress is not None:
+                    progress.update(1)
+                if call >= len(batches):
+                    continue
+                for row_i, seq in zip(batch, gen[:, ids.shape[1] :].tolist()):
+                    qi, row = flat[row_i]
+                    comp = _cut_at_eos(seq, gen_cfg.eos_token_id, pad)
+                    out.query_index.append(int(qi))
+                    out.prompts.append(row["prompt"])
+                    out.prompt_ids.append(prompt_ids[row_i])
+                    out.completion_ids.append(comp)
+    finally:
+        model.train(was_training)
+    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
+    conversational = bool(out.prompts) and is_conversational_prompt(out.prompts[0])
+    out.completions = [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
+    columns = {c: [query_dataset[int(q)][c] for q in out.query_index] for c in query_dataset.column_names if c != "prompt"}
+    out.rewards = compute_rewards(reward_funcs, out.prompts, out.completions, columns) if out.completion_ids else []
+    return out
+
+
+@contextlib.contextmanager
+def generation_context(trainer, model):
+    """Yield a model ready for ``generate``: under DeepSpeed ZeRO-3 (through TRL's helper, which gathers the weights
+    once and removes the per-module hooks), otherwise the model itself with activation checkpointing off."""
+    accelerator = getattr(trainer, "accelerator", None) if trainer is not None else None
+    if accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        from trl.models import unwrap_model_for_generation
+
+        with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as unwrapped:
+            yield unwrapped
+        return
+    yield model

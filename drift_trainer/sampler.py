@@ -1,0 +1,143 @@
+"""DriftSampler: a lazy, deterministic, reweightable train sampler.
+
+Every draw is a pure function of (seed, epoch, position, weights in force at that position), so
+
+- ``update(weights)`` takes effect at the next position drawn, mid-epoch (after the dataloader's look-ahead);
+- every rank yields the same stream (accelerate shards the batches of that one stream);
+- a resumed run replays exactly: the sampler records at which position of which epoch each weight version took
+  effect, and ``state_dict()`` carries that schedule and every version's weights.
+
+While the weights are uniform (version 0) it yields a seeded permutation, like a plain shuffled epoch. Once weighted,
+position ``p`` draws ``searchsorted(cumsum(w), u_p * sum(w))`` with ``u_p`` from a generator seeded by
+(seed, epoch, chunk of p): with replacement, chunk by chunk. ``len()`` never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+CHUNK = 1024
+
+
+class DriftSampler(Sampler[int]):
+    """Sampler over ``num_samples`` rows drawn by per-row ``weights`` that may change while it is being iterated."""
+
+    def __init__(self, num_samples: int, seed: int = 0, weights: np.ndarray | None = None):
+        if num_samples < 1:
+            raise ValueError(f"DriftSampler needs at least one row; got num_samples={num_samples}.")
+        self.num_samples = int(num_samples)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.versions: list[np.ndarray | None] = [None]  # None = uniform (permutation)
+        self.schedule: dict[int, list[tuple[int, int]]] = {}  # epoch -> [(position, version)]
+        self._pending: int | None = None
+        self._position = 0
+        self._iterating: int | None = None
+        if weights is not None:
+            self.update(weights)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def version(self) -> int:
+        """The newest weight version (0: uniform)."""
+        return len(self.versions) - 1
+
+    def _start_version(self, epoch: int) -> int:
+        """The version in force when ``epoch`` starts: the last one recorded in an earlier epoch."""
+        earlier = [e for e in self.schedule if e < epoch and self.schedule[e]]
+        return self.schedule[max(earlier)][-1][1] if earlier else 0
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The latest weights (ones while uniform)."""
+        w = self.versions[self.version]
+        return np.ones(self.num_samples) if w is None else w
+
+    def update(self, weights) -> int:
+        """Use ``weights`` (one non-negative float per row) from the next position drawn. Returns the new version.
+
+        During an iteration the change is recorded at the next position of the current epoch; between iterations it
+        applies from position 0 of the next one.
+        """
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if w.shape[0] != self.num_samples:
+            raise ValueError(f"DriftSampler.update got {w.shape[0]} weights for {self.num_samples} rows.")
+        if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError("DriftSampler weights must be finite, non-negative and not all zero.")
+        self.versions.append(w.copy())
+        version = len(self.versions) - 1
+        if self._iterating is not None:
+            self.schedule.setdefault(self._iterating, []).append((self._position + 1, version))
+        else:
+            self._pending = version
+        return version
+
+    def _generator(self, *parts: int) -> torch.Generator:
+        mixed = np.random.SeedSequence([self.seed, *parts]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(mixed) & ((1 << 63) - 1))
+
+    def __iter__(self) -> Iterator[int]:
+        epoch = self.epoch
+        if self._pending is not None:
+            entries = self.schedule.setdefault(epoch, [])
+            entries[:] = [e for e in entries if e[0] > 0]
+            entries.insert(0, (0, self._pending))
+            self._pending = None
+        recorded = self.schedule.setdefault(epoch, [])  # live: update() appends while we iterate
+        version = self._start_version(epoch)
+        perm = cdf = u = None
+        r = 0
+        self._iterating = epoch
+        try:
+            for pos in range(self.num_samples):
+                self._position = pos
+                changed = False
+                while r < len(recorded) and recorded[r][0] <= pos:
+                    version, r, changed = recorded[r][1], r + 1, True
+                w = self.versions[version]
+                if w is None:
+                    if perm is None:
+                        perm = torch.randperm(self.num_samples, generator=self._generator(epoch, 1 << 30)).tolist()
+                    yield perm[pos]
+                    continue
+                if cdf is None or changed:
+                    cdf = np.cumsum(w)
+                chunk, offset = divmod(pos, CHUNK)
+                if offset == 0 or u is None:
+                    u = torch.rand(CHUNK, generator=self._generator(epoch, chunk), dtype=torch.float64).numpy()
+                yield int(min(np.searchsorted(cdf, u[offset] * cdf[-1], side="right"), self.num_samples - 1))
+        finally:
+            if self._iterating == epoch:
+                self._iterating = None
+
+    def state_dict(self) -> dict:
+        """Everything needed to replay the stream: seed, epoch, every weight version and when each took effect."""
+        return {
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "versions": [None if w is None else w.tolist() for w in self.versions],
+            "schedule": {str(e): [list(x) for x in v] for e, v in self.schedule.items()},
+            "pending": self._pending,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(
+                f"Sampler state is for {state['num_samples']} rows but this train set has {self.num_samples}: "
+                "resume with the same train_dataset."
+            )
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.versions = [None if w is None else np.asarray(w, dtype=np.float64) for w in state["versions"]]
+        self.schedule = {int(e): [tuple(x) for x in v] for e, v in state["schedule"].items()}
+        self._pending = state.get("pending")

@@ -1,0 +1,56 @@
+"""Signing: turn rollout rewards into signed weights of the validation target."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+
+def rollout_signs(
+    rewards: np.ndarray,
+    query_index: np.ndarray,
+    signing: str = "correctness",
+    threshold: float = 0.5,
+    no_contrast: str = "skip",
+) -> np.ndarray:
+    """Signed weight of each rollout in the target ``G = sum_j sign_j * r_j / ||r_j||``.
+
+    ``correctness``: correct (reward >= threshold) rollouts share +1 and wrong ones share -1, each class averaged over
+    its members so neither dominates by count. With ``no_contrast="skip"`` the rollouts of a query whose rollouts are
+    all correct or all wrong get 0. ``advantage``: reward minus the query's mean reward, scaled so the absolute signs
+    sum to 2 (as under ``correctness``). Returns zeros when nothing carries contrast.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    query_index = np.asarray(query_index)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for j, q in enumerate(query_index.tolist()):
+        groups[q].append(j)
+    signs = np.zeros_like(rewards)
+    if signing == "advantage":
+        for members in groups.values():
+            r = rewards[members]
+            signs[members] = r - r.mean()
+    elif signing == "correctness":
+        correct = rewards >= threshold
+        use = np.ones_like(correct)
+        if no_contrast == "skip":
+            for members in groups.values():
+                if correct[members].all() or not correct[members].any():
+                    use[members] = False
+        pos, neg = correct & use, ~correct & use
+        if pos.any():
+            signs[pos] = 1.0 / pos.sum()
+        if neg.any():
+            signs[neg] = -1.0 / neg.sum()
+    else:
+        raise ValueError(f"drift_signing must be 'correctness' or 'advantage'; got {signing!r}.")
+    total = np.abs(signs).sum()
+    if total > 0 and signing == "advantage":
+        signs *= 2.0 / total
+    return signs
+
+
+def has_contrast(signs: np.ndarray) -> bool:
+    """True when the target carries both a positive and a negative direction (or any advantage)."""
+    return bool((signs > 0).any() and (signs < 0).any())

@@ -1,0 +1,116 @@
+"""What DRIFT knows between refreshes, and the per-refresh artifacts written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+
+STATE_FILE = "drift_state.json"
+
+
+@dataclass
+class DriftState:
+    """Latest refresh results, one entry per example of the user's ``train_dataset`` (by its row index)."""
+
+    step: int = -1  # global step of the latest refresh (-1: none yet)
+    num_refreshes: int = 0
+    scores: np.ndarray | None = None  # debiased scores of the latest refresh
+    smoothed: np.ndarray | None = None  # standardised scores after the EMA, what the weights come from
+    weights: np.ndarray | None = None  # sampling / loss weights, mean 1 over scored examples
+    grad_norm: np.ndarray | None = None
+    rollout_accuracy: float | None = None
+    reward_mean: float | None = None
+    history: list[dict] = field(default_factory=list)  # one summary dict per refresh (metrics, timings, reasons)
+
+    def to_dict(self) -> dict:
+        def arr(a):
+            return None if a is None else np.asarray(a, dtype=np.float64).tolist()
+
+        return {
+            "step": self.step,
+            "num_refreshes": self.num_refreshes,
+            "scores": arr(self.scores),
+            "smoothed": arr(self.smoothed),
+            "weights": arr(self.weights),
+            "grad_norm": arr(self.grad_norm),
+            "rollout_accuracy": self.rollout_accuracy,
+            "reward_mean": self.reward_mean,
+            "history": self.history,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DriftState:
+        def arr(a):
+            return None if a is None else np.asarray(a, dtype=np.float64)
+
+        return cls(
+            step=d["step"],
+            num_refreshes=d["num_refreshes"],
+            scores=arr(d["scores"]),
+            smoothed=arr(d["smoothed"]),
+            weights=arr(d["weights"]),
+            grad_norm=arr(d["grad_norm"]),
+            rollout_accuracy=d.get("rollout_accuracy"),
+            reward_mean=d.get("reward_mean"),
+            history=list(d.get("history", [])),
+        )
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_refresh_artifacts(
+    out_dir: str,
+    frame_columns: dict[str, np.ndarray],
+    rollout_records: list[dict],
+    summary: dict,
+) -> str:
+    """Write ``scores.parquet``, ``rollouts.jsonl`` and ``summary.json`` into ``out_dir`` atomically.
+
+    Everything is written into a temporary sibling directory first and renamed into place, so a crash leaves either
+    the complete previous directory or none. Returns ``out_dir``.
+    """
+    import pandas as pd
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-refresh-")
+    try:
+        pd.DataFrame(frame_columns).to_parquet(os.path.join(tmp, "scores.parquet"), index=False)
+        with open(os.path.join(tmp, "rollouts.jsonl"), "w") as f:
+            for rec in rollout_records:
+                f.write(json.dumps(rec, default=_json_default) + "\n")
+        with open(os.path.join(tmp, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=_json_default)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

@@ -1,0 +1,108 @@
+"""DriftSFTTrainer: ``trl.SFTTrainer`` with DRIFT wired in (a drop-in replacement)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from .callback import INDEX_COLUMN, DriftCallback
+from .config import DriftConfig
+
+
+class _IndexCollator:
+    """Wrap a collator so each batch also carries the user-dataset index of its rows (``drift_index``)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        index = [int(ex[INDEX_COLUMN]) for ex in examples]
+        batch = self.inner([{k: v for k, v in ex.items() if k != INDEX_COLUMN} for ex in examples])
+        batch[INDEX_COLUMN] = torch.tensor(index, dtype=torch.long)
+        return batch
+
+
+class DriftSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` that refines its train-data distribution while it trains (DRIFT).
+
+    Takes every ``SFTTrainer`` argument, plus:
+
+    Args:
+        query_dataset: validation queries (``datasets.Dataset`` with a ``prompt`` column, text or messages, plus the
+            columns the reward functions read, e.g. ``answer``).
+        reward_funcs: one reward function or a list (summed), TRL convention
+            ``f(prompts, completions, **columns) -> list[float]``, or a built-in name (``"exact_match"``,
+            ``"math_answer"``).
+
+    ``args`` is a :class:`~drift_trainer.DriftConfig`; a plain ``SFTConfig`` is converted with DRIFT defaults. After
+    ``train()``, ``trainer.drift_state`` holds the latest scores and weights (one per row of ``train_dataset``).
+    """
+
+    def __init__(self, model, args: DriftConfig | SFTConfig | None = None, train_dataset=None, query_dataset=None,
+                 reward_funcs=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+            args = DriftConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-DRIFT")
+        elif not isinstance(args, DriftConfig):
+            values = {k: v for k, v in args.to_dict().items() if not k.startswith("_")}
+            args = DriftConfig(**{k: v for k, v in values.items() if k in DriftConfig.__dataclass_fields__})
+        self.drift_callback = DriftCallback(query_dataset=query_dataset, reward_funcs=reward_funcs)
+        drift_args = self.drift_callback.resolve_args(args)
+        if drift_args.drift_enabled:
+            self.drift_callback.validate(drift_args, train_dataset, args)
+            self._drift_num_examples = len(train_dataset)
+            if INDEX_COLUMN not in train_dataset.column_names:
+                train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+            if drift_args.drift_reweight_mode == "loss" and (args.loss_type != "nll" or args.label_smoothing_factor):
+                raise ValueError(
+                    "drift_reweight_mode='loss' reweights the default NLL loss: set loss_type='nll' and "
+                    "label_smoothing_factor=0, or use drift_reweight_mode='sampler'."
+                )
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.drift_callback.fused_lm_head = True  # SFTTrainer patched the model with TRL's fused LM head
+        self.drift_callback.attach(self)
+        if self._drift_loss_mode:
+            self.data_collator = _IndexCollator(self.data_collator)
+
+    @property
+    def _drift_loss_mode(self) -> bool:
+        return self.drift_callback.enabled and self.drift_callback.args.drift_reweight_mode == "loss"
+
+    @property
+    def drift_state(self):
+        """Latest refresh: ``step``, ``scores``, ``weights`` (numpy, one per train example), ``rollout_accuracy``,
+        ``history``."""
+        return self.drift_callback.drift_state
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.drift_callback.enabled and self.drift_callback.args.drift_reweight_mode == "sampler":
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return self.drift_callback.make_sampler(len(dataset), self.args)
+        return super()._get_train_sampler(train_dataset)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._drift_loss_mode and INDEX_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, INDEX_COLUMN]
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.drift_callback.enabled:
+            self.drift_callback.load_checkpoint(checkpoint)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        index = inputs.pop(INDEX_COLUMN, None)
+        weights = self.drift_callback.loss_weights
+        if index is None or weights is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        # per-example loss weights: the default SFT NLL path with each row's tokens scaled by its weight
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        w = torch.as_tensor(np.asarray(weights)[index.cpu().numpy()], dtype=outputs.log_probs.dtype)
+        per_token = -outputs.log_probs * w.to(outputs.log_probs.device)[:, None]
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        return (loss, outputs) if return_outputs else loss

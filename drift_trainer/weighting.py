@@ -1,0 +1,82 @@
+"""Weighting: scores to sampling weights (mean 1 over the scored examples, clipped, mixed with uniform)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def standardize(scores: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """z-scores over ``mask`` (all if None); entries outside the mask are 0."""
+    s = np.asarray(scores, dtype=np.float64)
+    mask = np.ones(len(s), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    z = np.zeros_like(s)
+    if mask.sum() > 1:
+        mu, sd = s[mask].mean(), s[mask].std()
+        z[mask] = (s[mask] - mu) / (sd if sd > 0 else 1.0)
+    return z
+
+
+def _normalise_mean_one(w: np.ndarray) -> np.ndarray:
+    total = w.sum()
+    if total <= 0:
+        raise ValueError(
+            "Every weight is zero after weighting: lower drift_prune_fraction, widen drift_truncate_low / "
+            "drift_truncate_high, or raise drift_uniform_mix."
+        )
+    return w * (len(w) / total)
+
+
+def clip_mean_one(w: np.ndarray, clip: float, iters: int = 20) -> np.ndarray:
+    """Scale to mean 1 and cap at ``clip``, repeating until both hold (water-filling)."""
+    w = _normalise_mean_one(np.asarray(w, dtype=np.float64))
+    for _ in range(iters):
+        if w.max() <= clip * (1 + 1e-9):
+            break
+        capped = w >= clip
+        w[capped] = clip
+        free = ~capped
+        budget = len(w) - capped.sum() * clip
+        if free.sum() == 0 or w[free].sum() <= 0:
+            break
+        w[free] *= budget / w[free].sum()
+    return w
+
+
+def scores_to_weights(scores: np.ndarray, args, mask: np.ndarray | None = None) -> np.ndarray:
+    """Weights (n,) with mean 1 over ``mask`` (examples that were scored); unscored examples get 1.
+
+    Rules (``args.drift_weighting``): ``softmax`` of standardised scores over ``drift_softmax_temperature``;
+    ``prune`` sets the lowest ``drift_prune_fraction`` to 0 and the rest to 1; ``truncate`` keeps (1) the scores
+    between percentiles ``drift_truncate_low`` and ``drift_truncate_high`` and sets the rest to 0. Then weights are
+    clipped at ``drift_weight_clip`` keeping mean 1, and mixed: ``(1 - drift_uniform_mix) * w + drift_uniform_mix``.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    mask = np.ones(len(s), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    out = np.ones(len(s), dtype=np.float64)
+    if mask.sum() == 0:
+        return out
+    live = s[mask]
+    rule = args.drift_weighting
+    if rule == "softmax":
+        z = standardize(live) / args.drift_softmax_temperature
+        w = np.exp(z - z.max())
+    elif rule == "prune":
+        n_drop = int(np.floor(args.drift_prune_fraction * len(live)))
+        w = np.ones(len(live))
+        if n_drop:
+            w[np.argsort(live, kind="stable")[:n_drop]] = 0.0
+    elif rule == "truncate":
+        lo, hi = np.percentile(live, [args.drift_truncate_low, args.drift_truncate_high])
+        w = ((live >= lo) & (live <= hi)).astype(np.float64)
+    else:
+        raise ValueError(f"drift_weighting must be 'softmax', 'prune' or 'truncate'; got {rule!r}.")
+    w = clip_mean_one(w, args.drift_weight_clip)
+    mix = args.drift_uniform_mix
+    out[mask] = (1.0 - mix) * w + mix
+    return out
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """Kish's effective sample size as a fraction of n: ``(sum w)^2 / (n * sum w^2)``, in (0, 1]."""
+    w = np.asarray(weights, dtype=np.float64)
+    return float(w.sum() ** 2 / (len(w) * (w**2).sum())) if (w**2).sum() > 0 else 0.0
