@@ -58,10 +58,14 @@ class DriftCallback(TrainerCallback):
         args: a ``DriftArguments`` (or any object with ``drift_*`` fields). Default: the trainer's own args when they
             carry ``drift_*`` fields, else ``DriftArguments()`` defaults.
         trainer: attach at once (same as calling :meth:`attach`).
+        tokenizer: tokenizes the queries and decodes rollouts. Default: the trainer's ``processing_class``.
     """
 
-    def __init__(self, query_dataset=None, reward_funcs=None, args: DriftArguments | None = None, trainer=None):
+    def __init__(
+        self, query_dataset=None, reward_funcs=None, args: DriftArguments | None = None, trainer=None, tokenizer=None
+    ):
         self.query_dataset = query_dataset
+        self.tokenizer = tokenizer
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
         self._own_args = args
         self.args: DriftArguments | None = None
@@ -108,6 +112,14 @@ class DriftCallback(TrainerCallback):
             trainer.add_callback(self)
         self.args = self.resolve_args(trainer.args)
         self.validate(self.args, trainer.train_dataset, trainer.args)
+        if self.args.drift_enabled and self.tokenizer is None:
+            tokenizer = getattr(trainer, "processing_class", None)
+            self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+            if self.tokenizer is None:
+                raise ValueError(
+                    "DRIFT needs a tokenizer to sample rollouts: pass processing_class=tokenizer to the Trainer, or "
+                    "DriftCallback(..., tokenizer=tokenizer)."
+                )
         if self.args.drift_enabled and self.args.drift_reweight_mode == "loss" and not hasattr(trainer, "drift_state"):
             raise ValueError(
                 "drift_reweight_mode='loss' needs DriftSFTTrainer (a plain Trainer's loss cannot be reweighted from a "
@@ -134,7 +146,9 @@ class DriftCallback(TrainerCallback):
             user_index = np.arange(n_rows)
         rows = dataset
         if hasattr(dataset, "select_columns"):
-            keep = [c for c in ("input_ids", "labels", "completion_mask", "assistant_masks") if c in dataset.column_names]
+            keep = [
+                c for c in ("input_ids", "labels", "completion_mask", "assistant_masks") if c in dataset.column_names
+            ]
             if "input_ids" not in keep:
                 raise ValueError(
                     "DRIFT scores tokenized examples: the trainer's train_dataset has no `input_ids` column "
@@ -220,8 +234,7 @@ class DriftCallback(TrainerCallback):
         trainer, args = self.trainer, self.args
         dist = Dist()
         model = trainer.accelerator.unwrap_model(trainer.model)
-        tokenizer = trainer.processing_class
-        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        tokenizer = self.tokenizer
         started = time.perf_counter()
         result = run_refresh(
             args=args,

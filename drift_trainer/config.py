@@ -169,7 +169,9 @@ class DriftArguments:
     )
     drift_save_artifacts: bool = field(
         default=True,
-        metadata=_help("Write `{output_dir}/drift/refresh-{step:06d}/` (scores.parquet, rollouts.jsonl, summary.json)."),
+        metadata=_help(
+            "Write `{output_dir}/drift/refresh-{step:06d}/` (scores.parquet, rollouts.jsonl, summary.json)."
+        ),
     )
     drift_progress: bool = field(default=True, metadata=_help("Show tqdm progress bars on rank 0 during a refresh."))
 
@@ -255,8 +257,8 @@ class DriftConfig(DriftArguments, SFTConfig):
     """``trl.SFTConfig`` plus the DRIFT options, for :class:`~drift_trainer.DriftSFTTrainer`."""
 
     def __post_init__(self):
+        self.validate_drift()  # DRIFT errors first: they do not depend on the rest of the config
         super().__post_init__()
-        self.validate_drift()
 
 
 @dataclass
@@ -264,5 +266,5 @@ class DriftTrainingArguments(DriftArguments, TrainingArguments):
     """``transformers.TrainingArguments`` plus the DRIFT options, for a plain ``Trainer`` with ``DriftCallback``."""
 
     def __post_init__(self):
+        self.validate_drift()  # DRIFT errors first: they do not depend on the rest of the config
         super().__post_init__()
-        self.validate_drift()

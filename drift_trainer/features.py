@@ -43,7 +43,8 @@ def select_target_modules(model: nn.Module, spec: str = "auto") -> list[tuple[st
         if _is_lora_layer(module):
             for adapter in module.active_adapters:
                 for kind in ("lora_A", "lora_B"):
-                    sub = getattr(module, kind, {}).get(adapter) if hasattr(module, kind) else None
+                    holder = getattr(module, kind, None)
+                    sub = holder[adapter] if holder is not None and adapter in holder else None
                     if isinstance(sub, nn.Linear):
                         lora.append((f"{name}.{kind}.{adapter}", sub))
                         lora_children.add(id(sub))
@@ -168,7 +169,9 @@ def per_example_loss(model: nn.Module, batch: dict, fused_lm_head: bool = False)
     """
     input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     if fused_lm_head:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False
+        )
         token_logps = out.log_probs.float()  # (B, T-1), 0 where label is -100
         mask = (labels[:, 1:] != IGNORE_INDEX).to(token_logps.dtype)
     else:

@@ -24,7 +24,9 @@ def fisher(train_features: np.ndarray) -> np.ndarray:
     return phi.T @ phi / max(len(phi), 1)
 
 
-def precondition(target: np.ndarray, preconditioner: str, fisher_matrix: np.ndarray | None, damping: float) -> np.ndarray:
+def precondition(
+    target: np.ndarray, preconditioner: str, fisher_matrix: np.ndarray | None, damping: float
+) -> np.ndarray:
     """``H^-1 G``. ``fisher``: ``(F + damping * mean_eig(F) * I)^-1 G``; ``identity``: ``G``."""
     if preconditioner == "identity":
         return np.asarray(target, dtype=np.float64)

@@ -60,14 +60,20 @@ def _boxed_content(text: str) -> str | None:
     return None
 
 
-def extract_final_answer(text: str) -> str | None:
-    """The final answer of a solution: the last ``\\boxed{...}``, else what follows ``####``, else the last number."""
+def _marked_answer(text: str) -> str | None:
+    """The answer marked by ``\\boxed{}`` or ``####`` (None when unmarked)."""
     boxed = _boxed_content(text)
     if boxed is not None:
         return boxed.strip()
     hashes = _HASHES.findall(text)
-    if hashes:
-        return hashes[-1].strip()
+    return hashes[-1].strip() if hashes else None
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final answer of a solution: the last ``\\boxed{...}``, else what follows ``####``, else the last number."""
+    marked = _marked_answer(text)
+    if marked is not None:
+        return marked
     numbers = _NUMBER.findall(text)
     return numbers[-1] if numbers else None
 
@@ -87,18 +93,20 @@ def math_answer(prompts, completions, **kwargs) -> list[float]:
     """1.0 where the completion's final answer (``\\boxed{}``, ``####`` or last number) matches the reference.
 
     Numbers compare by value (``1,000`` == ``1000.0``, ``1/2`` == ``0.5``); anything else by stripped text. The
-    reference may itself be a full solution: its final answer is extracted the same way.
+    reference may itself be a full solution: its ``\\boxed{}`` / ``####`` answer is used, else the whole reference.
     """
     refs = _reference(kwargs, len(completions), "math_answer")
     out = []
     for c, r in zip(completions, refs):
         got = extract_final_answer(completion_text(c))
-        want = extract_final_answer(str(r)) or str(r).strip()
+        want = _marked_answer(str(r)) or str(r).strip()
         if got is None:
             out.append(0.0)
             continue
         a, b = _as_number(got), _as_number(want)
-        out.append(float(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) if a is not None and b is not None else got == want))
+        out.append(
+            float(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9) if a is not None and b is not None else got == want)
+        )
     return out
 
 
@@ -126,9 +134,7 @@ def load_reward(spec: str) -> RewardFunc:
     if spec in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[spec]
     if ":" not in spec:
-        raise ValueError(
-            f"Unknown reward {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or 'package.module:function'."
-        )
+        raise ValueError(f"Unknown reward {spec!r}: use one of {sorted(BUILTIN_REWARDS)} or 'package.module:function'.")
     import importlib
 
     module_name, func_name = spec.split(":", 1)

@@ -173,7 +173,9 @@ def generate_rollouts(
     texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
     conversational = bool(out.prompts) and is_conversational_prompt(out.prompts[0])
     out.completions = [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
-    columns = {c: [query_dataset[int(q)][c] for q in out.query_index] for c in query_dataset.column_names if c != "prompt"}
+    columns = {
+        c: [query_dataset[int(q)][c] for q in out.query_index] for c in query_dataset.column_names if c != "prompt"
+    }
     out.rewards = compute_rewards(reward_funcs, out.prompts, out.completions, columns) if out.completion_ids else []
     return out
 

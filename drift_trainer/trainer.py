@@ -39,10 +39,19 @@ class DriftSFTTrainer(SFTTrainer):
     ``train()``, ``trainer.drift_state`` holds the latest scores and weights (one per row of ``train_dataset``).
     """
 
-    def __init__(self, model, args: DriftConfig | SFTConfig | None = None, train_dataset=None, query_dataset=None,
-                 reward_funcs=None, **kwargs):
+    def __init__(
+        self,
+        model,
+        args: DriftConfig | SFTConfig | None = None,
+        train_dataset=None,
+        query_dataset=None,
+        reward_funcs=None,
+        **kwargs,
+    ):
         if args is None:
-            name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+            name = (
+                model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
+            )
             args = DriftConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-DRIFT")
         elif not isinstance(args, DriftConfig):
             values = {k: v for k, v in args.to_dict().items() if not k.startswith("_")}
@@ -95,7 +104,9 @@ class DriftSFTTrainer(SFTTrainer):
         index = inputs.pop(INDEX_COLUMN, None)
         weights = self.drift_callback.loss_weights
         if index is None or weights is None or not model.training:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         # per-example loss weights: the default SFT NLL path with each row's tokens scaled by its weight
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)

@@ -1,0 +1,80 @@
+import dataclasses
+
+import pytest
+from transformers import HfArgumentParser
+
+from drift_trainer import DriftArguments, DriftConfig, DriftTrainingArguments
+
+
+def test_every_drift_field_has_help():
+    for f in dataclasses.fields(DriftArguments):
+        assert f.name.startswith("drift_")
+        assert len(f.metadata.get("help", "")) > 20, f.name
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("drift_signing", "sign", "drift_signing must be one of 'correctness', 'advantage'"),
+        ("drift_debias", "x", "drift_debias must be one of"),
+        ("drift_preconditioner", "kfac", "drift_preconditioner"),
+        ("drift_weighting", "top", "drift_weighting"),
+        ("drift_reweight_mode", "x", "drift_reweight_mode"),
+        ("drift_refresh_steps", 0, "drift_refresh_steps must be a positive integer"),
+        ("drift_num_rollouts", 0, "drift_num_rollouts"),
+        ("drift_temperature", 0.0, "drift_temperature must be in"),
+        ("drift_top_p", 1.5, "drift_top_p"),
+        ("drift_uniform_mix", 1.2, "drift_uniform_mix"),
+        ("drift_prune_fraction", 1.0, "prunes every example"),
+        ("drift_weight_clip", 0.5, "drift_weight_clip"),
+        ("drift_damping", 0.0, "drift_damping"),
+        ("drift_first_refresh_step", 0, "drift_first_refresh_step"),
+    ],
+)
+def test_bad_values_name_the_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DriftConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_truncate_bounds(tmp_path):
+    with pytest.raises(ValueError, match="drift_truncate_low and drift_truncate_high"):
+        DriftTrainingArguments(output_dir=str(tmp_path), drift_truncate_low=90, drift_truncate_high=10)
+
+
+def test_command_line_flags_parse(tmp_path):
+    parser = HfArgumentParser(DriftConfig)
+    (cfg,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--bf16",
+            "false",
+            "--drift_refresh_steps",
+            "50",
+            "--drift_signing",
+            "advantage",
+            "--drift_enabled",
+            "false",
+            "--drift_first_refresh_step",
+            "20",
+        ]
+    )
+    assert cfg.drift_refresh_steps == 50 and cfg.drift_signing == "advantage" and cfg.drift_enabled is False
+    assert cfg.drift_first_step == 20
+    (targs,) = HfArgumentParser(DriftTrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--drift_weighting", "prune"]
+    )
+    assert targs.drift_weighting == "prune" and targs.drift_first_step == targs.drift_refresh_steps
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--bf16", "false", "--drift_debias", "bogus"]
+        )
+
+
+def test_trl_parser(tmp_path):
+    from trl import TrlParser
+
+    (cfg,) = TrlParser(DriftConfig).parse_args_and_config(
+        ["--output_dir", str(tmp_path), "--bf16", "false", "--drift_num_queries", "7"]
+    )
+    assert cfg.drift_num_queries == 7

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from drift_trainer.features import (
+    ProjectedGradients,
+    collate_right,
+    example_labels,
+    per_example_loss,
+    select_target_modules,
+)
+
+
+def _rows(tokenizer, conversational):
+    pairs = [("12+34=", "46"), ("1+1=", "2"), ("99+99=", "198"), ("7+5=", "12  ")]
+    rows = []
+    for prompt, completion in pairs:
+        if conversational:
+            p = [{"role": "user", "content": prompt}]
+            full = tokenizer.apply_chat_template(
+                p + [{"role": "assistant", "content": completion}], tokenize=True, return_dict=True
+            )["input_ids"]
+            pids = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)[
+                "input_ids"
+            ]
+        else:
+            pids = tokenizer(prompt)["input_ids"]
+            full = pids + tokenizer(completion)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append({"input_ids": full, "completion_mask": [0] * len(pids) + [1] * (len(full) - len(pids))})
+    return [{"input_ids": r["input_ids"], "labels": example_labels(r)} for r in rows]
+
+
+def _exact_projected(model, modules, projector, row, pad_id):
+    batch = collate_right([row], pad_id)
+    loss, _ = per_example_loss(model, batch)
+    grads = torch.autograd.grad(loss.sum(), [m.weight for _, m in modules])
+    return torch.cat([(po @ g @ pi.T).reshape(-1) for g, pi, po in zip(grads, projector.p_in, projector.p_out)])
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_batched_features_equal_exact_per_example_gradients(tokenizer, tiny_model, conversational):
+    model = tiny_model.eval()
+    # move off the init so every module has a non-trivial gradient
+    rows = _rows(tokenizer, conversational)
+    assert len({len(r["input_ids"]) for r in rows}) > 1, "examples must differ in length (padding exercised)"
+    modules = select_target_modules(model)
+    projector = ProjectedGradients(modules, projection_dim=8, seed=3)
+    batch = collate_right(rows, tokenizer.pad_token_id)
+    assert (batch["attention_mask"] == 0).any()
+    out = projector.compute(model, batch)
+    assert out.features.shape == (len(rows), projector.dim)
+    for i, row in enumerate(rows):
+        exact = _exact_projected(model, modules, projector, row, tokenizer.pad_token_id)
+        rel = ((exact - out.features[i]).norm() / exact.norm()).item()
+        assert rel < 1e-4, f"row {i}: relative error {rel}"
+        assert out.num_tokens[i] == sum(t != -100 for t in row["labels"][1:])
+
+
+def test_features_leave_parameter_grads_untouched(tokenizer, tiny_model):
+    rows = _rows(tokenizer, False)
+    modules = select_target_modules(tiny_model)
+    projector = ProjectedGradients(modules, projection_dim=4)
+    projector.compute(tiny_model, collate_right(rows, tokenizer.pad_token_id))
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_fully_masked_example_has_zero_feature(tokenizer, tiny_model):
+    rows = _rows(tokenizer, False)
+    rows[1]["labels"] = [-100] * len(rows[1]["labels"])
+    projector = ProjectedGradients(select_target_modules(tiny_model), projection_dim=4)
+    out = projector.compute(tiny_model, collate_right(rows, tokenizer.pad_token_id))
+    assert out.num_tokens[1] == 0
+    assert torch.count_nonzero(out.features[1]) == 0
+    assert torch.count_nonzero(out.features[0]) > 0
+
+
+def test_lora_targets_and_exactness(tokenizer, tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    # move lora_B off zero so lora_A gradients are non-zero too
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    modules = select_target_modules(model, "auto")
+    names = [n for n, _ in modules]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert len(names) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    model.eval()
+    rows = _rows(tokenizer, False)
+    projector = ProjectedGradients(modules, projection_dim=4, seed=1)
+    out = projector.compute(model, collate_right(rows, tokenizer.pad_token_id))
+    for i, row in enumerate(rows):
+        exact = _exact_projected(model, modules, projector, row, tokenizer.pad_token_id)
+        assert ((exact - out.features[i]).norm() / exact.norm()).item() < 1e-4
+
+
+def test_target_module_spec(tiny_model):
+    names = [n for n, _ in select_target_modules(tiny_model, "q_proj,down_proj")]
+    assert names and all(("q_proj" in n) or ("down_proj" in n) for n in names)
+    assert not any("lm_head" in n for n, _ in select_target_modules(tiny_model, "all-linear"))
+    with pytest.raises(ValueError, match="drift_target_modules"):
+        select_target_modules(tiny_model, "no_such_module")
+
+
+def test_example_labels_variants():
+    assert example_labels({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}) == [-100, 6, 7]
+    assert example_labels({"input_ids": [5, 6, 7], "completion_mask": [0, 0, 1]}) == [-100, -100, 7]
+    assert example_labels({"input_ids": [5, 6, 7]}) == [5, 6, 7]

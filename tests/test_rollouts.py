@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from drift_trainer.config import DriftArguments
+from drift_trainer.rollouts import check_query_dataset, generate_rollouts, generation_config, sample_queries
+from drift_trainer.toy import addition_dataset, query_dataset_from
+
+from .conftest import digit_start_reward
+
+
+def _args(**kw):
+    return DriftArguments(drift_num_rollouts=3, drift_max_new_tokens=5, drift_rollout_batch_size=4, **kw)
+
+
+def test_rollouts_match_unbatched_generation_and_restore_state(tokenizer, tiny_model):
+    queries = query_dataset_from(addition_dataset(5, seed=1))
+    tiny_model.train()
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    out = generate_rollouts(tiny_model, tokenizer, queries, [0, 2, 4], _args(), [digit_start_reward], seed=7)
+    assert torch.rand(1) == before, "sampling must not consume the training RNG stream"
+    assert tiny_model.training, "train mode restored"
+    assert len(out) == 9 and out.query_index == [0, 0, 0, 2, 2, 2, 4, 4, 4]
+    assert all(isinstance(c, str) for c in out.completions)
+    eos = tokenizer.eos_token_id
+    for ids in out.completion_ids:
+        assert 1 <= len(ids) <= 5 and (eos not in ids[:-1])
+    # left padding must not change what is sampled: greedy decoding batched == one by one
+    args = _args(drift_temperature=1e-4)
+    batched = generate_rollouts(tiny_model, tokenizer, queries, [0, 1, 2, 3], args, [digit_start_reward], seed=1)
+    for j, q in enumerate(batched.query_index[::3]):
+        single = generate_rollouts(tiny_model, tokenizer, queries, [q], args, [digit_start_reward], seed=1)
+        assert single.completion_ids[0] == batched.completion_ids[3 * j]
+    np.testing.assert_array_equal(out.rewards, digit_start_reward(None, out.completions))
+
+
+def test_rollouts_are_seeded(tokenizer, tiny_model):
+    queries = query_dataset_from(addition_dataset(3, seed=1))
+    a = generate_rollouts(tiny_model, tokenizer, queries, [0, 1], _args(), [digit_start_reward], seed=5)
+    b = generate_rollouts(tiny_model, tokenizer, queries, [0, 1], _args(), [digit_start_reward], seed=5)
+    c = generate_rollouts(tiny_model, tokenizer, queries, [0, 1], _args(), [digit_start_reward], seed=6)
+    assert a.completion_ids == b.completion_ids != c.completion_ids
+
+
+def test_conversational_rollouts_and_reward_columns(tokenizer, tiny_model):
+    queries = query_dataset_from(addition_dataset(2, seed=3, conversational=True))
+    seen = {}
+
+    def reward(prompts, completions, answer, **kw):
+        seen["answer"], seen["completions"] = answer, completions
+        return [0.0] * len(completions)
+
+    out = generate_rollouts(tiny_model, tokenizer, queries, [0, 1], _args(), [reward], seed=0)
+    assert seen["answer"] == [queries[0]["answer"]] * 3 + [queries[1]["answer"]] * 3
+    assert all(c[0]["role"] == "assistant" for c in seen["completions"])
+    # prompt ids follow the chat template with the generation prompt
+    assert out.prompt_ids[0][-1] == tokenizer.convert_tokens_to_ids("<|assistant|>")
+    rows = out.training_rows()
+    assert all(r["labels"][: len(p)] == [-100] * len(p) for r, p in zip(rows, out.prompt_ids))
+
+
+def test_generation_config_is_explicit(tokenizer):
+    cfg = generation_config(_args(drift_top_p=0.9, drift_temperature=0.7), tokenizer)
+    assert cfg.do_sample and cfg.top_k == 0 and cfg.top_p == 0.9 and cfg.temperature == 0.7
+    assert cfg.max_new_tokens == 5 and cfg.pad_token_id == tokenizer.pad_token_id
+
+
+def test_query_dataset_checks():
+    with pytest.raises(ValueError, match="no query_dataset"):
+        check_query_dataset(None)
+    with pytest.raises(ValueError, match="no `prompt` column"):
+        check_query_dataset(Dataset.from_dict({"question": ["1+1="]}))
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        check_query_dataset([{"prompt": "x"}])
+    assert sample_queries(Dataset.from_dict({"prompt": ["a"] * 3}), 10, 0) == [0, 1, 2]
+    picked = sample_queries(Dataset.from_dict({"prompt": ["a"] * 30}), 5, 0)
+    assert len(set(picked)) == 5 and picked == sample_queries(Dataset.from_dict({"prompt": ["a"] * 30}), 5, 0)

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+
+from drift_trainer.sampler import DriftSampler
+
+
+def test_uniform_is_a_seeded_permutation_and_len_is_fixed():
+    s = DriftSampler(50, seed=3)
+    first = list(s)
+    assert sorted(first) == list(range(50))
+    assert list(DriftSampler(50, seed=3)) == first
+    assert list(DriftSampler(50, seed=4)) != first
+    s.set_epoch(1)
+    assert list(s) != first
+    s.update(np.arange(50) + 1.0)
+    assert len(s) == 50 and len(list(s)) == 50
+
+
+def test_update_changes_draws_mid_epoch():
+    s = DriftSampler(100, seed=0)
+    it = iter(s)
+    head = [next(it) for _ in range(30)]
+    w = np.zeros(100)
+    w[[7, 9]] = 1.0
+    s.update(w)
+    tail = list(it)
+    assert len(head) + len(tail) == 100
+    assert set(tail) <= {7, 9}
+    assert len(set(head)) == 30  # before the update: distinct rows of a permutation
+
+
+def test_weighted_draws_follow_weights():
+    w = np.ones(10)
+    w[0] = 20.0
+    s = DriftSampler(10, seed=1, weights=w)
+    counts = np.zeros(10)
+    for epoch in range(300):
+        s.set_epoch(epoch)
+        for i in s:
+            counts[i] += 1
+    share = counts[0] / counts.sum()
+    assert abs(share - 20 / 29) < 0.03
+
+
+def test_same_sequence_on_every_rank():
+    # two "ranks": two samplers with the same seed and the same update at the same position
+    a, b = DriftSampler(64, seed=9), DriftSampler(64, seed=9)
+    w = np.linspace(0.1, 2.0, 64)
+    seqs = []
+    for s in (a, b):
+        it = iter(s)
+        head = [next(it) for _ in range(10)]
+        s.update(w)
+        seqs.append(head + list(it))
+    assert seqs[0] == seqs[1]
+
+
+def test_state_dict_round_trip_replays_the_stream():
+    s = DriftSampler(40, seed=5)
+    s.set_epoch(2)
+    it = iter(s)
+    head = [next(it) for _ in range(12)]
+    s.update(np.linspace(1, 3, 40))
+    tail = list(it)
+    state = s.state_dict()
+    restored = DriftSampler(40, seed=0)
+    restored.load_state_dict(state)
+    assert restored.epoch == 2
+    assert list(restored) == head + tail  # replays the weight switch at the same position
+    # and continues identically in the next epoch
+    s.set_epoch(3)
+    restored.set_epoch(3)
+    assert list(s) == list(restored)
+
+
+def test_update_between_epochs_applies_from_next_epoch_start():
+    s = DriftSampler(20, seed=2)
+    list(s)
+    w = np.zeros(20)
+    w[4] = 1.0
+    s.update(w)
+    s.set_epoch(1)
+    assert set(s) == {4}
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="num_samples"):
+        DriftSampler(0)
+    s = DriftSampler(5)
+    with pytest.raises(ValueError, match="5 rows"):
+        s.update(np.ones(4))
+    with pytest.raises(ValueError, match="not all zero"):
+        s.update(np.zeros(5))
+    with pytest.raises(ValueError, match="same train_dataset"):
+        DriftSampler(6).load_state_dict(s.state_dict())

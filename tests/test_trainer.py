@@ -1,0 +1,294 @@
+"""End to end: DriftSFTTrainer, plain Trainer + DriftCallback, PEFT, and the bad-input errors."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from datasets import Dataset, IterableDataset
+
+from drift_trainer import DriftCallback, DriftConfig, DriftSFTTrainer, DriftTrainingArguments, exact_match
+from drift_trainer.toy import Corruption, addition_dataset, query_dataset_from
+
+from .conftest import digit_start_reward
+
+SCORE_COLUMNS = {"index", "score", "weight", "grad_norm"}
+METRICS = {
+    "drift/rollout_accuracy",
+    "drift/reward_mean",
+    "drift/ess",
+    "drift/frac_positive",
+    "drift/weight_max",
+    "drift/refresh_seconds",
+}
+
+
+def _config(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        drift_refresh_steps=4,
+        drift_num_queries=4,
+        drift_num_rollouts=4,
+        drift_max_new_tokens=4,
+        drift_progress=False,
+        drift_uniform_mix=0.0,
+        drift_score_ema=0.0,
+    )
+    base.update(kw)
+    return DriftConfig(**base)
+
+
+def _data(n=40, conversational=False):
+    train = addition_dataset(n, seed=0, corruption=Corruption("random", 0.3), conversational=conversational)
+    queries = query_dataset_from(addition_dataset(8, seed=1, conversational=conversational))
+    return train, queries
+
+
+@pytest.mark.parametrize("conversational", [False, True])
+def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational, monkeypatch):
+    from drift_trainer.sampler import DriftSampler
+
+    calls = []  # (epoch being drawn or None, draw position) at each weight update
+    original_update = DriftSampler.update
+
+    def recording_update(self, weights):
+        calls.append((self._iterating, self._position))
+        return original_update(self, weights)
+
+    monkeypatch.setattr(DriftSampler, "update", recording_update)
+    train, queries = _data(conversational=conversational)
+    trainer = DriftSFTTrainer(
+        model=tiny_model,
+        args=_config(tmp_path),
+        train_dataset=train,
+        query_dataset=queries,
+        reward_funcs=digit_start_reward,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    state = trainer.drift_state
+    assert state.num_refreshes == 3 and state.step == 12
+    assert state.weights.shape == (len(train),) and abs(state.weights.mean() - 1) < 1e-6
+    assert not np.allclose(state.weights, 1.0)
+    # weights reached the sampler while an epoch was being drawn (40 rows / batch 4 = 10 steps per epoch)
+    assert any(epoch is not None and 0 < pos < len(train) - 1 for epoch, pos in calls)
+    assert len(calls) == 3
+    np.testing.assert_allclose(trainer.drift_callback.sampler.weights, state.weights)
+    refreshes = sorted(os.listdir(tmp_path / "out" / "drift"))
+    assert refreshes == ["refresh-000004", "refresh-000008", "refresh-000012"]
+    last = tmp_path / "out" / "drift" / refreshes[-1]
+    frame = pd.read_parquet(last / "scores.parquet")
+    assert SCORE_COLUMNS <= set(frame.columns) and len(frame) == len(train)
+    np.testing.assert_allclose(frame["weight"], state.weights)
+    rollouts = [json.loads(line) for line in open(last / "rollouts.jsonl")]
+    assert len(rollouts) == 16 and {"query", "completion", "reward", "sign"} <= set(rollouts[0])
+    summary = json.loads(open(last / "summary.json").read())
+    assert set(summary["timings"]) >= {"rollouts", "features", "influence"}
+    logged = [h for h in trainer.state.log_history if "drift/ess" in h]
+    assert len(logged) == 3 and METRICS <= set(logged[0])
+
+
+def test_plain_trainer_with_callback(tmp_path, tokenizer, tiny_model):
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    train, queries = _data()
+
+    def tok(row):
+        p = tokenizer(row["prompt"])["input_ids"]
+        c = tokenizer(row["completion"])["input_ids"] + [tokenizer.eos_token_id]
+        return {"input_ids": p + c, "labels": [-100] * len(p) + c, "attention_mask": [1] * (len(p) + len(c))}
+
+    tokenized = train.map(tok, remove_columns=train.column_names)
+    args = DriftTrainingArguments(
+        output_dir=str(tmp_path / "plain"),
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        drift_refresh_steps=4,
+        drift_num_queries=4,
+        drift_max_new_tokens=4,
+        drift_progress=False,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+    bare = Trainer(model=tiny_model, args=args, train_dataset=tokenized, data_collator=collator)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        DriftCallback(query_dataset=queries, reward_funcs=digit_start_reward).attach(bare)
+    trainer = Trainer(
+        model=tiny_model, args=args, train_dataset=tokenized, data_collator=collator, processing_class=tokenizer
+    )
+    cb = DriftCallback(query_dataset=queries, reward_funcs=digit_start_reward).attach(trainer)
+    assert cb in trainer.callback_handler.callbacks
+    trainer.train()
+    assert cb.drift_state.num_refreshes == 2
+    assert cb.sampler is not None and cb.sampler.version >= 1
+    assert os.path.exists(tmp_path / "plain" / "drift" / "refresh-000008" / "scores.parquet")
+    assert any("drift/rollout_accuracy" in h for h in trainer.state.log_history)
+
+
+def test_unattached_callback_says_how_to_attach(tmp_path, tokenizer, tiny_model):
+    from transformers import Trainer
+
+    train, queries = _data(8)
+    tokenized = train.map(
+        lambda r: {"input_ids": tokenizer(r["prompt"])["input_ids"]}, remove_columns=train.column_names
+    )
+    args = DriftTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
+    trainer = Trainer(model=tiny_model, args=args, train_dataset=tokenized)
+    trainer.add_callback(DriftCallback(query_dataset=queries, reward_funcs=exact_match))
+    with pytest.raises(RuntimeError, match=r"\.attach\(trainer\)"):
+        trainer.train()
+
+
+def test_peft_lora_features_come_from_lora_modules(tmp_path, tokenizer, tiny_model):
+    from peft import LoraConfig
+
+    train, queries = _data(24)
+    trainer = DriftSFTTrainer(
+        model=tiny_model,
+        args=_config(tmp_path, max_steps=4, learning_rate=1e-2),
+        train_dataset=train,
+        query_dataset=queries,
+        reward_funcs=digit_start_reward,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+    )
+    trainer.train()
+    names = trainer.drift_callback.projector.names
+    assert names and all("lora_" in n for n in names)
+    assert trainer.drift_state.num_refreshes == 1
+    assert np.abs(trainer.drift_state.scores).sum() > 0
+
+
+def test_loss_mode_scales_per_example_losses(tmp_path, tokenizer, tiny_model):
+    train, queries = _data(24)
+    trainer = DriftSFTTrainer(
+        model=tiny_model,
+        args=_config(tmp_path, max_steps=8, drift_reweight_mode="loss"),
+        train_dataset=train,
+        query_dataset=queries,
+        reward_funcs=digit_start_reward,
+        processing_class=tokenizer,
+    )
+    assert trainer.drift_callback.sampler is None
+    trainer.train()
+    weights = trainer.drift_callback.loss_weights
+    assert weights is not None and not np.allclose(weights, 1.0)
+    # the weighted loss equals the unweighted one with each row's tokens scaled by its weight
+    import torch
+
+    batch = trainer.data_collator(
+        [trainer.train_dataset.select_columns(["input_ids", "labels", "drift_index"])[i] for i in range(4)]
+    )
+    trainer.model.train()
+    weighted = trainer.compute_loss(trainer.model, dict(batch))
+    trainer.drift_callback.loss_weights = np.ones_like(weights)
+    plain = trainer.compute_loss(trainer.model, dict(batch))
+    trainer.drift_callback.loss_weights = weights
+    assert not torch.isclose(weighted, plain)
+
+
+def test_drift_disabled_is_plain_sft(tmp_path, tokenizer, tiny_model):
+    train, _ = _data(16)
+    trainer = DriftSFTTrainer(
+        model=tiny_model,
+        args=_config(tmp_path, drift_enabled=False, max_steps=4),
+        train_dataset=train,
+        processing_class=tokenizer,
+    )
+    from torch.utils.data import RandomSampler
+
+    assert isinstance(trainer._get_train_sampler(), RandomSampler)
+    trainer.train()
+    assert trainer.drift_state.num_refreshes == 0
+    assert not os.path.exists(tmp_path / "out" / "drift")
+
+
+def test_no_contrast_keeps_previous_weights_and_says_why(tmp_path, tokenizer, tiny_model, caplog):
+    train, queries = _data(16)
+    trainer = DriftSFTTrainer(
+        model=tiny_model,
+        args=_config(tmp_path, max_steps=4),
+        train_dataset=train,
+        query_dataset=queries,
+        reward_funcs=lambda prompts, completions, **kw: [1.0] * len(completions),
+        processing_class=tokenizer,
+    )
+    with caplog.at_level("WARNING", logger="drift_trainer"):
+        trainer.train()
+    assert "no contrast" in caplog.text
+    assert np.allclose(trainer.drift_state.weights, 1.0)
+    summary = trainer.drift_state.history[-1]
+    assert summary["contrast"] is False and "no contrast" in summary["reason"]
+    assert trainer.drift_callback.sampler.version == 0
+
+
+def test_fully_masked_examples_score_zero_and_are_counted(tmp_path, tokenizer, tiny_model):
+    train, queries = _data(20)
+    # rows whose completion is cut away by max_length: SFTTrainer drops them; they must keep weight 1 and score 0
+    rows = train.to_list()
+    for i in (2, 5):
+        rows[i]["prompt"] = "1" * 40 + "+1="
+    train = Dataset.from_list(rows)
+    trainer = DriftSFTTrainer(
+        model=tiny_model,
+        args=_config(tmp_path, max_steps=4, max_length=30),
+        train_dataset=train,
+        query_dataset=queries,
+        reward_funcs=digit_start_reward,
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    state = trainer.drift_state
+    assert state.scores.shape == (20,)
+    assert state.scores[2] == 0 and state.scores[5] == 0
+    assert state.weights[2] == 1.0 and state.weights[5] == 1.0
+    assert state.history[-1]["num_masked"] == 2
+
+
+def test_bad_inputs_fail_before_training(tmp_path, tokenizer, tiny_model):
+    train, queries = _data(8)
+    kwargs = dict(model=tiny_model, args=_config(tmp_path), train_dataset=train, processing_class=tokenizer)
+    with pytest.raises(ValueError, match="no query_dataset"):
+        DriftSFTTrainer(**kwargs, reward_funcs=exact_match)
+    with pytest.raises(ValueError, match="no reward function"):
+        DriftSFTTrainer(**kwargs, query_dataset=queries)
+    with pytest.raises(ValueError, match="no `prompt` column"):
+        DriftSFTTrainer(**kwargs, query_dataset=queries.rename_column("prompt", "q"), reward_funcs=exact_match)
+    streaming = IterableDataset.from_generator(lambda: iter(train.to_list()))
+    with pytest.raises(ValueError, match="IterableDataset"):
+        DriftSFTTrainer(**{**kwargs, "train_dataset": streaming}, query_dataset=queries, reward_funcs=exact_match)
+    with pytest.raises(ValueError, match="packing=False"):
+        DriftSFTTrainer(
+            **{**kwargs, "args": _config(tmp_path, packing=True)}, query_dataset=queries, reward_funcs=exact_match
+        )
+
+
+def test_reward_errors_surface_with_the_function_name(tmp_path, tokenizer, tiny_model):
+    train, queries = _data(8)
+
+    def broken_reward(prompts, completions, **kw):
+        return [float("nan")] * len(completions)
+
+    trainer = DriftSFTTrainer(
+        model=tiny_model,
+        args=_config(tmp_path, max_steps=4),
+        train_dataset=train,
+        query_dataset=queries,
+        reward_funcs=broken_reward,
+        processing_class=tokenizer,
+    )
+    with pytest.raises(RuntimeError, match="'broken_reward' returned NaN"):
+        trainer.train()
