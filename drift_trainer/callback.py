@@ -197,7 +197,9 @@ class DriftCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.enabled and self.is_due(state.global_step):
+            should_log = control.should_log  # trainer.log() resets it, which would drop this step's loss log
             self.refresh(state.global_step, is_main=state.is_world_process_zero)
+            control.should_log = should_log
 
     def on_save(self, args, state, control, **kwargs):
         if not self.enabled or not state.is_world_process_zero:

@@ -7,7 +7,9 @@ Every draw is a pure function of (seed, epoch, position, weights in force at tha
 - a resumed run replays exactly: the sampler records at which position of which epoch each weight version took
   effect, and ``state_dict()`` carries that schedule and every version's weights.
 
-While the weights are uniform (version 0) it yields a seeded permutation, like a plain shuffled epoch. Once weighted,
+While the weights are uniform it yields the permutation ``torch.randperm(n, generator=seed + epoch)``: exactly the
+order accelerate's ``SeedableRandomSampler`` gives a plain run with the same seed, so DRIFT with uniform weights
+trains on exactly the batches plain SFT would. Once weighted,
 position ``p`` draws ``searchsorted(cumsum(w), u_p * sum(w))`` with ``u_p`` from a generator seeded by
 (seed, epoch, chunk of p): with replacement, chunk by chunk. ``len()`` never changes.
 """
@@ -73,7 +75,7 @@ class DriftSampler(Sampler[int]):
             raise ValueError(f"DriftSampler.update got {w.shape[0]} weights for {self.num_samples} rows.")
         if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError("DriftSampler weights must be finite, non-negative and not all zero.")
-        self.versions.append(w.copy())
+        self.versions.append(None if np.all(w == w[0]) else w.copy())  # equal weights: the plain permutation
         version = len(self.versions) - 1
         if self._iterating is not None:
             self.schedule.setdefault(self._iterating, []).append((self._position + 1, version))
@@ -106,7 +108,8 @@ class DriftSampler(Sampler[int]):
                 w = self.versions[version]
                 if w is None:
                     if perm is None:
-                        perm = torch.randperm(self.num_samples, generator=self._generator(epoch, 1 << 30)).tolist()
+                        gen = torch.Generator().manual_seed(self.seed + epoch)  # as SeedableRandomSampler
+                        perm = torch.randperm(self.num_samples, generator=gen).tolist()
                     yield perm[pos]
                     continue
                 if cdf is None or changed:

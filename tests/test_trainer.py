@@ -94,6 +94,8 @@ def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational,
     assert len(rollouts) == 16 and {"query", "completion", "reward", "sign"} <= set(rollouts[0])
     summary = json.loads(open(last / "summary.json").read())
     assert set(summary["timings"]) >= {"rollouts", "features", "influence"}
+    # a refresh step still logs its training loss
+    assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [4, 8, 12]
     logged = [h for h in trainer.state.log_history if "drift/ess" in h]
     assert len(logged) == 3 and METRICS <= set(logged[0])
 

@@ -1,0 +1,148 @@
+"""One rank of a DRIFT run, launched by tests/test_distributed.py with torchrun (or alone for single-process runs).
+
+Usage: python multirank_worker.py OUT_DIR key=value ...
+  mode=single|ddp|zero2|zero3  lora=0|1  steps=6  n_train=27  lr=1e-3  mix=0.0  ga=1  gc=0  drift=1
+  first=3  every=3  save_steps=0  resume=0
+Writes OUT_DIR/rank{r}.json: the indices the sampler yielded, the weights and scores of the last refresh, the
+number of rows scored, and the training losses this rank logged.
+"""
+
+import json
+import os
+import sys
+
+
+def main():
+    out_dir = sys.argv[1]
+    opt = {
+        "mode": "single",
+        "lora": "0",
+        "steps": "6",
+        "n_train": "27",
+        "lr": "1e-3",
+        "mix": "0.0",
+        "ga": "1",
+        "gc": "0",
+        "drift": "1",
+        "first": "3",
+        "every": "3",
+        "save_steps": "0",
+        "resume": "0",
+    }
+    opt.update(kv.split("=", 1) for kv in sys.argv[2:])
+    mode = opt["mode"]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ds_config = None
+    if mode.startswith("zero"):
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        ds_config = {
+            "zero_optimization": {"stage": int(mode[-1])},
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "train_batch_size": "auto",
+            "gradient_clipping": "auto",
+            "zero_force_ds_cpu_optimizer": False,
+        }
+    from accelerate import PartialState
+
+    if world > 1 or ds_config is not None:
+        PartialState(backend="gloo")
+
+    import numpy as np
+
+    from drift_trainer import DriftConfig, DriftSFTTrainer
+    from drift_trainer.sampler import DriftSampler
+    from drift_trainer.toy import (
+        Corruption,
+        addition_dataset,
+        build_char_tokenizer,
+        build_tiny_llama,
+        query_dataset_from,
+    )
+
+    rank = int(os.environ.get("RANK", "0"))
+    tok = build_char_tokenizer(os.path.join(out_dir, f"tok{rank}"))
+    model = build_tiny_llama(tok, seed=0)
+    train = addition_dataset(int(opt["n_train"]), seed=0, corruption=Corruption("random", 0.3))
+    queries = query_dataset_from(addition_dataset(6, seed=1))
+    ga = int(opt["ga"])
+    global_batch = 4
+    save_steps = int(opt["save_steps"])
+    args = DriftConfig(
+        output_dir=os.path.join(out_dir, "run"),
+        max_steps=int(opt["steps"]),
+        per_device_train_batch_size=global_batch // world // ga,
+        gradient_accumulation_steps=ga,
+        learning_rate=float(opt["lr"]),
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=opt["gc"] == "1",
+        seed=0,
+        deepspeed=ds_config,
+        accelerator_config={"use_configured_state": True} if (world > 1 or ds_config) else None,
+        drift_enabled=opt["drift"] == "1",
+        drift_refresh_steps=int(opt["every"]),
+        drift_first_refresh_step=int(opt["first"]),
+        drift_num_queries=3,
+        drift_num_rollouts=4,
+        drift_max_new_tokens=4,
+        drift_progress=False,
+        drift_uniform_mix=float(opt["mix"]),
+        drift_score_ema=0.0,
+        drift_feature_batch_size=4,
+    )
+    peft_config = None
+    if opt["lora"] == "1":
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights="gaussian"
+        )
+
+    def reward(prompts, completions, **kw):
+        return [float(c[:1].isdigit()) for c in completions]
+
+    drawn = []
+    original_iter = DriftSampler.__iter__
+
+    def recording_iter(self):
+        for i in original_iter(self):
+            drawn.append(int(i))
+            yield i
+
+    DriftSampler.__iter__ = recording_iter
+    trainer = DriftSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        query_dataset=queries,
+        reward_funcs=reward,
+        processing_class=tok,
+        peft_config=peft_config,
+    )
+    trainer.train(resume_from_checkpoint=opt["resume"] == "1" or None)
+    state = trainer.drift_state
+    result = {
+        "rank": rank,
+        "world": world,
+        "drawn": drawn,
+        "weights": None if state.weights is None else np.asarray(state.weights).tolist(),
+        "scores": None if state.scores is None else np.asarray(state.scores).tolist(),
+        "num_scored": [h.get("num_scored") for h in state.history],
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "num_refreshes": state.num_refreshes,
+        "feature_names": trainer.drift_callback.projector.names if trainer.drift_callback.projector else [],
+    }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
