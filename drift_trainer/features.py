@@ -43,7 +43,8 @@ def select_target_modules(model: nn.Module, spec: str = "auto") -> list[tuple[st
         if _is_lora_layer(module):
             for adapter in module.active_adapters:
                 for kind in ("lora_A", "lora_B"):
-                    sub = getattr(module, kind, {}).get(adapter) if hasattr(module, kind) else None
+                    container = getattr(module, kind, None)  # an nn.ModuleDict (no .get): index it
+                    sub = container[adapter] if container is not None and adapter in container else None
                     if isinstance(sub, nn.Linear):
                         lora.append((f"{name}.{kind}.{adapter}", sub))
                         lora_children.add(id(sub))
