@@ -94,7 +94,7 @@ class RefineArguments:
         default=True, metadata={"help": "Prompt-completion rows: score the completion tokens only (TRL default)."}
     )
     assistant_only_loss: bool = field(
-        default=False, metadata={"help": "Conversational rows: score assistant tokens only (needs {% generation %})."}
+        default=False, metadata={"help": "Conversational rows: score assistant tokens only (needs {%% generation %%} in the chat template)."}
     )
     shard_size: int = field(default=512, metadata={"help": "Train rows per feature shard (the unit of resuming)."})
     seed: int = field(default=42, metadata={"help": "Seed of query sampling and rollouts."})
@@ -135,12 +135,8 @@ def parse_args(argv: list[str]) -> tuple[RefineArguments, DriftArguments]:
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def load_model_and_tokenizer(ra: RefineArguments, device):
-    """Model (a PEFT model with trainable adapters when ``ra.model`` holds ``adapter_config.json``) and tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = ra.model
+def check_model_dir(path: str) -> bool:
+    """Raise a clear error unless ``path`` is a model or PEFT adapter directory; returns True for an adapter."""
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f"--model {path}: no such directory. Pass a local directory written by model.save_pretrained(dir) "
@@ -153,6 +149,16 @@ def load_model_and_tokenizer(ra: RefineArguments, device):
             "Save the model with model.save_pretrained(dir) (and tokenizer.save_pretrained(dir)), or pass a PEFT "
             "adapter directory."
         )
+    return is_adapter
+
+
+def load_model_and_tokenizer(ra: RefineArguments, device):
+    """Model (a PEFT model with trainable adapters when ``ra.model`` holds ``adapter_config.json``) and tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = ra.model
+    is_adapter = check_model_dir(path)
     if ra.dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     else:
@@ -340,6 +346,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     show = da.drift_progress and is_main
 
     # inputs: fail on anything bad before the model is loaded
+    check_model_dir(ra.model)
     table = read_table(ra.train_file)
     if not table.rows:
         raise ValueError(f"Train file {ra.train_file} is empty.")

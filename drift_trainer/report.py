@@ -172,20 +172,35 @@ def weight_history(refreshes: list[Refresh], top: int = 10) -> tuple[np.ndarray,
     return steps, w_best, w_worst, np.concatenate([best, worst])
 
 
+def _step_axis(ax, steps) -> None:
+    ax.set_xlabel("step")
+    if 1 <= len(steps) <= 15:
+        ax.set_xticks(list(steps))
+
+
 def plot_weights(refreshes: list[Refresh], top: int = 10):
     fig, (ax,) = _figure()
-    steps, w_best, w_worst, _ = weight_history(refreshes, top)
-    marker = "o" if len(steps) < 20 else None
-    for j in range(w_best.shape[1]):
-        ax.plot(steps, w_best[:, j], color=POS_COLOR, alpha=0.7, marker=marker, label=f"top {top}" if j == 0 else None)
-    for j in range(w_worst.shape[1]):
-        ax.plot(steps, w_worst[:, j], color=NEG_COLOR, alpha=0.7, marker=marker,
-                label=f"bottom {top}" if j == 0 else None)
+    steps, w_best, w_worst, index = weight_history(refreshes, top)
+    if len(steps) == 1:  # one refresh (a refine output): the weights themselves, one bar per example
+        values = np.concatenate([w_best[0], w_worst[0][::-1]])
+        colors = [POS_COLOR] * w_best.shape[1] + [NEG_COLOR] * w_worst.shape[1]
+        labels = [str(i) for i in np.concatenate([index[: w_best.shape[1]], index[w_best.shape[1]:][::-1]])]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
+        ax.set_xlabel(f"example index (top {w_best.shape[1]} green, bottom {w_worst.shape[1]} red, by score)")
+    else:
+        marker = "o" if len(steps) < 20 else None
+        for j in range(w_best.shape[1]):
+            ax.plot(steps, w_best[:, j], color=POS_COLOR, alpha=0.7, marker=marker,
+                    label=f"top {top}" if j == 0 else None)
+        for j in range(w_worst.shape[1]):
+            ax.plot(steps, w_worst[:, j], color=NEG_COLOR, alpha=0.7, marker=marker,
+                    label=f"bottom {top}" if j == 0 else None)
+        _step_axis(ax, steps)
+        ax.legend(frameon=False)
     ax.axhline(1.0, color="#333", lw=0.8, ls="--")
-    ax.set_xlabel("step")
     ax.set_ylabel("sampling weight (mean 1)")
-    ax.set_title(f"Weights of the top and bottom {top} examples (by latest score) across refreshes")
-    ax.legend(frameon=False)
+    ax.set_title(f"Weights of the top and bottom {top} examples (by latest score)")
     return fig
 
 
@@ -196,20 +211,35 @@ def _metric(refreshes, key) -> np.ndarray:
 def plot_rollouts(refreshes: list[Refresh]):
     fig, (ax,) = _figure()
     steps = [r.step for r in refreshes]
-    ax.plot(steps, _metric(refreshes, "drift/rollout_accuracy"), marker="o", color="#264653", label="rollout accuracy")
-    ax.plot(steps, _metric(refreshes, "drift/reward_mean"), marker="s", color="#e9c46a", label="mean reward")
-    ax.set_xlabel("step")
-    ax.set_title("On-policy rollouts at each refresh")
-    ax.legend(frameon=False)
+    acc, reward = _metric(refreshes, "drift/rollout_accuracy"), _metric(refreshes, "drift/reward_mean")
+    if len(steps) == 1:
+        bars = ax.bar(["rollout accuracy", "mean reward"], [acc[0], reward[0]], color=["#264653", "#e9c46a"], width=0.5)
+        ax.bar_label(bars, fmt="%.3f")
+    else:
+        ax.plot(steps, acc, marker="o", ms=7, color="#264653", label="rollout accuracy")
+        ax.plot(steps, reward, marker="s", ms=4, ls="--", color="#e9c46a", label="mean reward")
+        _step_axis(ax, steps)
+        ax.legend(frameon=False)
+    finite = np.concatenate([acc, reward])
+    finite = finite[np.isfinite(finite)]
+    if len(finite) and finite.min() >= 0 and finite.max() <= 1:
+        ax.set_ylim(0, 1.05)
+    ax.set_title(f"On-policy rollouts at each refresh (step {steps[0]})" if len(steps) == 1 else
+                 "On-policy rollouts at each refresh")
     return fig
 
 
 def plot_ess(refreshes: list[Refresh]):
     fig, (ax,) = _figure()
     ess = _metric(refreshes, "drift/ess")
-    ax.plot([r.step for r in refreshes], ess, marker="o", color="#6a4c93")
+    steps = [r.step for r in refreshes]
+    if len(steps) == 1:
+        bars = ax.bar([f"step {steps[0]}"], ess, color="#6a4c93", width=0.4)
+        ax.bar_label(bars, fmt="%.3f")
+    else:
+        ax.plot(steps, ess, marker="o", color="#6a4c93")
+        _step_axis(ax, steps)
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("step")
     ax.set_ylabel("ESS / n")
     ax.set_title("Effective sample size of the weights (1 = uniform)")
     return fig
