@@ -26,6 +26,7 @@ import numpy as np
 
 from .features import IGNORE_INDEX, example_labels
 from .rollouts import is_conversational_prompt, tokenize_prompt
+from .state import default_mode
 
 FORMATS = ("jsonl", "parquet", "disk")
 
@@ -129,6 +130,7 @@ def write_table(table: TableFile, out_path: str, keep: np.ndarray | None = None,
                     for name, values in weights.items():
                         row[name] = float(values[i])
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            default_mode(tmp)
             os.replace(tmp, out_path)
         except BaseException:
             if os.path.exists(tmp):
@@ -152,6 +154,7 @@ def write_table(table: TableFile, out_path: str, keep: np.ndarray | None = None,
         os.close(fd)
         try:
             pq.write_table(arrow, tmp)
+            default_mode(tmp)
             os.replace(tmp, out_path)
         except BaseException:
             if os.path.exists(tmp):
@@ -163,6 +166,7 @@ def write_table(table: TableFile, out_path: str, keep: np.ndarray | None = None,
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-refined-")
     try:
         Dataset(arrow).save_to_disk(tmp)
+        default_mode(tmp)
         if os.path.exists(out_path):
             shutil.rmtree(out_path)
         os.replace(tmp, out_path)

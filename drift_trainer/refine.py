@@ -30,6 +30,7 @@ process sees (one machine, or a shared filesystem).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -287,6 +288,8 @@ def prepare_work_dir(ra: RefineArguments, fp: dict, is_main: bool) -> str:
                     )
                 shutil.rmtree(work)
         os.makedirs(work, exist_ok=True)
+        for stale in glob.glob(os.path.join(work, ".tmp-*")):  # left by a process killed while writing
+            os.remove(stale)
         if not os.path.exists(meta_path):
             atomic_write_text(meta_path, json.dumps(fp, indent=2))
     return work
@@ -360,6 +363,8 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     fp = fingerprint(ra, da)
     work = prepare_work_dir(ra, fp, is_main)
     _barrier(dist)
+    # shards already on disk, counted before any rank can write one (they wait for rank 0's target below)
+    n_resumed = len(glob.glob(os.path.join(work, "shard-*.npz"))) if is_main else 0
 
     t0 = time.perf_counter()
     model, tokenizer = load_model_and_tokenizer(ra, device)
@@ -498,7 +503,8 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
 
     # 4. outputs
     t0 = time.perf_counter()
-    summary = write_outputs(ra, da, table, kind, result, weights, keep, fp, timings, n_shards, len(done))
+    summary = write_outputs(ra, da, table, kind, result, weights, keep, fp, timings, n_shards, n_resumed)
+    summary["world_size"] = dist.world_size
     timings["write"] = time.perf_counter() - t0
     summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
     summary["metrics"]["drift/refresh_seconds"] = time.perf_counter() - started

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .state import default_mode
+
 POS_COLOR, NEG_COLOR = "#2a9d8f", "#e76f51"
 
 
@@ -112,6 +114,7 @@ def _save(fig, out_dir: str, name: str) -> bytes:
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".png")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    default_mode(tmp)
     os.replace(tmp, os.path.join(out_dir, name))
     return data
 
@@ -372,6 +375,7 @@ rollouts likelier (and wrong ones less likely), below 0 the reverse.</p>
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".html")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(page)
+    default_mode(tmp)
     os.replace(tmp, path)
     return path
 

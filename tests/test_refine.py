@@ -97,6 +97,10 @@ def test_weight_mode_outputs(data, base_run):
     examples = [json.loads(line) for line in open(base_run / "examples.jsonl")]
     assert examples[0]["text"].startswith(original[0]["prompt"])
     assert not [p for p in os.listdir(base_run) if p.startswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("summary.json", "rollouts.jsonl", "refined.jsonl", "examples.jsonl", "report/report.html"):
+        assert os.stat(base_run / name).st_mode & 0o777 == 0o666 & ~umask, name  # not tempfile's 0600
 
 
 def test_matches_run_refresh(data, base_run):

@@ -69,6 +69,10 @@ def test_synthetic_artifacts(tmp_path):
     (drift / "examples.jsonl").write_text("".join(json.dumps(t) + "\n" for t in texts))
     assert report.main([str(tmp_path)]) == 0
     html, tables = _check_page(tmp_path / "report" / "report.html", 3)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(drift / "refresh-000010").st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    assert os.stat(drift / "refresh-000010" / "summary.json").st_mode & 0o777 == 0o666 & ~umask
     # top / bottom tables come from step 20: the latest refresh with contrast (step 30 had none)
     refreshes = report.find_refreshes(str(tmp_path))
     latest = refreshes[1].scores
