@@ -93,7 +93,9 @@ def read_table(path: str) -> TableFile:
                         f"{path}:{lineno} is not valid JSON ({exc.msg}). The file must hold one JSON object per line."
                     ) from exc
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object (one row per line).")
+                    raise ValueError(  # noqa: TRY004 - a bad file, not a bad argument type
+                        f"{path}:{lineno} is a JSON {type(row).__name__}, not an object (one row per line)."
+                    )
                 rows.append(row)
         return TableFile(path, fmt, rows)
     if fmt == "parquet":

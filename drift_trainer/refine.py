@@ -43,7 +43,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .config import DriftArguments
-from .datafiles import example_text, read_table, refined_name, tokenize_rows, train_kind, write_table
+from .datafiles import (
+    example_text,
+    read_table,
+    refined_name,
+    tokenize_rows,
+    train_kind,
+    write_table,
+)
 from .state import _json_default, atomic_write_text
 
 logger = logging.getLogger("drift_trainer.refine")
@@ -192,7 +199,7 @@ def load_model_and_tokenizer(ra: RefineArguments, device):
         try:
             tokenizer = AutoTokenizer.from_pretrained(candidate)
             break
-        except Exception as exc:  # try the next place
+        except Exception as exc:  # noqa: BLE001 - any failure: try the next place, report them all
             errors.append(f"{candidate}: {type(exc).__name__}: {exc}")
     if tokenizer is None:
         raise ValueError(
@@ -336,7 +343,13 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     import torch
 
     from .features import ProjectedGradients, select_target_modules
-    from .refresh import Dist, FeaturePass, RefreshResult, _progress, new_weights, refresh_summary
+    from .refresh import (
+        Dist,
+        FeaturePass,
+        RefreshResult,
+        _progress,
+        new_weights,
+    )
     from .rewards import resolve_reward_funcs
     from .rollouts import Rollouts, generate_rollouts, sample_queries
     from .signing import has_contrast, rollout_signs
@@ -456,7 +469,8 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
             ids = np.arange(s * ra.shard_size, min((s + 1) * ra.shard_size, n_rows))
             phi, loss, ntok = fpass.run(model, [rows[i] for i in ids], progress=bar)
             phi64 = phi.astype(np.float64)
-            arrays = dict(rows=ids, raw=phi64 @ target, norm=np.linalg.norm(phi64, axis=1), loss=loss, ntok=ntok)
+            arrays = {"rows": ids, "raw": phi64 @ target, "norm": np.linalg.norm(phi64, axis=1), "loss": loss,
+                      "ntok": ntok}
             if keep_phi:
                 arrays["phi"] = phi
             save_npz(shard_path(work, s), **arrays)

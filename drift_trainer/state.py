@@ -109,8 +109,7 @@ def write_refresh_artifacts(
     try:
         pd.DataFrame(frame_columns).to_parquet(os.path.join(tmp, "scores.parquet"), index=False)
         with open(os.path.join(tmp, "rollouts.jsonl"), "w") as f:
-            for rec in rollout_records:
-                f.write(json.dumps(rec, default=_json_default) + "\n")
+            f.writelines(json.dumps(rec, default=_json_default) + "\n" for rec in rollout_records)
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=_json_default)
         default_mode(tmp)

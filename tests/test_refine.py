@@ -11,7 +11,13 @@ import pytest
 
 from drift_trainer import refine
 from drift_trainer.cli import main as cli_main
-from drift_trainer.toy import Corruption, addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env
+from drift_trainer.toy import (
+    Corruption,
+    addition_dataset,
+    build_char_tokenizer,
+    build_tiny_llama,
+    offline_env,
+)
 
 offline_env()
 N_TRAIN = 20
@@ -94,7 +100,7 @@ def test_weight_mode_outputs(data, base_run):
     assert summary["options"]["drift_projection_dim"] == 4
     html = (base_run / "report" / "report.html").read_text()
     assert html.count("<img") == 5
-    examples = [json.loads(line) for line in open(base_run / "examples.jsonl")]
+    examples = [json.loads(line) for line in (base_run / "examples.jsonl").read_text().splitlines()]
     assert examples[0]["text"].startswith(original[0]["prompt"])
     assert not [p for p in os.listdir(base_run) if p.startswith(".tmp")]
     umask = os.umask(0)
@@ -107,7 +113,6 @@ def test_matches_run_refresh(data, base_run):
     """refine is one refresh: same scores as refresh.run_refresh on the same model, rows and seed."""
     from datasets import Dataset
 
-    from drift_trainer.config import DriftArguments
     from drift_trainer.datafiles import read_table, tokenize_rows, train_kind
     from drift_trainer.features import ProjectedGradients, select_target_modules
     from drift_trainer.refresh import TrainView, run_refresh
@@ -284,7 +289,7 @@ def test_clear_errors(data, capsys, tmp_path, change, message):
     assert refine.main(argv) == 1
     err = capsys.readouterr().err
     assert message in err
-    bad = [v for v in change.values()][0]
+    bad = next(iter(change.values()))
     if bad in special:
         assert special[bad] in err  # names the file
 
@@ -304,3 +309,16 @@ def test_cli_dispatch_and_flags_in_sync(data, capsys):
     help_text = capsys.readouterr().out
     for f in fields(DriftArguments):
         assert f"--{f.name}" in help_text
+
+
+def test_select_rows_rules():
+    scores = np.array([0.5, -1.0, 0.0, 2.0, 1.0])
+    weights = np.array([1.2, 0.3, 1.0, 2.0, 0.9])
+    scored = np.array([True, True, False, True, True])  # row 2 has no trained token: always kept
+    ra = refine.RefineArguments(model="m", train_file="t", query_file="q", output_dir="o", mode="filter",
+                                keep_fraction=0.5)
+    assert refine.select_rows(ra, scores, weights, scored).tolist() == [False, False, True, True, True]
+    ra.keep_fraction, ra.min_weight = None, 1.0
+    assert refine.select_rows(ra, scores, weights, scored).tolist() == [True, False, True, True, False]
+    ra.mode, ra.min_weight = "weight", None
+    assert refine.select_rows(ra, scores, weights, scored).all()

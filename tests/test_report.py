@@ -7,13 +7,19 @@ import base64
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
-import pytest
 
 from drift_trainer import report
 from drift_trainer.state import write_refresh_artifacts
-from drift_trainer.toy import Corruption, addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env
+from drift_trainer.toy import (
+    Corruption,
+    addition_dataset,
+    build_char_tokenizer,
+    build_tiny_llama,
+    offline_env,
+)
 
 offline_env()
 HEADINGS = ["Score distribution", "Gradient norm vs score", "Weights across refreshes", "Rollout accuracy and reward",
@@ -47,7 +53,7 @@ def _synthetic_run(root, n=50, steps=(10, 20, 30), no_contrast_step=30):
 
 
 def _check_page(path, n_refresh_rows):
-    html = open(path).read()
+    html = Path(path).read_text()
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)"', html)
     assert len(images) == 5 and html.count("<img") == 5
     for b64 in images:
@@ -56,7 +62,7 @@ def _check_page(path, n_refresh_rows):
         assert f"<h2>{heading}</h2>" in html
     for name in PNGS:
         assert os.path.getsize(os.path.join(os.path.dirname(path), name)) > 1000
-    tables = re.findall(r"<table.*?</table>", html, flags=re.S)
+    tables = re.findall(r"<table.*?</table>", html, flags=re.DOTALL)
     assert len(tables) == 4  # overview, top, bottom, timings
     timing_rows = re.findall(r"<tr>", tables[3])
     assert len(timing_rows) == 1 + n_refresh_rows  # header + one row per refresh
