@@ -22,10 +22,14 @@ completes (with the rollouts and the target before them); rerunning the same com
 output file is written through a temporary file and a rename. ``work/`` is removed after success unless
 ``--keep_work``.
 
-Several processes: ``accelerate launch --num_processes 4 -m drift_trainer.cli refine ...`` (or ``torchrun``) splits
-the shards over the processes (shard ``s`` goes to rank ``s % world_size``); rank 0 samples the rollouts and
-broadcasts the target, then gathers the shard files and writes the outputs. ``--output_dir`` must be on a disk every
-process sees (one machine, or a shared filesystem).
+Several processes: ``torchrun --nproc_per_node 4 -m drift_trainer.cli refine ...`` or, on GPUs,
+``accelerate launch --multi_gpu --num_processes 4 -m drift_trainer.cli refine ...`` (the same flags). Each process
+holds a full copy of the model; shard ``s`` goes to rank ``s % world_size`` (``refresh.Dist`` over
+``torch.distributed``); rank 0 samples the rollouts and broadcasts the target, then reads every shard file and writes
+the outputs. Scores do not depend on the number of processes (shards are fixed by ``--shard_size``), and a run
+interrupted with one process count resumes with another. ``--output_dir`` must be on a disk every process sees (one
+machine, or a shared filesystem). On CPU, ``torchrun`` (gloo) works; ``accelerate launch --cpu`` starts one process
+unless accelerate is configured for multi-CPU.
 """
 
 from __future__ import annotations
