@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -61,6 +62,18 @@ class DriftState:
         )
 
 
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it portably; set back at once, read once per process
+    os.umask(mask)
+    return mask
+
+
+def default_mode(path: str) -> None:
+    """Give a file or directory made by ``tempfile`` (0600 / 0700) the mode a plain ``open`` / ``mkdir`` would."""
+    os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
     directory = os.path.dirname(path) or "."
@@ -69,6 +82,7 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        default_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -95,10 +109,10 @@ def write_refresh_artifacts(
     try:
         pd.DataFrame(frame_columns).to_parquet(os.path.join(tmp, "scores.parquet"), index=False)
         with open(os.path.join(tmp, "rollouts.jsonl"), "w") as f:
-            for rec in rollout_records:
-                f.write(json.dumps(rec, default=_json_default) + "\n")
+            f.writelines(json.dumps(rec, default=_json_default) + "\n" for rec in rollout_records)
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=_json_default)
+        default_mode(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -1,0 +1,400 @@
+"""``drift-trainer report RUN_DIR``: plots and a self-contained HTML page from DRIFT artifacts.
+
+``RUN_DIR`` is a training run's ``output_dir`` (its refreshes are ``RUN_DIR/drift/refresh-*/``), that ``drift/``
+directory itself, or the output directory of ``drift-trainer refine`` (one refresh: ``scores.parquet`` and
+``summary.json`` at its top). Writes ``report.html`` (every plot embedded as a base64 PNG, so the one file can be
+mailed or attached) and the PNGs beside it, into ``--out`` (default ``RUN_DIR/report/``).
+
+The page: a score histogram split by the sign of the contribution; gradient norm against the score before
+(``raw_score``) and after debiasing; the weights of the top and bottom examples across refreshes; rollout accuracy and
+mean reward over refreshes; effective sample size over refreshes; the top and bottom examples with their text; and the
+timing table of each refresh's stages.
+
+Example text: ``--train_file`` (the train set, any format ``refine`` reads), else an ``examples.jsonl`` (lines
+``{"index": i, "text": ...}``) in ``RUN_DIR`` or ``RUN_DIR/drift/``. ``refine`` writes one; for a training run, write
+it yourself or pass ``--train_file``. Without either, the tables show indices only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import glob
+import html
+import io
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from .state import default_mode
+
+POS_COLOR, NEG_COLOR = "#2a9d8f", "#e76f51"
+
+
+@dataclass
+class Refresh:
+    path: str
+    step: int
+    scores: object  # pandas.DataFrame of scores.parquet
+    summary: dict
+
+
+def find_refreshes(run_dir: str) -> list[Refresh]:
+    """The refreshes of a training run or a refine output, in step order; a clear error when there are none."""
+    import pandas as pd
+
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: no such directory. Pass a training run's output_dir or a refine output.")
+    if os.path.exists(os.path.join(run_dir, "scores.parquet")):
+        dirs = [run_dir]
+    else:
+        dirs = sorted(glob.glob(os.path.join(run_dir, "drift", "refresh-*"))) or sorted(
+            glob.glob(os.path.join(run_dir, "refresh-*"))
+        )
+    dirs = [d for d in dirs if os.path.isdir(d) and not os.path.basename(d).startswith(".")]
+    if not dirs:
+        raise ValueError(
+            f"No DRIFT artifacts in {run_dir}: expected {run_dir}/drift/refresh-*/scores.parquet (a training run with "
+            "drift_save_artifacts=True) or scores.parquet + summary.json (a `drift-trainer refine` output)."
+        )
+    out = []
+    for d in dirs:
+        for name in ("scores.parquet", "summary.json"):
+            if not os.path.exists(os.path.join(d, name)):
+                raise ValueError(f"{d} has no {name}: the artifacts are incomplete (was the run interrupted?).")
+        with open(os.path.join(d, "summary.json")) as f:
+            summary = json.load(f)
+        out.append(Refresh(d, int(summary.get("step", 0)), pd.read_parquet(os.path.join(d, "scores.parquet")), summary))
+    return sorted(out, key=lambda r: r.step)
+
+
+def load_texts(run_dir: str, train_file: str | None = None) -> dict[int, str] | None:
+    """Example texts by index, from ``train_file`` or an ``examples.jsonl`` (see the module docstring)."""
+    if train_file:
+        from .datafiles import example_text, read_table
+
+        return {i: example_text(r) for i, r in enumerate(read_table(train_file).rows)}
+    for path in (os.path.join(run_dir, "examples.jsonl"), os.path.join(run_dir, "drift", "examples.jsonl")):
+        if os.path.exists(path):
+            texts = {}
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        rec = json.loads(line)
+                        texts[int(rec["index"])] = str(rec.get("text", ""))
+            return texts
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _figure(width=7.0, height=3.6, ncols=1):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def _save(fig, out_dir: str, name: str) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    data = buf.getvalue()
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".png")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    default_mode(tmp)
+    os.replace(tmp, os.path.join(out_dir, name))
+    return data
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#666")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_histogram(ref: Refresh):
+    df = ref.scores[ref.scores["scored"]] if "scored" in ref.scores else ref.scores
+    fig, (ax,) = _figure()
+    pos, neg = df["score"][df["score"] > 0].to_numpy(), df["score"][df["score"] < 0].to_numpy()
+    if len(pos) + len(neg) == 0:
+        _empty(ax, "no nonzero scores (no contrast in this refresh)")
+    else:
+        bins = np.histogram_bin_edges(np.concatenate([pos, neg]), bins=40)
+        ax.hist(pos, bins=bins, color=POS_COLOR, alpha=0.85, label=f"score > 0: helps ({len(pos)})")
+        ax.hist(neg, bins=bins, color=NEG_COLOR, alpha=0.85, label=f"score < 0: hurts ({len(neg)})")
+        ax.axvline(0, color="#333", lw=0.8)
+        ax.set_xlabel("debiased influence score")
+        ax.set_ylabel("examples")
+        ax.legend(frameon=False)
+    ax.set_title(f"Score distribution (step {ref.step})")
+    return fig
+
+
+def plot_norm_vs_score(ref: Refresh):
+    df = ref.scores[ref.scores["scored"]] if "scored" in ref.scores else ref.scores
+    fig, axes = _figure(width=11, height=4, ncols=2)
+    norm = df["grad_norm"].to_numpy()
+    for ax, column, label in zip(axes, ("raw_score", "score"), ("before debiasing (raw)", "after debiasing")):
+        if column not in df or len(df) == 0:
+            _empty(ax, f"no `{column}` column")
+            continue
+        y = df[column].to_numpy()
+        colors = np.where(df["score"].to_numpy() >= 0, POS_COLOR, NEG_COLOR)
+        ax.scatter(norm, y, s=10, c=colors, alpha=0.7, linewidths=0)
+        ax.axhline(0, color="#333", lw=0.8)
+        r = np.corrcoef(norm, y)[0, 1] if len(y) > 2 and np.std(y) > 0 and np.std(norm) > 0 else float("nan")
+        ax.set_title(f"{label}: corr(norm, score) = {r:+.2f}")
+        ax.set_xlabel("gradient norm ||phi||")
+        ax.set_ylabel(column)
+    return fig
+
+
+def weight_history(refreshes: list[Refresh], top: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps (R,), and the weights (R, top) of the ``top`` best and worst examples of the latest scored refresh."""
+    latest = _latest_with_contrast(refreshes).scores
+    live = latest[latest["scored"]] if "scored" in latest else latest
+    order = live.sort_values("score", ascending=False, kind="stable")["index"].to_numpy()
+    best, worst = order[:top], order[::-1][:top]
+    steps = np.asarray([r.step for r in refreshes])
+    by_index = [r.scores.set_index("index")["weight"] for r in refreshes]
+    w_best = np.asarray([[s.get(i, np.nan) for i in best] for s in by_index]).reshape(len(refreshes), len(best))
+    w_worst = np.asarray([[s.get(i, np.nan) for i in worst] for s in by_index]).reshape(len(refreshes), len(worst))
+    return steps, w_best, w_worst, np.concatenate([best, worst])
+
+
+def _step_axis(ax, steps) -> None:
+    ax.set_xlabel("step")
+    if 1 <= len(steps) <= 15:
+        ax.set_xticks(list(steps))
+
+
+def plot_weights(refreshes: list[Refresh], top: int = 10):
+    fig, (ax,) = _figure()
+    steps, w_best, w_worst, index = weight_history(refreshes, top)
+    if len(steps) == 1:  # one refresh (a refine output): the weights themselves, one bar per example
+        values = np.concatenate([w_best[0], w_worst[0][::-1]])
+        colors = [POS_COLOR] * w_best.shape[1] + [NEG_COLOR] * w_worst.shape[1]
+        labels = [str(i) for i in np.concatenate([index[: w_best.shape[1]], index[w_best.shape[1]:][::-1]])]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
+        ax.set_xlabel(f"example index (top {w_best.shape[1]} green, bottom {w_worst.shape[1]} red, by score)")
+    else:
+        marker = "o" if len(steps) < 20 else None
+        for j in range(w_best.shape[1]):
+            ax.plot(steps, w_best[:, j], color=POS_COLOR, alpha=0.7, marker=marker,
+                    label=f"top {top}" if j == 0 else None)
+        for j in range(w_worst.shape[1]):
+            ax.plot(steps, w_worst[:, j], color=NEG_COLOR, alpha=0.7, marker=marker,
+                    label=f"bottom {top}" if j == 0 else None)
+        _step_axis(ax, steps)
+        ax.legend(frameon=False)
+    ax.axhline(1.0, color="#333", lw=0.8, ls="--")
+    ax.set_ylabel("sampling weight (mean 1)")
+    ax.set_title(f"Weights of the top and bottom {top} examples (by latest score)")
+    return fig
+
+
+def _metric(refreshes, key) -> np.ndarray:
+    return np.asarray([r.summary.get("metrics", {}).get(key, np.nan) for r in refreshes], dtype=np.float64)
+
+
+def plot_rollouts(refreshes: list[Refresh]):
+    fig, (ax,) = _figure()
+    steps = [r.step for r in refreshes]
+    acc, reward = _metric(refreshes, "drift/rollout_accuracy"), _metric(refreshes, "drift/reward_mean")
+    if len(steps) == 1:
+        bars = ax.bar(["rollout accuracy", "mean reward"], [acc[0], reward[0]], color=["#264653", "#e9c46a"], width=0.5)
+        ax.bar_label(bars, fmt="%.3f")
+    else:
+        ax.plot(steps, acc, marker="o", ms=7, color="#264653", label="rollout accuracy")
+        ax.plot(steps, reward, marker="s", ms=4, ls="--", color="#e9c46a", label="mean reward")
+        _step_axis(ax, steps)
+        ax.legend(frameon=False)
+    finite = np.concatenate([acc, reward])
+    finite = finite[np.isfinite(finite)]
+    if len(finite) and finite.min() >= 0 and finite.max() <= 1:
+        ax.set_ylim(0, 1.05)
+    ax.set_title(f"On-policy rollouts at each refresh (step {steps[0]})" if len(steps) == 1 else
+                 "On-policy rollouts at each refresh")
+    return fig
+
+
+def plot_ess(refreshes: list[Refresh]):
+    fig, (ax,) = _figure()
+    ess = _metric(refreshes, "drift/ess")
+    steps = [r.step for r in refreshes]
+    if len(steps) == 1:
+        bars = ax.bar([f"step {steps[0]}"], ess, color="#6a4c93", width=0.4)
+        ax.bar_label(bars, fmt="%.3f")
+    else:
+        ax.plot(steps, ess, marker="o", color="#6a4c93")
+        _step_axis(ax, steps)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("ESS / n")
+    ax.set_title("Effective sample size of the weights (1 = uniform)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- tables and page
+
+
+def _latest_with_contrast(refreshes: list[Refresh]) -> Refresh:
+    with_contrast = [r for r in refreshes if r.summary.get("contrast", True)]
+    return (with_contrast or refreshes)[-1]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (float, np.floating)):
+        return "nan" if np.isnan(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _table(headers: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def examples_table(ref: Refresh, texts: dict[int, str] | None, n: int, best: bool) -> str:
+    df = ref.scores[ref.scores["scored"]] if "scored" in ref.scores else ref.scores
+    df = df.sort_values("score", ascending=not best, kind="stable").head(n)
+    rows = []
+    for rank, rec in enumerate(df.to_dict("records"), 1):
+        idx = int(rec["index"])
+        text = texts.get(idx) if texts is not None else None
+        cell = f"<pre>{html.escape(text[:600])}</pre>" if text is not None else '<span class="muted">(no text)</span>'
+        rows.append([rank, idx, _fmt(rec["score"]), _fmt(rec["weight"]), _fmt(rec.get("grad_norm", np.nan)),
+                     _fmt(rec.get("loss", np.nan)), cell])
+    return _table(["#", "index", "score", "weight", "grad norm", "loss", "text"], rows, "examples")
+
+
+def timings_table(refreshes: list[Refresh]) -> str:
+    stages: list[str] = []
+    for r in refreshes:
+        for k in r.summary.get("timings", {}):
+            if k not in stages:
+                stages.append(k)
+    rows = []
+    for r in refreshes:
+        t = r.summary.get("timings", {})
+        rows.append([r.step] + [_fmt(float(t[s])) if s in t else "" for s in stages]
+                    + [_fmt(float(sum(t.values())))])
+    return _table(["step"] + [f"{s} (s)" for s in stages] + ["total (s)"], rows, "timings")
+
+
+CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1300px;color:#222}
+h1{margin-bottom:4px} h2{margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0} th,td{border:1px solid #ddd;padding:4px 8px;
+vertical-align:top;text-align:right} th{background:#f4f4f4} td:last-child{text-align:left}
+table.examples td:last-child{max-width:640px} pre{margin:0;white-space:pre-wrap;word-break:break-word;font-size:12px}
+img{max-width:100%;border:1px solid #eee} .muted{color:#888} .grid{display:flex;flex-wrap:wrap;gap:16px}
+.grid>div{flex:1 1 600px} .note{color:#555;font-size:13px}
+"""
+
+
+def write_report(run_dir: str, out_dir: str | None = None, train_file: str | None = None, top: int = 20) -> str:
+    """Write ``report.html`` and its PNGs into ``out_dir`` (default ``run_dir/report``); returns the HTML path."""
+    refreshes = find_refreshes(run_dir)
+    texts = load_texts(run_dir, train_file)
+    out_dir = out_dir or os.path.join(run_dir, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    latest = _latest_with_contrast(refreshes)
+    images = {}
+    for name, fig in (
+        ("scores_histogram.png", plot_histogram(latest)),
+        ("grad_norm_vs_score.png", plot_norm_vs_score(latest)),
+        ("weights_across_refreshes.png", plot_weights(refreshes)),
+        ("rollouts.png", plot_rollouts(refreshes)),
+        ("effective_sample_size.png", plot_ess(refreshes)),
+    ):
+        images[name] = base64.b64encode(_save(fig, out_dir, name)).decode()
+
+    def img(name, alt):
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{images[name]}">'
+
+    s = latest.summary
+    m = s.get("metrics", {})
+    kind = "refine output" if s.get("kind") == "refine" else "training run"
+    overview = _table(
+        ["source", "refreshes", "latest step", "examples", "scored", "rollouts", "rollout accuracy", "ESS",
+         "positive share", "max weight"],
+        [[html.escape(f"{kind}: {os.path.abspath(run_dir)}"), len(refreshes), latest.step, s.get("num_examples", ""),
+          s.get("num_scored", ""), s.get("num_rollouts", ""), _fmt(m.get("drift/rollout_accuracy", np.nan)),
+          _fmt(m.get("drift/ess", np.nan)), _fmt(m.get("drift/frac_positive", np.nan)),
+          _fmt(m.get("drift/weight_max", np.nan))]],
+    )
+    skipped = [r.step for r in refreshes if not r.summary.get("contrast", True)]
+    notes = []
+    if skipped:
+        notes.append(f"Refreshes without contrast (weights kept): steps {skipped}.")
+    if latest is not refreshes[-1]:
+        notes.append(f"Scores and examples are from step {latest.step}, the latest refresh with contrast.")
+    if texts is None:
+        notes.append("No example text: pass --train_file or put an examples.jsonl in the run directory.")
+    note_html = "".join(f'<p class="note">{html.escape(n)}</p>' for n in notes)
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>DRIFT report</title><style>{CSS}</style></head><body>
+<h1>DRIFT report</h1>
+{overview}{note_html}
+<h2>Score distribution</h2>
+<p class="note">Debiased influence of each scored example on the signed on-policy target: above 0 it makes correct
+rollouts likelier (and wrong ones less likely), below 0 the reverse.</p>
+{img("scores_histogram.png", "score histogram")}
+<h2>Gradient norm vs score</h2>
+<p class="note">Debiasing should remove the dependence of the score on the gradient norm.</p>
+{img("grad_norm_vs_score.png", "gradient norm vs score")}
+<h2>Weights across refreshes</h2>
+{img("weights_across_refreshes.png", "weights across refreshes")}
+<div class="grid"><div><h2>Rollout accuracy and reward</h2>{img("rollouts.png", "rollout accuracy")}</div>
+<div><h2>Effective sample size</h2>{img("effective_sample_size.png", "effective sample size")}</div></div>
+<h2>Top {top} examples</h2>
+{examples_table(latest, texts, top, best=True)}
+<h2>Bottom {top} examples</h2>
+{examples_table(latest, texts, top, best=False)}
+<h2>Timings per refresh stage</h2>
+{timings_table(refreshes)}
+</body></html>
+"""
+    path = os.path.join(out_dir, "report.html")
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".html")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(page)
+    default_mode(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="drift-trainer report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a training run's output_dir, its drift/ directory, or a refine output")
+    parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report)")
+    parser.add_argument("--train_file", "--train-file", default=None, help="train set, for the example texts")
+    parser.add_argument("--top", type=int, default=20, help="examples in the top and bottom tables (default 20)")
+    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        path = write_report(ns.run_dir, ns.out, ns.train_file, ns.top)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"drift-trainer report: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"drift-trainer report: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
