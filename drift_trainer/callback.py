@@ -22,6 +22,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from .config import DriftArguments, drift_arguments_from
+from .datafiles import example_text
 from .features import ProjectedGradients, select_target_modules
 from .refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh
 from .rewards import completion_text, resolve_reward_funcs
@@ -299,6 +300,8 @@ class DriftCallback(TrainerCallback):
             history=previous.history + [summary],
         )
         if is_main and args.drift_save_artifacts:
+            if previous.num_refreshes == 0:
+                self._write_examples()
             self._write_artifacts(step, result, weights, summary)
         if hasattr(trainer, "log"):
             trainer.log(dict(metrics))
@@ -310,6 +313,21 @@ class DriftCallback(TrainerCallback):
             self.loss_weights = np.asarray(weights)
         elif self.sampler is not None:
             self.sampler.update(np.asarray(weights)[self.view.user_index])
+
+    def _write_examples(self) -> None:
+        """``{output_dir}/drift/examples.jsonl``: index and readable text of each scored row (read by the report)."""
+        dataset = self.trainer.train_dataset
+        text_columns = {"prompt", "completion", "messages", "text"} & set(getattr(dataset, "column_names", []))
+        lines = []
+        for row_i, user_i in enumerate(self.view.user_index.tolist()):
+            row = dataset[row_i]
+            if text_columns:
+                text = example_text({k: row[k] for k in text_columns})
+            else:
+                text = self.tokenizer.decode(list(row["input_ids"]), skip_special_tokens=False)
+            lines.append(json.dumps({"index": int(user_i), "text": text}, ensure_ascii=False, default=str))
+        path = os.path.join(self.trainer.args.output_dir, "drift", "examples.jsonl")
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
 
     def _write_artifacts(self, step, result, weights, summary) -> None:
         out_dir = os.path.join(self.trainer.args.output_dir, "drift", f"refresh-{step:06d}")

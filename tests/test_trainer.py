@@ -84,7 +84,7 @@ def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational,
     assert any(epoch is not None and 0 < pos < len(train) - 1 for epoch, pos in calls)
     assert len(calls) == 3
     np.testing.assert_allclose(trainer.drift_callback.sampler.weights, state.weights)
-    refreshes = sorted(os.listdir(tmp_path / "out" / "drift"))
+    refreshes = sorted(d for d in os.listdir(tmp_path / "out" / "drift") if d.startswith("refresh-"))
     assert refreshes == ["refresh-000004", "refresh-000008", "refresh-000012"]
     last = tmp_path / "out" / "drift" / refreshes[-1]
     frame = pd.read_parquet(last / "scores.parquet")
@@ -92,6 +92,10 @@ def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational,
     np.testing.assert_allclose(frame["weight"], state.weights)
     rollouts = [json.loads(line) for line in open(last / "rollouts.jsonl")]
     assert len(rollouts) == 16 and {"query", "completion", "reward", "sign"} <= set(rollouts[0])
+    examples = [json.loads(line) for line in open(tmp_path / "out" / "drift" / "examples.jsonl")]
+    assert [e["index"] for e in examples] == list(range(len(train)))
+    first = train[0]["prompt"] if not conversational else train[0]["prompt"][0]["content"]
+    assert first in examples[0]["text"]
     summary = json.loads(open(last / "summary.json").read())
     assert set(summary["timings"]) >= {"rollouts", "features", "influence"}
     # a refresh step still logs its training loss
