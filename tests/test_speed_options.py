@@ -49,14 +49,14 @@ def alternating_reward(prompts, completions, **kwargs):
 
 
 def _args(**kw):
-    base = dict(
-        drift_num_queries=4,
-        drift_num_rollouts=2,
-        drift_max_new_tokens=3,
-        drift_feature_batch_size=8,
-        drift_projection_dim=4,
-        drift_progress=False,
-    )
+    base = {
+        "drift_num_queries": 4,
+        "drift_num_rollouts": 2,
+        "drift_max_new_tokens": 3,
+        "drift_feature_batch_size": 8,
+        "drift_projection_dim": 4,
+        "drift_progress": False,
+    }
     base.update(kw)
     args = DriftArguments(**base)
     args.validate_drift()
