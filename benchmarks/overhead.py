@@ -63,7 +63,9 @@ from drift_trainer.toy import (  # noqa: E402
 
 offline_env()
 warnings.filterwarnings("ignore")
-os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+import datasets  # noqa: E402
+
+datasets.disable_progress_bars()
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 _TOK = None
 
@@ -372,6 +374,9 @@ def bench_e2e(cfg) -> dict:
             "drift_refresh_steps": (drift or {}).get("drift_refresh_steps", 100) if drift is not None else None,
             "drift_max_train_examples": (drift or {}).get("drift_max_train_examples"),
             "wall_s": median(walls), "ratio_vs_plain": median([w / p for w, p in zip(walls, plain)]),
+            # within one run: its wall time over its wall time minus the refreshes (immune to load between runs)
+            "ratio_internal": median([r["wall_s"] / (r["wall_s"] - r["refresh_s"]) for r in runs[name]]),
+            "walls": [round(w, 2) for w in walls], "plain_walls": [round(p, 2) for p in plain],
             "refreshes": runs[name][0]["refreshes"], "refresh_s": median([r["refresh_s"] for r in runs[name]]),
             "timings": runs[name][-1]["timings"], "rollout_accuracy": runs[name][-1]["rollout_accuracy"],
             "contrast": runs[name][-1]["contrast"],
@@ -672,17 +677,22 @@ def markdown(res: dict, command: str) -> str:
               "exact for right padding under causal attention).", ""]
     if "e2e" in res:
         e = res["e2e"]
-        L += [f"## 3. End to end: DriftSFTTrainer vs drift_enabled=False (target <= 1.15 at the default schedule)", "",
+        L += ["## 3. End to end: DriftSFTTrainer vs drift_enabled=False (target <= 1.15 at the default schedule)", "",
               f"Tiny Llama, {e['steps']} steps, batch {e['batch_size']}, {e['repeats']} interleaved repeats; all "
               "other options at their defaults (32 queries x 4 rollouts, max 64 new tokens, projection 16, "
               "artifacts written).", "",
-              "| variant | train examples | refresh every | max train ex. | refreshes | train() s | refresh s | ratio | "
-              "stage seconds (last repeat) |", "|---|---|---|---|---|---|---|---|---|"]
+              "| variant | train examples | refresh every | max train ex. | refreshes | train() s | refresh s | "
+              "ratio vs plain run | ratio within run | stage seconds (last repeat) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for r in e["table"]:
             st = ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
             L.append(f"| {r['variant']} | {r['train_examples']} | {fmt(r['drift_refresh_steps'])} | "
                      f"{fmt(r['drift_max_train_examples'])} | {r['refreshes']} | {r['wall_s']:.1f} | "
-                     f"{r['refresh_s']:.1f} | **{r['ratio_vs_plain']:.3f}** | {st} |")
+                     f"{r['refresh_s']:.1f} | **{r['ratio_vs_plain']:.3f}** | **{r['ratio_internal']:.3f}** | {st} |")
+        L += ["", "Ratio vs plain run: median over repeats of DRIFT train() time / the adjacent plain run's. Ratio "
+              "within run: a DRIFT run's train() time / (that time minus its refreshes), which other jobs' load on a "
+              "shared machine moves far less; it leaves out DRIFT's per-step costs outside refreshes (sampler, index "
+              "column), which the paired ratio includes."]
         L.append("")
     if "memory" in res:
         m = res["memory"]
@@ -743,6 +753,7 @@ def main(argv=None):
     p.add_argument("--out", default=RESULTS, help="directory for overhead.json and overhead.md")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: stable timings on a shared machine; 0 keeps torch's default)")
+    p.add_argument("--merge", action="store_true", help="update the sections run now in an existing overhead.json")
     p.add_argument("--_probe", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a._probe:
@@ -763,6 +774,10 @@ def main(argv=None):
     )
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     command = "PYTHONPATH=. python " + " ".join(shlex.quote(x) for x in ["benchmarks/overhead.py", *(argv or sys.argv[1:])])
+    previous = {}
+    if a.merge and os.path.exists(os.path.join(a.out, "overhead.json")):
+        with open(os.path.join(a.out, "overhead.json")) as f:
+            previous = json.load(f)
     res = {"command": command, "config": vars(cfg),
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} torch threads, python {platform.python_version()}"}
@@ -775,6 +790,14 @@ def main(argv=None):
         res[s] = fns[s](cfg)
         res.setdefault("section_s", {})[s] = time.perf_counter() - t
     res["total_s"] = time.perf_counter() - start
+    if previous:
+        merged = {**previous, **{k: v for k, v in res.items() if k in fns}}
+        merged["commands"] = [*previous.get("commands", [previous.get("command")]), command]
+        merged["section_s"] = {**previous.get("section_s", {}), **res["section_s"]}
+        merged["total_s"] = sum(merged["section_s"].values())
+        merged["machine"] = res["machine"]
+        res = merged
+        command = " && ".join(res["commands"])
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "overhead.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
