@@ -49,9 +49,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from drift_trainer.features import ProjectedGradients, collate_right, per_example_loss, select_target_modules  # noqa: E402
-from drift_trainer.refresh import FeaturePass, TrainView, new_weights, run_refresh  # noqa: E402
-from drift_trainer.toy import (  # noqa: E402
+from drift_trainer.features import ProjectedGradients, collate_right, per_example_loss, select_target_modules
+from drift_trainer.refresh import FeaturePass, TrainView, new_weights, run_refresh
+from drift_trainer.toy import (
     ALPHABET,
     Corruption,
     addition_dataset,
@@ -63,7 +63,7 @@ from drift_trainer.toy import (  # noqa: E402
 
 offline_env()
 warnings.filterwarnings("ignore")
-import datasets  # noqa: E402
+import datasets
 
 datasets.disable_progress_bars()
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
