@@ -122,6 +122,30 @@ class DriftArguments:
     drift_projection_seed: int = field(
         default=1234, metadata=_help("Seed of the Gaussian projection matrices (fixed for a run).")
     )
+    drift_max_train_examples: int | None = field(
+        default=None,
+        metadata=_help(
+            "Score at most this many train examples per refresh (a speed-up for large train sets): the train set is "
+            "split into seeded blocks of at most this size and each refresh rescores the next block, so every example "
+            "is rescored once every ceil(n / drift_max_train_examples) refreshes; the others keep their previous "
+            "(smoothed) scores. Default: rescore every example at every refresh."
+        ),
+    )
+    drift_feature_memmap_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "Directory for a memory-mapped float32 file that holds the train features during a refresh (for train "
+            "sets whose features do not fit in memory; the file is unlinked at once and freed after the refresh). "
+            "Default: keep them in memory, unless they exceed `drift_feature_memory_mb`."
+        ),
+    )
+    drift_feature_memory_mb: float = field(
+        default=4096.0,
+        metadata=_help(
+            "Largest feature storage (train examples x feature dim x 4 bytes, per rank) kept in memory; above it the "
+            "features spill to a memory-mapped file in `drift_feature_memmap_dir` (or the system temp dir)."
+        ),
+    )
     drift_weighting: str = field(
         default="softmax",
         metadata=_help(
@@ -194,6 +218,12 @@ class DriftArguments:
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.drift_max_train_examples is not None and int(self.drift_max_train_examples) < 1:
+            raise ValueError(
+                f"drift_max_train_examples must be a positive integer (or None to score every example), got "
+                f"{self.drift_max_train_examples!r}."
+            )
+        _range(self, "drift_feature_memory_mb", 0.0, None, low_open=True)
         if self.drift_first_refresh_step is not None and self.drift_first_refresh_step < 1:
             raise ValueError(
                 f"drift_first_refresh_step must be >= 1 (or None for drift_refresh_steps), got "

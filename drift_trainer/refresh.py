@@ -7,6 +7,8 @@ a forward under ZeRO-3 is a collective); only ``G``, the preconditioner and the 
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -107,25 +109,81 @@ def _progress(enabled: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-class FeaturePass:
-    """Features of many rows, in length-sorted batches, optionally sharded over ranks with equal batch counts."""
+def feature_storage(n: int, dim: int, memmap_dir: str | None = None, max_memory_mb: float | None = None) -> np.ndarray:
+    """A zeroed float32 ``(n, dim)`` array for features: in memory, or a memory-mapped file when ``memmap_dir`` is
+    given or the array would exceed ``max_memory_mb`` (then in the system temp dir).
 
-    def __init__(self, projector: ProjectedGradients, pad_token_id: int, batch_size: int, fused_lm_head: bool = False):
+    The file is unlinked as soon as it is mapped, so it never outlives the array (POSIX); its pages are written back
+    to disk under memory pressure instead of growing the process.
+    """
+    nbytes = int(n) * int(dim) * 4
+    spill = memmap_dir is not None or (max_memory_mb is not None and nbytes > max_memory_mb * 2**20)
+    if not spill or n == 0:
+        return np.zeros((n, dim), dtype=np.float32)
+    directory = memmap_dir if memmap_dir is not None else tempfile.gettempdir()
+    os.makedirs(directory, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix="drift-features-", suffix=".f32", dir=directory)
+    try:
+        arr = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, dim))
+    finally:
+        os.close(fd)
+        try:
+            os.unlink(path)
+        except OSError:  # pragma: no cover - Windows keeps mapped files; the temp dir's cleanup takes it
+            pass
+    return arr
+
+
+def _row_chunks(n: int, dim: int, target_bytes: int = 64 * 2**20):
+    """Slices of at most ``target_bytes`` of float64 rows, so statistics of (memory-mapped) features stream."""
+    step = max(1, target_bytes // max(8 * dim, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def refresh_subset(n_rows: int, max_examples: int | None, refresh_index: int, seed: int) -> np.ndarray:
+    """Rows a refresh scores: all of them, or (``max_examples``) the next block of a seeded split of the rows into
+    ``ceil(n_rows / max_examples)`` blocks, in turn, so every row is rescored once per cycle."""
+    if max_examples is None or max_examples >= n_rows:
+        return np.arange(n_rows)
+    n_blocks = -(-n_rows // int(max_examples))
+    perm = np.random.default_rng([int(seed), 31337]).permutation(n_rows)
+    return np.sort(np.array_split(perm, n_blocks)[refresh_index % n_blocks])
+
+
+class FeaturePass:
+    """Features of many rows, in length-sorted batches, optionally sharded over ranks with equal batch counts.
+
+    ``memmap_dir`` / ``max_memory_mb``: where the features of :meth:`run` live (see :func:`feature_storage`).
+    """
+
+    def __init__(
+        self,
+        projector: ProjectedGradients,
+        pad_token_id: int,
+        batch_size: int,
+        fused_lm_head: bool = False,
+        memmap_dir: str | None = None,
+        max_memory_mb: float | None = None,
+    ):
         self.projector = projector
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
         self.fused_lm_head = fused_lm_head
+        self.memmap_dir = memmap_dir
+        self.max_memory_mb = max_memory_mb
 
     def run(self, model, rows: list[dict], num_batches: int | None = None, progress=None):
         """``(features (n, dim), loss (n,), num_tokens (n,))`` for ``rows`` (dicts with input_ids and labels).
 
         ``num_batches``: run at least this many forwards (extra ones repeat the last batch, results discarded).
+        ``features`` is float32, a ``np.memmap`` when it spills (see :func:`feature_storage`).
         """
         n = len(rows)
         order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
         batches = [order[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
         total = max(len(batches), num_batches or 0)
-        feats = torch.zeros(n, self.projector.dim)
+        feats = feature_storage(n, self.projector.dim, self.memmap_dir, self.max_memory_mb)
         loss = torch.zeros(n)
         ntok = torch.zeros(n, dtype=torch.long)
         device = next(model.parameters()).device
@@ -142,10 +200,11 @@ class FeaturePass:
                     progress.update(len(idx) if b < len(batches) else 0)
                 if b < len(batches):
                     t = torch.as_tensor(idx)
-                    feats[t], loss[t], ntok[t] = out.features, out.loss, out.num_tokens
+                    feats[idx] = out.features.numpy()
+                    loss[t], ntok[t] = out.loss, out.num_tokens
         finally:
             model.train(was_training)
-        return feats.numpy(), loss.numpy(), ntok.numpy()
+        return feats, loss.numpy(), ntok.numpy()
 
 
 def shard(n: int, rank: int, world_size: int) -> tuple[np.ndarray, int]:
@@ -205,7 +264,14 @@ def run_refresh(
             args.drift_no_contrast,
         )
         contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
-    fp = FeaturePass(projector, tokenizer.pad_token_id, args.drift_feature_batch_size, fused_lm_head)
+    fp = FeaturePass(
+        projector,
+        tokenizer.pad_token_id,
+        args.drift_feature_batch_size,
+        fused_lm_head,
+        memmap_dir=getattr(args, "drift_feature_memmap_dir", None),
+        max_memory_mb=getattr(args, "drift_feature_memory_mb", None),
+    )
     # 2. rollout features (every rank, identical) -> G
     with _timed(timings, "rollout_features"):
         live = np.flatnonzero(signs != 0)
@@ -214,9 +280,11 @@ def run_refresh(
             r_rows = rollouts.training_rows()
             rfeat, _, _ = fp.run(model, [r_rows[j] for j in live])
             target = signed_target(rfeat, signs[live])
-    # 3. train features, sharded
+    # 3. train features (all rows, or this refresh's block of drift_max_train_examples), sharded
     n_rows = len(view)
-    mine, per_rank = shard(n_rows, dist.rank, dist.world_size)
+    subset = refresh_subset(n_rows, getattr(args, "drift_max_train_examples", None), refresh_index, seed)
+    mine_pos, per_rank = shard(len(subset), dist.rank, dist.world_size)
+    mine = subset[mine_pos]
     rows = []
     for i in mine:
         r = view.rows[int(i)]
@@ -226,14 +294,23 @@ def run_refresh(
         phi, loss, ntok = fp.run(model, rows, num_batches=n_batches, progress=bar)
     # 4. influence: preconditioner (all-reduced), raw scores and norms gathered
     with _timed(timings, "influence"):
+        # statistics stream over row chunks: no float64 copy of the whole (possibly memory-mapped) feature matrix
         direction = target
         if args.drift_preconditioner == "fisher":
-            phi64 = phi.astype(np.float64)
-            f_sum = dist.all_reduce_sum(phi64.T @ phi64)
+            f_local = np.zeros((projector.dim, projector.dim))
+            for sl in _row_chunks(len(phi), projector.dim):
+                chunk = np.asarray(phi[sl], dtype=np.float64)
+                f_local += chunk.T @ chunk
+            f_sum = dist.all_reduce_sum(f_local)
             count = dist.all_reduce_sum(np.asarray([float(len(phi))]))[0]
             direction = precondition(target, "fisher", f_sum / max(count, 1.0), args.drift_damping)
-        raw_local = phi.astype(np.float64) @ direction
-        norm_local = np.linalg.norm(phi.astype(np.float64), axis=1)
+        raw_local = np.zeros(len(phi))
+        norm_local = np.zeros(len(phi))
+        for sl in _row_chunks(len(phi), projector.dim):
+            chunk = np.asarray(phi[sl], dtype=np.float64)
+            raw_local[sl] = chunk @ direction
+            norm_local[sl] = np.linalg.norm(chunk, axis=1)
+        del phi
         pack = np.full((per_rank, 5), np.nan)
         pack[: len(mine), 0] = mine
         pack[: len(mine), 1] = raw_local
@@ -279,6 +356,17 @@ def run_refresh(
 def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, previous_weights, args):
     """Smoothed standardised scores and the new weights (unscored examples keep their previous weight)."""
     z = standardize(result.scores, result.scored)
+    known = result.scored
+    if previous_smoothed is not None and getattr(args, "drift_max_train_examples", None) is not None:
+        # block rescoring: examples outside this refresh's block keep their previous smoothed score and still count
+        previous_smoothed = np.asarray(previous_smoothed, dtype=np.float64)
+        known = result.scored | (previous_smoothed != 0)
+        ema = args.drift_score_ema
+        z = np.where(result.scored, ema * previous_smoothed + (1 - ema) * z, previous_smoothed)
+        weights = scores_to_weights(z, args, known)
+        if previous_weights is not None:
+            weights = np.where(known, weights, previous_weights)
+        return z, weights
     if previous_smoothed is not None and args.drift_score_ema > 0:
         z = np.where(result.scored, args.drift_score_ema * previous_smoothed + (1 - args.drift_score_ema) * z, 0.0)
     weights = scores_to_weights(z, args, result.scored)

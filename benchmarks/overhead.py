@@ -1,0 +1,812 @@
+"""DRIFT overhead benchmark: feature throughput, exactness, end-to-end wall time, memory, cost growth.
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/overhead.py            # full run (about 5-10 minutes on 2 CPU cores)
+    PYTHONPATH=. python benchmarks/overhead.py --quick    # smoke run (about 1-2 minutes)
+    PYTHONPATH=. python benchmarks/overhead.py --sections throughput,exact
+
+It prints a table and writes ``benchmarks/results/overhead.json`` and ``benchmarks/results/overhead.md`` (with the
+exact command). Every ratio is measured side by side in one process with the repeats interleaved (A, B, A, B, ...),
+and reported as the median of the per-repeat ratios, so a noisy shared machine moves both sides alike.
+
+Sections (targets in brackets):
+
+1. ``throughput``: examples/s of the feature pass (``ProjectedGradients.compute`` on the very batches training sees,
+   and ``FeaturePass.run``, which sorts by length) over examples/s of a training step (forward + backward + AdamW
+   step) of the same model, batch size and sequences  [>= 1.0].
+2. ``exact``: hook features against exact per-example gradients (a loop of single-example backward passes, then the
+   same projection) and against ``torch.func`` (``functional_call`` + ``grad`` + ``vmap``)  [>= 10x faster; same
+   scores: max relative error reported].
+3. ``e2e``: wall time of ``DriftSFTTrainer.train()`` at the default schedule over the same run with
+   ``drift_enabled=False``  [<= 1.15], and how it moves with ``drift_refresh_steps``, the train-set size and
+   ``drift_max_train_examples``.
+4. ``memory``: feature bytes per example; peak memory of a training step, a feature pass, and a feature pass spilling
+   to a memory-mapped file, each in a fresh subprocess (peak anonymous RSS above the pre-op baseline, sampled every
+   millisecond from /proc/self/status, plus the ru_maxrss increase).
+5. ``growth``: time of one refresh against train-set size, projection size and model size, with fitted slopes.
+6. ``block``: the block-rescoring speed-up (``drift_max_train_examples``): time per refresh, and the correlation of
+   its smoothed scores and weights with full rescoring along one training trajectory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from drift_trainer.features import ProjectedGradients, collate_right, per_example_loss, select_target_modules
+from drift_trainer.refresh import FeaturePass, TrainView, new_weights, run_refresh
+from drift_trainer.toy import (
+    ALPHABET,
+    Corruption,
+    addition_dataset,
+    build_char_tokenizer,
+    build_tiny_llama,
+    offline_env,
+    query_dataset_from,
+)
+
+offline_env()
+warnings.filterwarnings("ignore")
+import datasets
+
+datasets.disable_progress_bars()
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_TOK = None
+
+
+def tokenizer():
+    global _TOK
+    if _TOK is None:
+        _TOK = build_char_tokenizer()
+    return _TOK
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+
+
+def addition_rows(n: int, seed: int = 0) -> list[dict]:
+    """Tokenized addition examples (``12+34=`` -> ``46</s>``), prompt masked: 8-10 tokens each."""
+    tok = tokenizer()
+    data = addition_dataset(n, seed=seed)
+    rows = []
+    for p, c in zip(data["prompt"], data["completion"]):
+        prompt = tok(p, add_special_tokens=False)["input_ids"]
+        full = prompt + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt) :]})
+    return rows
+
+
+def text_rows(n: int, length: int, seed: int = 0) -> list[dict]:
+    """Random character strings of ``length/2 .. length`` tokens, the second half labelled (longer sequences)."""
+    tok = tokenizer()
+    rng = np.random.default_rng(seed)
+    ids = [tok.convert_tokens_to_ids(c) for c in ALPHABET]
+    rows = []
+    for _ in range(n):
+        m = int(rng.integers(length // 2, length + 1))
+        seq = [ids[j] for j in rng.integers(0, len(ids), m)]
+        half = m // 2
+        rows.append({"input_ids": seq, "labels": [-100] * half + seq[half:]})
+    return rows
+
+
+MODELS = {  # name: (hidden, layers, heads)
+    "tiny": (64, 2, 4),
+    "small": (128, 4, 4),
+    "medium": (256, 4, 8),
+}
+
+
+def model_of(name: str, seed: int = 0):
+    hidden, layers, heads = MODELS[name]
+    return build_tiny_llama(tokenizer(), hidden_size=hidden, num_layers=layers, num_heads=heads, seed=seed)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def batches_of(rows, batch_size, seed=0):
+    """Training-style batches: a seeded shuffle, padded to each batch's longest row."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    pad = tokenizer().pad_token_id
+    return [collate_right([rows[i] for i in order[s : s + batch_size]], pad) for s in range(0, len(rows), batch_size)]
+
+
+def train_step(model, opt, batch):
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                use_cache=False)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def first_digit_reward(prompts, completions, answer, **kwargs) -> list[float]:
+    """1.0 when the completion starts with the answer's first digit (a TRL-convention reward). A tiny model learns
+    this within a few hundred steps, so refreshes have contrast (exact match stays at 0 that early)."""
+    out = []
+    for c, a in zip(completions, answer):
+        text = c if isinstance(c, str) else c[-1]["content"]
+        out.append(float(text.strip()[:1] == str(a)[:1]))
+    return out
+
+
+def median(xs):
+    return float(np.median(np.asarray(xs, dtype=np.float64)))
+
+
+# ---------------------------------------------------------------------------------------------------------- 1
+
+
+def bench_throughput(cfg) -> list[dict]:
+    """Feature pass vs training step, examples/s, same model, batches and sequences."""
+    out = []
+    cases = [("tiny", "addition", 0), ("small", "text", 64), ("medium", "text", 128)]
+    if cfg.quick:
+        cases = cases[:2]
+    for model_name, data, length in cases:
+        torch.manual_seed(0)
+        model = model_of(model_name)
+        n = cfg.tp_examples
+        rows = addition_rows(n) if data == "addition" else text_rows(n, length)
+        batches = batches_of(rows, cfg.batch_size)
+        projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
+        fpass = FeaturePass(projector, tokenizer().pad_token_id, cfg.batch_size)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model.train()
+        train_step(model, opt, batches[0])  # warm-up (allocates the optimizer state)
+        model.eval()
+        projector.compute(model, batches[0])
+        model.train()
+        t_train, t_feat, t_pass = [], [], []
+        for _ in range(cfg.repeats):
+            tt = tf = 0.0
+            for b in batches:  # interleaved batch by batch: both sides see the same machine load
+                model.train()
+                s = time.perf_counter()
+                train_step(model, opt, b)
+                tt += time.perf_counter() - s
+                model.eval()  # as FeaturePass does
+                s = time.perf_counter()
+                projector.compute(model, b)
+                tf += time.perf_counter() - s
+            t_train.append(tt)
+            t_feat.append(tf)
+            s = time.perf_counter()
+            fpass.run(model, rows)
+            t_pass.append(time.perf_counter() - s)
+        r_compute = [tt / tf for tt, tf in zip(t_train, t_feat)]
+        r_pass = [tt / tp for tt, tp in zip(t_train, t_pass)]
+        out.append({
+            "model": model_name, "params": n_params(model), "data": data if data == "addition" else f"text<= {length}",
+            "mean_tokens": float(np.mean([len(r["input_ids"]) for r in rows])), "examples": n,
+            "batch_size": cfg.batch_size, "projection_dim": cfg.projection_dim, "feature_dim": projector.dim,
+            "train_ex_per_s": n / median(t_train), "features_ex_per_s": n / median(t_feat),
+            "feature_pass_ex_per_s": n / median(t_pass),
+            "ratio_compute": median(r_compute), "ratio_feature_pass": median(r_pass),
+            "ratio_compute_per_repeat": [round(r, 3) for r in r_compute],
+        })
+        print(f"  throughput {model_name:6s} {out[-1]['data']:10s}: train {out[-1]['train_ex_per_s']:.0f} ex/s, "
+              f"features {out[-1]['features_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_compute']:.2f}), "
+              f"FeaturePass {out[-1]['feature_pass_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_feature_pass']:.2f})",
+              flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- 2
+
+
+def exact_loop_features(model, projector, rows):
+    """Exact per-example gradients: one forward and backward per example (no padding), then the same projection."""
+    weights = [m.weight for m in projector.modules]
+    feats = []
+    pad = tokenizer().pad_token_id
+    for r in rows:
+        batch = collate_right([r], pad)
+        with torch.enable_grad():
+            loss, _ = per_example_loss(model, batch)
+            grads = torch.autograd.grad(loss.sum(), weights)
+        feats.append(torch.cat([(po @ g.float() @ pi.T).reshape(-1)
+                                for g, po, pi in zip(grads, projector.p_out, projector.p_in)]))
+    return torch.stack(feats)
+
+
+def vmap_features(model, projector, batch):
+    """Per-example gradients with torch.func (functional_call + grad + vmap), then the same projection.
+
+    No attention mask is passed: transformers' mask construction branches on data, which vmap cannot trace. For a
+    right-padded batch this is exact (causal attention: pad tokens come after every real token and carry no label).
+    """
+    from torch.func import functional_call, grad, vmap
+
+    names = {id(m): n for n, m in model.named_modules()}
+    keys = [names[id(m)] + ".weight" for m in projector.modules]
+    params = {k: dict(model.named_parameters())[k].detach() for k in keys}
+
+    def loss_fn(p, ids, labels):
+        logits = functional_call(model, p, args=(), kwargs={"input_ids": ids[None], "use_cache": False}).logits
+        logits = logits[0, :-1].float()
+        target = labels[1:]
+        mask = (target != -100).float()
+        lp = logits.gather(-1, target.clamp(min=0)[:, None])[:, 0] - torch.logsumexp(logits, -1)
+        return -(lp * mask).sum() / mask.sum().clamp(min=1)
+
+    g = vmap(grad(loss_fn), in_dims=(None, 0, 0))(params, batch["input_ids"], batch["labels"])
+    return torch.cat([torch.einsum("kd,bde,le->bkl", po, g[k].float(), pi).reshape(len(batch["input_ids"]), -1)
+                      for k, po, pi in zip(keys, projector.p_out, projector.p_in)], dim=1).detach()
+
+
+def _score_errors(fast: np.ndarray, exact: np.ndarray, direction: np.ndarray) -> dict:
+    fast, exact = fast.astype(np.float64), exact.astype(np.float64)
+    feat_err = np.linalg.norm(fast - exact, axis=1) / np.maximum(np.linalg.norm(exact, axis=1), 1e-30)
+    s_fast = fast @ direction / np.linalg.norm(fast, axis=1)
+    s_exact = exact @ direction / np.linalg.norm(exact, axis=1)
+    score_err = np.abs(s_fast - s_exact) / np.abs(s_exact).max()
+    return {"max_rel_feature_error": float(feat_err.max()), "max_rel_score_error": float(score_err.max()),
+            "score_pearson": float(np.corrcoef(s_fast, s_exact)[0, 1])}
+
+
+def bench_exact(cfg) -> list[dict]:
+    out = []
+    cases = [("tiny", "addition", 0), ("small", "text", 64)]
+    for model_name, data, length in cases:
+        torch.manual_seed(0)
+        model = model_of(model_name).eval()
+        n = cfg.exact_examples
+        rows = addition_rows(n, seed=3) if data == "addition" else text_rows(n, length, seed=3)
+        batches = batches_of(rows, cfg.batch_size, seed=1)
+        # rows in batch order, so every method sees the same examples in the same order
+        order = np.random.default_rng(1).permutation(n)
+        rows_in_order = [rows[i] for i in order]
+        projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
+        projector.compute(model, batches[0])
+        direction = np.random.default_rng(0).standard_normal(projector.dim)
+        t = {"hook": [], "loop": [], "vmap": []}
+        feats = {}
+        for _ in range(cfg.repeats):
+            s = time.perf_counter()
+            feats["hook"] = torch.cat([projector.compute(model, b).features for b in batches]).numpy()
+            t["hook"].append(time.perf_counter() - s)
+            s = time.perf_counter()
+            feats["loop"] = exact_loop_features(model, projector, rows_in_order).numpy()
+            t["loop"].append(time.perf_counter() - s)
+            s = time.perf_counter()
+            feats["vmap"] = torch.cat([vmap_features(model, projector, b) for b in batches]).numpy()
+            t["vmap"].append(time.perf_counter() - s)
+        row = {"model": model_name, "params": n_params(model), "data": data if data == "addition" else f"text<= {length}",
+               "examples": n, "batch_size": cfg.batch_size}
+        for k in t:
+            row[f"{k}_ex_per_s"] = n / median(t[k])
+        row["speedup_vs_loop"] = median([a / b for a, b in zip(t["loop"], t["hook"])])
+        row["speedup_vs_vmap"] = median([a / b for a, b in zip(t["vmap"], t["hook"])])
+        row["vs_loop"] = _score_errors(feats["hook"], feats["loop"], direction)
+        row["vs_vmap"] = _score_errors(feats["hook"], feats["vmap"], direction)
+        row["vmap_vs_loop"] = _score_errors(feats["vmap"], feats["loop"], direction)
+        out.append(row)
+        print(f"  exact {model_name:6s}: hook {row['hook_ex_per_s']:.0f} ex/s, loop {row['loop_ex_per_s']:.0f}, "
+              f"vmap {row['vmap_ex_per_s']:.0f}; x{row['speedup_vs_loop']:.1f} vs loop, "
+              f"x{row['speedup_vs_vmap']:.1f} vs vmap; max rel feature err {row['vs_loop']['max_rel_feature_error']:.1e}"
+              f" / score err {row['vs_loop']['max_rel_score_error']:.1e}", flush=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- 3
+
+
+def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0) -> dict:
+    """One ``DriftSFTTrainer`` run; returns the wall time of ``train()`` and the refresh timings."""
+    from transformers import PrinterCallback
+
+    from drift_trainer import DriftConfig, DriftSFTTrainer
+
+    tok = tokenizer()
+    torch.manual_seed(seed)
+    model = build_tiny_llama(tok, seed=seed)
+    train = addition_dataset(n_train, seed=seed, corruption=Corruption("systematic", 0.3))
+    queries = query_dataset_from(addition_dataset(64, seed=seed + 1))
+    with tempfile.TemporaryDirectory() as out_dir:
+        args = DriftConfig(
+            output_dir=out_dir, max_steps=cfg.e2e_steps, per_device_train_batch_size=cfg.e2e_batch_size,
+            learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], logging_steps=10_000, save_strategy="no",
+            use_cpu=True, bf16=False, disable_tqdm=True, seed=seed, dataloader_num_workers=0,
+            drift_enabled=drift is not None, drift_progress=False, **(drift or {}),
+        )
+        trainer = DriftSFTTrainer(model=model, args=args, train_dataset=train, query_dataset=queries,
+                                  reward_funcs=first_digit_reward, processing_class=tok)
+        trainer.remove_callback(PrinterCallback)
+        s = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - s
+        history = trainer.drift_state.history if drift is not None else []
+    timings: dict[str, float] = {}
+    for h in history:
+        for k, v in h["timings"].items():
+            timings[k] = timings.get(k, 0.0) + v
+    return {"wall_s": wall, "refreshes": len(history), "refresh_s": sum(timings.values()), "timings": timings,
+            "rollout_accuracy": [h["metrics"]["drift/rollout_accuracy"] for h in history],
+            "contrast": [h["contrast"] for h in history]}
+
+
+def bench_e2e(cfg) -> dict:
+    steps = cfg.e2e_steps
+    n0 = cfg.e2e_train
+    variants = {  # name: (train size, drift options or None for plain SFT)
+        "plain": (n0, None),
+        "default": (n0, {}),
+        "refresh_50": (n0, {"drift_refresh_steps": 50}),
+        "refresh_25": (n0, {"drift_refresh_steps": 25}),
+        f"train_{4 * n0}": (4 * n0, {}),
+        f"train_{4 * n0}_block_{n0}": (4 * n0, {"drift_max_train_examples": n0}),
+    }
+    if cfg.quick:
+        variants = {k: variants[k] for k in ("plain", "default", "refresh_25")}
+    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    e2e_run(cfg, 64, None)  # warm-up: imports, first-call costs
+    for rep in range(cfg.e2e_repeats):
+        for name, (n, drift) in variants.items():
+            runs[name].append(e2e_run(cfg, n, drift, seed=0))
+            r = runs[name][-1]
+            print(f"  e2e rep {rep} {name:22s}: {r['wall_s']:.1f} s, {r['refreshes']} refreshes, "
+                  f"{r['refresh_s']:.1f} s in refreshes {({k: round(v, 2) for k, v in r['timings'].items()})}",
+                  flush=True)
+    plain = [r["wall_s"] for r in runs["plain"]]
+    table = []
+    for name, (n, drift) in variants.items():
+        walls = [r["wall_s"] for r in runs[name]]
+        table.append({
+            "variant": name, "train_examples": n, "steps": steps,
+            "drift_refresh_steps": (drift or {}).get("drift_refresh_steps", 100) if drift is not None else None,
+            "drift_max_train_examples": (drift or {}).get("drift_max_train_examples"),
+            "wall_s": median(walls), "ratio_vs_plain": median([w / p for w, p in zip(walls, plain)]),
+            # within one run: its wall time over its wall time minus the refreshes (immune to load between runs)
+            "ratio_internal": median([r["wall_s"] / (r["wall_s"] - r["refresh_s"]) for r in runs[name]]),
+            "walls": [round(w, 2) for w in walls], "plain_walls": [round(p, 2) for p in plain],
+            "refreshes": runs[name][0]["refreshes"], "refresh_s": median([r["refresh_s"] for r in runs[name]]),
+            "timings": runs[name][-1]["timings"], "rollout_accuracy": runs[name][-1]["rollout_accuracy"],
+            "contrast": runs[name][-1]["contrast"],
+        })
+    return {"steps": steps, "batch_size": cfg.e2e_batch_size, "repeats": cfg.e2e_repeats, "table": table}
+
+
+# ---------------------------------------------------------------------------------------------------------- 4
+
+
+class PeakSampler:
+    """Peak anonymous RSS (RssAnon, /proc/self/status) sampled every ``interval`` seconds in a thread."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def anon() -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        self.base = self.anon()
+        self.maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.peak = self.base
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.anon())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.anon())
+        self.maxrss_delta = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.maxrss0
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.base
+
+
+def memory_probe(kind: str, model_name: str, n: int, batch_size: int, k: int, memmap_dir: str | None) -> dict:
+    """Runs in a fresh subprocess: peak memory of one operation above the baseline after set-up."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = model_of(model_name)
+    rows = text_rows(n, 64, seed=0)
+    projector = ProjectedGradients(select_target_modules(model), k)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    batch = batches_of(rows[:batch_size], batch_size)[0]
+    model.train()
+    train_step(model, opt, batch)  # optimizer state exists before measuring, as in training
+    model.eval()
+    projector.compute(model, batch)
+    with PeakSampler() as ps:
+        if kind == "train_step":
+            model.train()
+            train_step(model, opt, batch)
+        elif kind == "feature_batch":
+            projector.compute(model, batch)
+        else:
+            fp = FeaturePass(projector, tokenizer().pad_token_id, batch_size, memmap_dir=memmap_dir)
+            feats, _, _ = fp.run(model, rows)
+            checksum = float(np.asarray(feats[:: max(1, n // 50)]).sum())  # touch it
+            _ = checksum
+    return {"kind": kind, "peak_anon_delta_bytes": ps.delta, "ru_maxrss_delta_bytes": ps.maxrss_delta,
+            "feature_dim": projector.dim, "examples": n if kind.startswith("feature_pass") else batch_size}
+
+
+def bench_memory(cfg) -> dict:
+    model_name = "small"
+    tmp = tempfile.mkdtemp(prefix="drift-bench-mm-")
+    n = cfg.mem_examples
+    probes = [("train_step", None), ("feature_batch", None), ("feature_pass", None), ("feature_pass_memmap", tmp)]
+    results = []
+    for kind, mm in probes:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_probe",
+               json.dumps([kind, model_name, n, cfg.batch_size, cfg.projection_dim, mm])]
+        # a fixed mmap threshold and trim threshold make glibc return freed blocks to the OS, so resident memory
+        # follows live allocations instead of staying at the high-water mark of earlier (warm-up) calls
+        env = {**os.environ, "PYTHONPATH": ".", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+        res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        results.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"  memory {kind:20s}: peak anon +{r['peak_anon_delta_bytes'] / 2**20:.1f} MiB "
+              f"(ru_maxrss +{r['ru_maxrss_delta_bytes'] / 2**20:.1f} MiB)", flush=True)
+    model = model_of(model_name)
+    dim = ProjectedGradients(select_target_modules(model), cfg.projection_dim).dim
+    # analytic storage for real shapes: modules x k^2 x 4 bytes per example
+    shapes = {
+        "toy tiny (2 layers x 7 Linear)": 14,
+        "toy small (4 layers x 7 Linear)": 28,
+        "Llama-2-7B all Linear (32 x 7)": 224,
+        "Llama-2-7B LoRA q,v (32 x 2 x A,B)": 128,
+    }
+    storage = {name: {"modules": m, "bytes_per_example": m * cfg.projection_dim**2 * 4,
+                      "gib_per_100k_examples": m * cfg.projection_dim**2 * 4 * 1e5 / 2**30} for name, m in shapes.items()}
+    os.rmdir(tmp) if os.path.isdir(tmp) and not os.listdir(tmp) else None
+    return {"model": model_name, "params": n_params(model), "feature_dim": dim, "bytes_per_example": dim * 4,
+            "examples": n, "probes": results, "storage": storage,
+            "measured": "peak RssAnon (anonymous resident memory; memory-mapped file pages are file-backed and not "
+                        "counted) above the baseline after set-up, sampled every 1 ms in a thread, one fresh "
+                        "subprocess per probe with 1 torch thread and glibc told to return freed memory "
+                        "(MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0), after one warm-up training step "
+                        "(optimizer state allocated) and one warm-up feature batch; ru_maxrss increase as a cross-check"}
+
+
+# ---------------------------------------------------------------------------------------------------------- 5
+
+
+def _refresh_once(model, rows, k, queries, args_over=None, refresh_index=0):
+    from drift_trainer.config import DriftArguments
+    from drift_trainer.rewards import exact_match
+
+    args = DriftArguments(drift_num_queries=8, drift_num_rollouts=4, drift_max_new_tokens=8, drift_projection_dim=k,
+                          drift_progress=False, drift_no_contrast="keep", **(args_over or {}))
+    args.validate_drift()
+    projector = ProjectedGradients(select_target_modules(model), k)
+    view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
+    s = time.perf_counter()
+    res = run_refresh(args=args, step=0, model=model, tokenizer=tokenizer(), view=view, query_dataset=queries,
+                      reward_funcs=[exact_match], projector=projector, refresh_index=refresh_index, seed=0,
+                      progress=False)
+    return time.perf_counter() - s, res
+
+
+def _fit(x, y) -> dict:
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    b, a = np.polyfit(x, y, 1)
+    pred = a + b * x
+    r2 = 1 - ((y - pred) ** 2).sum() / max(((y - y.mean()) ** 2).sum(), 1e-30)
+    loglog = np.polyfit(np.log(x), np.log(y), 1)[0]
+    return {"intercept_s": float(a), "slope_s_per_unit": float(b), "r2": float(r2), "loglog_exponent": float(loglog)}
+
+
+def bench_growth(cfg) -> dict:
+    queries = query_dataset_from(addition_dataset(32, seed=1))
+    torch.manual_seed(0)
+    out = {}
+    # train-set size
+    model = model_of("tiny")
+    sizes = cfg.growth_sizes
+    all_rows = addition_rows(max(sizes), seed=5)
+    _refresh_once(model, all_rows[:64], cfg.projection_dim, queries)
+    tot, feat = {n: [] for n in sizes}, {n: [] for n in sizes}
+    for _ in range(cfg.repeats):
+        for n in sizes:
+            t, res = _refresh_once(model, all_rows[:n], cfg.projection_dim, queries)
+            tot[n].append(t)
+            feat[n].append(res.timings["features"] + res.timings["influence"])
+    out["train_size"] = {"x": sizes, "refresh_s": [min(tot[n]) for n in sizes],
+                         "features_influence_s": [min(feat[n]) for n in sizes]}
+    out["train_size"]["fit_refresh"] = _fit(sizes, out["train_size"]["refresh_s"])
+    out["train_size"]["fit_features"] = _fit(sizes, out["train_size"]["features_influence_s"])
+    print(f"  growth n {sizes}: features {[round(v, 3) for v in out['train_size']['features_influence_s']]} s "
+          f"-> {out['train_size']['fit_features']}", flush=True)
+    # projection size
+    n = cfg.growth_fixed_n
+    rows = all_rows[:n]
+    ks = cfg.growth_ks
+    feat = {k: [] for k in ks}
+    for _ in range(cfg.repeats):
+        for k in ks:
+            _, res = _refresh_once(model, rows, k, queries)
+            feat[k].append(res.timings["features"] + res.timings["influence"])
+    dims = [14 * k * k for k in ks]
+    out["projection"] = {"x": ks, "feature_dim": dims, "features_influence_s": [min(feat[k]) for k in ks]}
+    out["projection"]["fit_vs_dim"] = _fit(dims, out["projection"]["features_influence_s"])
+    print(f"  growth k {ks}: {[round(v, 3) for v in out['projection']['features_influence_s']]} s", flush=True)
+    # model size (tokens: the addition rows)
+    names = ["tiny", "small", "medium"]
+    models = {m: model_of(m) for m in names}
+    feat = {m: [] for m in names}
+    for _ in range(cfg.repeats):
+        for m in names:
+            _, res = _refresh_once(models[m], rows, cfg.projection_dim, queries)
+            feat[m].append(res.timings["features"] + res.timings["influence"])
+    params = [n_params(models[m]) for m in names]
+    out["model"] = {"x": names, "params": params, "features_influence_s": [min(feat[m]) for m in names]}
+    out["model"]["fit_vs_params"] = _fit(params, out["model"]["features_influence_s"])
+    print(f"  growth model {params}: {[round(v, 3) for v in out['model']['features_influence_s']]} s", flush=True)
+    out["examples_fixed"] = n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- 6
+
+
+def bench_block(cfg) -> dict:
+    """Block rescoring vs full rescoring along one shared training trajectory (isolates staleness)."""
+    from scipy.stats import spearmanr
+
+    from drift_trainer.config import DriftArguments
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    model = model_of("tiny")
+    data = addition_dataset(cfg.block_train, seed=0, corruption=Corruption("systematic", 0.3))
+    rows = []
+    for p, c in zip(data["prompt"], data["completion"]):
+        prompt = tok(p, add_special_tokens=False)["input_ids"]
+        full = prompt + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt) :]})
+    queries = query_dataset_from(addition_dataset(64, seed=1))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+
+    def train(steps):
+        model.train()
+        for _ in range(steps):
+            idx = rng.integers(0, len(rows), cfg.e2e_batch_size)
+            train_step(model, opt, collate_right([rows[i] for i in idx], tok.pad_token_id))
+
+    block = len(rows) // cfg.block_fraction
+    common = dict(drift_num_queries=32, drift_num_rollouts=4, drift_max_new_tokens=8, drift_progress=False)
+    full_args = DriftArguments(**common)
+    block_args = DriftArguments(**common, drift_max_train_examples=block)
+    projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
+    view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
+    state = {"full": (None, None), "block": (None, None)}
+    train(cfg.block_warmup)
+    log = []
+    for r in range(cfg.block_refreshes):
+        if r:
+            train(cfg.block_every)
+        rec = {"refresh": r}
+        for name, a in (("full", full_args), ("block", block_args)):
+            s = time.perf_counter()
+            res = run_refresh(args=a, step=r, model=model, tokenizer=tok, view=view, query_dataset=queries,
+                              reward_funcs=[first_digit_reward], projector=projector, refresh_index=r, seed=0,
+                              progress=False)
+            rec[f"{name}_s"] = time.perf_counter() - s
+            rec[f"{name}_features_s"] = res.timings["features"]
+            rec["contrast"] = res.contrast
+            rec["rollout_accuracy"] = res.rollout_accuracy
+            if res.contrast:
+                state[name] = new_weights(res, *state[name], a)
+        (zf, wf), (zb, wb) = state["full"], state["block"]
+        if zf is not None and zb is not None:
+            rec["pearson_smoothed"] = float(np.corrcoef(zf, zb)[0, 1])
+            rec["spearman_smoothed"] = float(spearmanr(zf, zb).statistic)
+            rec["pearson_weights"] = float(np.corrcoef(wf, wb)[0, 1])
+            corrupted = np.asarray(data["corrupted"])
+            rec["corrupted_mean_weight_full"] = float(wf[corrupted].mean())
+            rec["corrupted_mean_weight_block"] = float(wb[corrupted].mean())
+        log.append(rec)
+        print(f"  block refresh {r}: acc {rec['rollout_accuracy']:.2f}, full {rec['full_s']:.2f} s, "
+              f"block {rec['block_s']:.2f} s, pearson(smoothed) {rec.get('pearson_smoothed', float('nan')):.3f}, "
+              f"weights {rec.get('pearson_weights', float('nan')):.3f}", flush=True)
+    return {"train_examples": len(rows), "drift_max_train_examples": block, "warmup_steps": cfg.block_warmup,
+            "steps_between": cfg.block_every, "refreshes": log}
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+
+def fmt(x, d=2):
+    return "-" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
+
+
+def markdown(res: dict, command: str) -> str:
+    L = ["# DRIFT overhead benchmark", "", f"Command: `{command}`", "",
+         f"Machine: {res['machine']}. Wall time: {res['total_s']:.0f} s. Ratios are medians of per-repeat ratios, "
+         "the two sides interleaved in one process.", ""]
+    if "throughput" in res:
+        L += ["## 1. Feature throughput vs training (target >= 1.0)", "",
+              "| model | params | data (mean tokens) | batch | feature dim | train ex/s | features ex/s | ratio | "
+              "FeaturePass ex/s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["throughput"]:
+            L.append(f"| {r['model']} | {r['params']:,} | {r['data']} ({r['mean_tokens']:.0f}) | {r['batch_size']} | "
+                     f"{r['feature_dim']} | {r['train_ex_per_s']:.0f} | {r['features_ex_per_s']:.0f} | "
+                     f"**{r['ratio_compute']:.2f}** | {r['feature_pass_ex_per_s']:.0f} | {r['ratio_feature_pass']:.2f} |")
+        L += ["", "Training = forward + backward + AdamW step on the same padded batches; features = "
+              "`ProjectedGradients.compute` on those batches (eval mode, one forward + one `autograd.grad`); "
+              "FeaturePass = `FeaturePass.run` over the same rows (length-sorted batches, results stored).", ""]
+    if "exact" in res:
+        L += ["## 2. Against exact per-example gradients (target >= 10x, same scores)", "",
+              "| model | examples | hook ex/s | loop ex/s | vmap ex/s | x vs loop | x vs vmap | max rel feature err "
+              "(loop / vmap) | max rel score err (loop / vmap) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in res["exact"]:
+            L.append(f"| {r['model']} | {r['examples']} | {r['hook_ex_per_s']:.0f} | {r['loop_ex_per_s']:.0f} | "
+                     f"{r['vmap_ex_per_s']:.0f} | **{r['speedup_vs_loop']:.1f}** | **{r['speedup_vs_vmap']:.1f}** | "
+                     f"{r['vs_loop']['max_rel_feature_error']:.1e} / {r['vs_vmap']['max_rel_feature_error']:.1e} | "
+                     f"{r['vs_loop']['max_rel_score_error']:.1e} / {r['vs_vmap']['max_rel_score_error']:.1e} |")
+        L += ["", "Feature error: max over examples of ||phi_hook - phi_exact|| / ||phi_exact||. Score error: max "
+              "|s_hook - s_exact| / max |s_exact| for normalised scores s = <phi, d>/||phi|| against a random "
+              "direction d. Loop: one forward + `autograd.grad` on the target weights per example (unpadded), then "
+              "P_out G P_in^T. vmap: `torch.func.vmap(grad(functional_call))` over the batch (no attention mask: "
+              "exact for right padding under causal attention).", ""]
+    if "e2e" in res:
+        e = res["e2e"]
+        L += ["## 3. End to end: DriftSFTTrainer vs drift_enabled=False (target <= 1.15 at the default schedule)", "",
+              f"Tiny Llama, {e['steps']} steps, batch {e['batch_size']}, {e['repeats']} interleaved repeats; all "
+              "other options at their defaults (32 queries x 4 rollouts, max 64 new tokens, projection 16, "
+              "artifacts written).", "",
+              "| variant | train examples | refresh every | max train ex. | refreshes | train() s | refresh s | "
+              "ratio vs plain run | ratio within run | stage seconds (last repeat) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in e["table"]:
+            st = ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
+            L.append(f"| {r['variant']} | {r['train_examples']} | {fmt(r['drift_refresh_steps'])} | "
+                     f"{fmt(r['drift_max_train_examples'])} | {r['refreshes']} | {r['wall_s']:.1f} | "
+                     f"{r['refresh_s']:.1f} | **{r['ratio_vs_plain']:.3f}** | **{r['ratio_internal']:.3f}** | {st} |")
+        L += ["", "Ratio vs plain run: median over repeats of DRIFT train() time / the adjacent plain run's. Ratio "
+              "within run: a DRIFT run's train() time / (that time minus its refreshes), which other jobs' load on a "
+              "shared machine moves far less; it leaves out DRIFT's per-step costs outside refreshes (sampler, index "
+              "column), which the paired ratio includes."]
+        L.append("")
+    if "memory" in res:
+        m = res["memory"]
+        L += ["## 4. Memory", "", f"Feature storage: float32, {m['feature_dim']} features = "
+              f"**{m['bytes_per_example']:,} bytes per example** on the `{m['model']}` toy model "
+              "(modules x k^2 x 4 bytes).", "",
+              "| shape | target modules | bytes / example (k=16) | GiB per 100k examples |", "|---|---|---|---|"]
+        for name, s in m["storage"].items():
+            L.append(f"| {name} | {s['modules']} | {s['bytes_per_example']:,} | {s['gib_per_100k_examples']:.2f} |")
+        L += ["", f"Peak memory ({m['measured']}); feature passes over {m['examples']} examples:", "",
+              "| operation | peak anon RSS above baseline (MiB) | ru_maxrss increase (MiB) |", "|---|---|---|"]
+        for p in m["probes"]:
+            L.append(f"| {p['kind']} | {p['peak_anon_delta_bytes'] / 2**20:.1f} | "
+                     f"{p['ru_maxrss_delta_bytes'] / 2**20:.1f} |")
+        L.append("")
+    if "growth" in res:
+        g = res["growth"]
+        ts = g["train_size"]
+        L += ["## 5. Cost growth (one refresh; best of repeats)", "",
+              "| train examples | " + " | ".join(map(str, ts["x"])) + " |", "|---" * (len(ts["x"]) + 1) + "|",
+              "| refresh s | " + " | ".join(f"{v:.3f}" for v in ts["refresh_s"]) + " |",
+              "| features + influence s | " + " | ".join(f"{v:.3f}" for v in ts["features_influence_s"]) + " |", "",
+              f"Fit (features + influence): {ts['fit_features']['slope_s_per_unit'] * 1e3:.3f} ms per example, "
+              f"intercept {ts['fit_features']['intercept_s']:.3f} s, R^2 {ts['fit_features']['r2']:.4f}, log-log "
+              f"exponent {ts['fit_features']['loglog_exponent']:.2f} (1 = linear). Whole refresh: "
+              f"{ts['fit_refresh']['slope_s_per_unit'] * 1e3:.3f} ms per example + "
+              f"{ts['fit_refresh']['intercept_s']:.2f} s (rollouts), R^2 {ts['fit_refresh']['r2']:.4f}.", ""]
+        p = g["projection"]
+        L += [f"Projection size ({g['examples_fixed']} examples, tiny model): " + ", ".join(
+            f"k={k} (dim {d}): {v:.3f} s" for k, d, v in zip(p["x"], p["feature_dim"], p["features_influence_s"]))
+            + f"; fit vs feature dim: log-log exponent {p['fit_vs_dim']['loglog_exponent']:.2f}.", ""]
+        mm = g["model"]
+        L += [f"Model size ({g['examples_fixed']} examples): " + ", ".join(
+            f"{n} ({pp:,} params): {v:.3f} s" for n, pp, v in zip(mm["x"], mm["params"], mm["features_influence_s"]))
+            + f"; log-log exponent vs params {mm['fit_vs_params']['loglog_exponent']:.2f}.", ""]
+    if "block" in res:
+        b = res["block"]
+        L += ["## 6. Speed-up: block rescoring (`drift_max_train_examples`)", "",
+              f"{b['train_examples']} train examples, blocks of {b['drift_max_train_examples']}; one shared training "
+              f"trajectory ({b['warmup_steps']} warm-up steps, then {b['steps_between']} steps between refreshes); at "
+              "each refresh the full and the block path score the same model with the same rollouts, each keeping its "
+              "own smoothed scores and weights.", "",
+              "| refresh | rollout acc. | full s | block s | pearson smoothed | spearman smoothed | pearson weights | "
+              "mean weight of corrupted (full / block) |", "|---|---|---|---|---|---|---|---|"]
+        for r in b["refreshes"]:
+            L.append(f"| {r['refresh']} | {r['rollout_accuracy']:.2f} | {r['full_s']:.2f} | {r['block_s']:.2f} | "
+                     f"{fmt(r.get('pearson_smoothed'), 3)} | {fmt(r.get('spearman_smoothed'), 3)} | "
+                     f"{fmt(r.get('pearson_weights'), 3)} | {fmt(r.get('corrupted_mean_weight_full'), 3)} / "
+                     f"{fmt(r.get('corrupted_mean_weight_block'), 3)} |")
+        L.append("")
+    return "\n".join(L)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
+    p.add_argument("--sections", default="throughput,exact,e2e,memory,growth,block")
+    p.add_argument("--out", default=RESULTS, help="directory for overhead.json and overhead.md")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: stable timings on a shared machine; 0 keeps torch's default)")
+    p.add_argument("--merge", action="store_true", help="update the sections run now in an existing overhead.json")
+    p.add_argument("--_probe", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a._probe:
+        print(json.dumps(memory_probe(*json.loads(a._probe))))
+        return
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    q = a.quick
+    cfg = argparse.Namespace(
+        quick=q, repeats=2 if q else 3, batch_size=16, projection_dim=16,
+        tp_examples=128 if q else 256, exact_examples=32 if q else 64,
+        e2e_steps=100 if q else 300, e2e_batch_size=8, e2e_train=500 if q else 1000, e2e_repeats=1 if q else 2,
+        mem_examples=1000 if q else 3000,
+        growth_sizes=[250, 500, 1000] if q else [250, 500, 1000, 2000, 4000], growth_fixed_n=500,
+        growth_ks=[8, 16, 32] if q else [8, 16, 32, 64],
+        block_train=1000 if q else 2000, block_fraction=4, block_warmup=150 if q else 300, block_every=25,
+        block_refreshes=3 if q else 6,
+    )
+    sections = [s.strip() for s in a.sections.split(",") if s.strip()]
+    command = "PYTHONPATH=. python " + " ".join(shlex.quote(x) for x in ["benchmarks/overhead.py", *(argv or sys.argv[1:])])
+    previous = {}
+    if a.merge and os.path.exists(os.path.join(a.out, "overhead.json")):
+        with open(os.path.join(a.out, "overhead.json")) as f:
+            previous = json.load(f)
+    res = {"command": command, "config": vars(cfg),
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} torch threads, python {platform.python_version()}"}
+    start = time.perf_counter()
+    fns = {"throughput": bench_throughput, "exact": bench_exact, "e2e": bench_e2e, "memory": bench_memory,
+           "growth": bench_growth, "block": bench_block}
+    for s in sections:
+        print(f"[{s}]", flush=True)
+        t = time.perf_counter()
+        res[s] = fns[s](cfg)
+        res.setdefault("section_s", {})[s] = time.perf_counter() - t
+    res["total_s"] = time.perf_counter() - start
+    if previous:
+        merged = {**previous, **{k: v for k, v in res.items() if k in fns}}
+        merged["commands"] = [*previous.get("commands", [previous.get("command")]), command]
+        merged["section_s"] = {**previous.get("section_s", {}), **res["section_s"]}
+        merged["total_s"] = sum(merged["section_s"].values())
+        merged["machine"] = res["machine"]
+        res = merged
+        command = " && ".join(res["commands"])
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "overhead.json"), "w") as f:
+        json.dump(res, f, indent=1, default=float)
+    md = markdown(res, command)
+    with open(os.path.join(a.out, "overhead.md"), "w") as f:
+        f.write(md + "\n")
+    print()
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Speed and memory options of a refresh: block rescoring (`drift_max_train_examples`) and feature spilling to a
+memory-mapped file (`drift_feature_memmap_dir`, `drift_feature_memory_mb`). No timed assertions: speed targets live in
+benchmarks/overhead.py."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import HfArgumentParser
+
+from drift_trainer.config import DriftArguments, DriftConfig
+from drift_trainer.features import ProjectedGradients, select_target_modules
+from drift_trainer.refresh import (
+    FeaturePass,
+    RefreshResult,
+    TrainView,
+    _row_chunks,
+    feature_storage,
+    new_weights,
+    refresh_subset,
+    run_refresh,
+)
+from drift_trainer.rollouts import Rollouts
+from drift_trainer.toy import addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env
+
+offline_env()
+
+
+@pytest.fixture(scope="module")
+def toy():
+    tok = build_char_tokenizer()
+    model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2)
+    data = addition_dataset(40, seed=0)
+    rows = []
+    for p, c in zip(data["prompt"], data["completion"]):
+        prompt = tok(p, add_special_tokens=False)["input_ids"]
+        full = prompt + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt) :]})
+    queries = addition_dataset(6, seed=1).select_columns(["prompt", "answer"])
+    return tok, model, rows, queries
+
+
+def alternating_reward(prompts, completions, **kwargs):
+    """Half right, half wrong, whatever the model says: every refresh has contrast."""
+    return [float(i % 2) for i in range(len(prompts))]
+
+
+def _args(**kw):
+    base = {
+        "drift_num_queries": 4,
+        "drift_num_rollouts": 2,
+        "drift_max_new_tokens": 3,
+        "drift_feature_batch_size": 8,
+        "drift_projection_dim": 4,
+        "drift_progress": False,
+    }
+    base.update(kw)
+    args = DriftArguments(**base)
+    args.validate_drift()
+    return args
+
+
+def _refresh(toy, args, refresh_index=0):
+    tok, model, rows, queries = toy
+    projector = ProjectedGradients(select_target_modules(model), args.drift_projection_dim, seed=0)
+    view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
+    torch.manual_seed(0)
+    return run_refresh(
+        args=args, step=1, model=model, tokenizer=tok, view=view, query_dataset=queries,
+        reward_funcs=[alternating_reward], projector=projector, refresh_index=refresh_index, seed=0, progress=False,
+    )
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_options_validate_and_parse(tmp_path):
+    with pytest.raises(ValueError, match="drift_max_train_examples"):
+        DriftArguments(drift_max_train_examples=0).validate_drift()
+    with pytest.raises(ValueError, match="drift_feature_memory_mb"):
+        DriftArguments(drift_feature_memory_mb=0).validate_drift()
+    with pytest.raises(ValueError, match="drift_max_train_examples"):
+        DriftConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, drift_max_train_examples=-3)
+    (parsed,) = HfArgumentParser(DriftArguments).parse_args_into_dataclasses(
+        ["--drift_max_train_examples", "100", "--drift_feature_memmap_dir", str(tmp_path),
+         "--drift_feature_memory_mb", "12.5"]
+    )
+    assert parsed.drift_max_train_examples == 100
+    assert parsed.drift_feature_memmap_dir == str(tmp_path)
+    assert parsed.drift_feature_memory_mb == 12.5
+    assert DriftArguments().drift_max_train_examples is None and DriftArguments().drift_feature_memmap_dir is None
+
+
+# ---------------------------------------------------------------- block rescoring
+
+
+def test_refresh_subset_cycles_through_every_row_in_equal_blocks():
+    assert np.array_equal(refresh_subset(10, None, 3, 0), np.arange(10))
+    assert np.array_equal(refresh_subset(10, 10, 3, 0), np.arange(10))
+    blocks = [refresh_subset(103, 25, r, seed=7) for r in range(5)]  # 5 blocks of 20-21 rows
+    assert all(20 <= len(b) <= 25 for b in blocks)
+    assert np.array_equal(np.sort(np.concatenate(blocks)), np.arange(103))  # a partition: each row once per cycle
+    assert np.array_equal(refresh_subset(103, 25, 5, seed=7), blocks[0])  # the cycle repeats
+    assert np.array_equal(refresh_subset(103, 25, 2, seed=7), blocks[2])  # deterministic (identical on all ranks)
+    assert not np.array_equal(refresh_subset(103, 25, 0, seed=8), blocks[0])
+
+
+def test_block_refresh_scores_only_its_block_and_matches_full_scores(toy):
+    full = _refresh(toy, _args(drift_debias="none"), refresh_index=1)  # same queries and rollouts
+    part = _refresh(toy, _args(drift_debias="none", drift_max_train_examples=15), refresh_index=1)
+    assert full.contrast and part.contrast
+    block = refresh_subset(40, 15, 1, 0)
+    assert part.scored.sum() == len(block) == 13  # 40 rows in 3 blocks of 13-14
+    assert np.array_equal(np.flatnonzero(part.scored), block)
+    # same model, same rollouts: the block's raw scores and norms are the full refresh's
+    np.testing.assert_allclose(part.raw_scores[block], full.raw_scores[block], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(part.grad_norm[block], full.grad_norm[block], rtol=1e-5)
+    assert np.all(part.raw_scores[~part.scored] == 0) and np.all(np.isnan(part.loss[~part.scored]))
+
+
+def _result(scores, scored):
+    return RefreshResult(
+        step=1, scores=np.asarray(scores, float), raw_scores=np.asarray(scores, float), grad_norm=np.ones(len(scores)),
+        loss=np.zeros(len(scores)), scored=np.asarray(scored, bool), rollouts=Rollouts.__new__(Rollouts),
+        signs=np.zeros(0), contrast=True,
+    )
+
+
+def test_new_weights_block_mode_keeps_previous_scores_outside_the_block():
+    args = _args(drift_max_train_examples=3, drift_score_ema=0.5)
+    prev_smoothed = np.array([1.0, -1.0, 0.5, -0.5, 0.0, 0.0])  # rows 4, 5 never scored yet
+    prev_weights = np.array([2.0, 0.5, 1.5, 0.7, 1.0, 1.0])
+    res = _result([3.0, 1.0, 0.0, 0.0, 2.0, 0.0], [True, True, False, False, True, False])
+    z, w = new_weights(res, prev_smoothed, prev_weights, args)
+    fresh = np.array([3.0, 1.0, 2.0])
+    fresh = (fresh - fresh.mean()) / fresh.std()
+    np.testing.assert_allclose(z[[0, 1, 4]], 0.5 * prev_smoothed[[0, 1, 4]] + 0.5 * fresh)
+    np.testing.assert_allclose(z[[2, 3]], prev_smoothed[[2, 3]])  # stale block: previous smoothed score kept
+    assert z[5] == 0.0 and w[5] == prev_weights[5]  # never scored: weight untouched
+    known = np.array([True, True, True, True, True, False])
+    np.testing.assert_allclose(w[known].mean(), 1.0)  # weights are re-derived over every example with a score
+    assert np.argmax(w) == np.argmax(np.where(known, z, -np.inf))
+    # default (no block rescoring) keeps the old rule: unscored rows keep their previous weight, smoothed 0
+    z0, w0 = new_weights(res, prev_smoothed, prev_weights, _args(drift_score_ema=0.5))
+    assert z0[2] == 0.0 and w0[2] == prev_weights[2]
+
+
+# ---------------------------------------------------------------- memory-mapped features
+
+
+def test_feature_storage_spills_to_an_unlinked_memmap(tmp_path):
+    mem = feature_storage(10, 4)
+    assert type(mem) is np.ndarray and mem.dtype == np.float32 and not mem.any()
+    mm = feature_storage(10, 4, memmap_dir=str(tmp_path / "feats"))
+    assert isinstance(mm, np.memmap) and mm.shape == (10, 4) and mm.dtype == np.float32
+    assert os.listdir(tmp_path / "feats") == []  # unlinked at once: nothing left behind
+    mm[3] = 7.0
+    assert mm[3].sum() == 28.0
+    auto = feature_storage(1000, 1000, max_memory_mb=1.0)  # 4 MB > 1 MB: spills to the temp dir
+    assert isinstance(auto, np.memmap)
+    assert type(feature_storage(100, 100, max_memory_mb=1.0)) is np.ndarray  # 40 kB stays in memory
+
+
+def test_row_chunks_cover_every_row():
+    chunks = list(_row_chunks(10, 4, target_bytes=64))  # 64 B = 2 float64 rows of 4
+    assert [(c.start, c.stop) for c in chunks] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert list(_row_chunks(0, 4)) == []
+
+
+def test_feature_pass_memmap_equals_in_memory(toy, tmp_path):
+    tok, model, rows, _ = toy
+    projector = ProjectedGradients(select_target_modules(model), 4, seed=0)
+    mem, loss_a, _ = FeaturePass(projector, tok.pad_token_id, 8).run(model, rows)
+    mm, loss_b, _ = FeaturePass(projector, tok.pad_token_id, 8, memmap_dir=str(tmp_path)).run(model, rows)
+    assert isinstance(mm, np.memmap) and not isinstance(mem, np.memmap)
+    assert np.abs(mem).sum() > 0
+    np.testing.assert_array_equal(np.asarray(mm), mem)
+    np.testing.assert_array_equal(loss_a, loss_b)
+
+
+def test_refresh_with_memmap_and_fisher_matches_in_memory(toy, tmp_path):
+    a = _refresh(toy, _args(drift_preconditioner="fisher"))
+    b = _refresh(toy, _args(drift_preconditioner="fisher", drift_feature_memmap_dir=str(tmp_path)))
+    assert a.contrast and a.scored.all()
+    np.testing.assert_allclose(b.scores, a.scores, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-6)
+    assert os.listdir(tmp_path) == []
