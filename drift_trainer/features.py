@@ -96,7 +96,9 @@ class ProjectedGradients:
     """Owns the hooks and projection matrices of a run: ``compute(model, batch)`` returns per-example features.
 
     The projection matrices are drawn once from ``seed`` (so every rank and every refresh uses the same ones), and
-    scaled by ``1/sqrt(k)`` so inner products are preserved in expectation.
+    scaled by ``1/sqrt(k)`` so inner products are preserved in expectation. Modules with the same input width share
+    one ``P_in``, so modules fed the same tensor (q/k/v, gate/up) project it once per forward: each module's block
+    ``P_out_m G_m P_in^T`` is still an unbiased random projection of its own gradient.
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Linear]], projection_dim: int, seed: int = 1234):
@@ -104,10 +106,12 @@ class ProjectedGradients:
         self.modules = [m for _, m in modules]
         self.k = int(projection_dim)
         gen = torch.Generator().manual_seed(int(seed))
-        self.p_in, self.p_out = [], []
-        for m in self.modules:
-            self.p_in.append(torch.randn(self.k, m.in_features, generator=gen) / self.k**0.5)
-            self.p_out.append(torch.randn(self.k, m.out_features, generator=gen) / self.k**0.5)
+        shared = {
+            d: torch.randn(self.k, d, generator=gen) / self.k**0.5
+            for d in sorted({m.in_features for m in self.modules})
+        }
+        self.p_in = [shared[m.in_features] for m in self.modules]
+        self.p_out = [torch.randn(self.k, m.out_features, generator=gen) / self.k**0.5 for m in self.modules]
         self._device = None
 
     @property
@@ -116,7 +120,8 @@ class ProjectedGradients:
 
     def _to(self, device: torch.device) -> None:
         if self._device != device:
-            self.p_in = [p.to(device) for p in self.p_in]
+            moved = {id(p): p.to(device) for p in self.p_in}  # keep the sharing
+            self.p_in = [moved[id(p)] for p in self.p_in]
             self.p_out = [p.to(device) for p in self.p_out]
             self._device = device
 
@@ -124,11 +129,16 @@ class ProjectedGradients:
     def capture(self):
         """Register forward hooks that store each target module's projected input and its (live) output."""
         records: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.modules]
+        # (input tensor, P_in) -> projected input; the key's tensor is held so its id cannot be reused meanwhile
+        projected: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
         def make_hook(i):
             def hook(module, inputs, output):
-                a = inputs[0].detach().float() @ self.p_in[i].T  # (B, T, k)
-                records[i].append((a, output))
+                x, p = inputs[0], self.p_in[i]
+                key = (id(x), id(p))
+                if key not in projected:
+                    projected[key] = (x, x.detach().float() @ p.T)  # (B, T, k)
+                records[i].append((projected[key][1], output))
 
             return hook
 

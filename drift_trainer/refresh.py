@@ -264,6 +264,25 @@ def run_refresh(
             args.drift_no_contrast,
         )
         contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+    if not contrast:
+        # nothing to attribute towards: the caller keeps its previous weights, so skip the (costly) feature passes
+        n = view.num_examples
+        zeros = np.zeros(n)
+        result = RefreshResult(
+            step,
+            zeros,
+            zeros.copy(),
+            zeros.copy(),
+            np.full(n, np.nan),
+            np.zeros(n, dtype=bool),
+            rollouts,
+            signs,
+            contrast,
+            timings,
+            num_masked=0,
+        )
+        result._threshold = args.drift_reward_threshold
+        return result
     fp = FeaturePass(
         projector,
         tokenizer.pad_token_id,
@@ -336,6 +355,12 @@ def run_refresh(
     scored[ui] = tokens > 0
     for k in ("scores", "raw", "norm"):
         out[k][~scored] = 0.0
+    in_block = np.zeros(
+        n, dtype=bool
+    )  # rows this refresh scored or tried to (all rows unless drift_max_train_examples)
+    in_block[ui[subset]] = True
+    dropped = np.ones(n, dtype=bool)  # user examples SFT preparation dropped (no row at all)
+    dropped[ui] = False
     result = RefreshResult(
         step=step,
         scores=out["scores"],
@@ -347,7 +372,7 @@ def run_refresh(
         signs=signs,
         contrast=contrast,
         timings=timings,
-        num_masked=int(n - scored.sum()),
+        num_masked=int((in_block & ~scored).sum() + dropped.sum()),
     )
     result._threshold = args.drift_reward_threshold
     return result

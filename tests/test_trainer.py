@@ -238,6 +238,7 @@ def test_no_contrast_keeps_previous_weights_and_says_why(tmp_path, tokenizer, ti
     assert np.allclose(trainer.drift_state.weights, 1.0)
     summary = trainer.drift_state.history[-1]
     assert summary["contrast"] is False and "no contrast" in summary["reason"]
+    assert "features" not in summary["timings"]  # nothing to attribute towards: the feature pass is skipped
     assert trainer.drift_callback.sampler.version == 0
 
 
