@@ -107,3 +107,15 @@ def test_example_labels_variants():
     assert example_labels({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}) == [-100, 6, 7]
     assert example_labels({"input_ids": [5, 6, 7], "completion_mask": [0, 0, 1]}) == [-100, -100, 7]
     assert example_labels({"input_ids": [5, 6, 7]}) == [5, 6, 7]
+
+
+def test_bf16_model_gives_float32_features_close_to_float32_ones(tokenizer, tiny_model):
+    rows = _rows(tokenizer, False)
+    modules = select_target_modules(tiny_model)
+    projector = ProjectedGradients(modules, projection_dim=8, seed=0)
+    batch = collate_right(rows, tokenizer.pad_token_id)
+    full = projector.compute(tiny_model.eval(), batch).features
+    half = projector.compute(tiny_model.to(torch.bfloat16), batch).features
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    cos = torch.nn.functional.cosine_similarity(full, half, dim=1)
+    assert (cos > 0.95).all(), cos

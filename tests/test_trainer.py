@@ -164,7 +164,7 @@ def test_peft_lora_features_come_from_lora_modules(tmp_path, tokenizer, tiny_mod
     train, queries = _data(24)
     trainer = DriftSFTTrainer(
         model=tiny_model,
-        args=_config(tmp_path, max_steps=4, learning_rate=1e-2),
+        args=_config(tmp_path, max_steps=4, learning_rate=1e-2, gradient_checkpointing=True),
         train_dataset=train,
         query_dataset=queries,
         reward_funcs=digit_start_reward,
@@ -172,6 +172,7 @@ def test_peft_lora_features_come_from_lora_modules(tmp_path, tokenizer, tiny_mod
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )
     trainer.train()
+    assert trainer.model.is_activation_checkpointing  # still on after the refresh's feature pass
     names = trainer.drift_callback.projector.names
     assert names and all("lora_" in n for n in names)
     assert trainer.drift_state.num_refreshes == 1
