@@ -269,8 +269,10 @@ class DriftCallback(TrainerCallback):
             smoothed = previous.smoothed
             weights = previous.weights if previous.weights is not None else np.ones(result.scores.shape[0])
         else:
+            weighting_started = time.perf_counter()
             smoothed, weights = new_weights(result, previous.smoothed, previous.weights, args)
             weights = dist.broadcast(weights)  # identical on every rank, bit for bit
+            result.timings["weights"] = time.perf_counter() - weighting_started
         metrics = refresh_summary(result, weights, args)
         metrics["drift/refresh_seconds"] = time.perf_counter() - started
         self._apply(weights, changed=result.contrast)

@@ -116,3 +116,8 @@ def test_clip_and_ess():
     assert effective_sample_size(np.array([1.0, 0, 0, 0])) == pytest.approx(0.25)
     z = standardize(np.array([1.0, 2.0, 3.0, 100.0]), np.array([True, True, True, False]))
     assert z[3] == 0 and abs(z[:3].mean()) < 1e-12
+
+
+def test_all_zero_weights_are_refused_naming_the_options():
+    with pytest.raises(ValueError, match="drift_prune_fraction"):
+        clip_mean_one(np.zeros(5), 5.0)

@@ -97,7 +97,7 @@ def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational,
     first = train[0]["prompt"] if not conversational else train[0]["prompt"][0]["content"]
     assert first in examples[0]["text"]
     summary = json.loads(open(last / "summary.json").read())
-    assert set(summary["timings"]) >= {"rollouts", "features", "influence"}
+    assert set(summary["timings"]) >= {"rollouts", "rollout_features", "features", "influence", "weights"}
     # a refresh step still logs its training loss
     assert [h["step"] for h in trainer.state.log_history if "loss" in h] == [4, 8, 12]
     logged = [h for h in trainer.state.log_history if "drift/ess" in h]
