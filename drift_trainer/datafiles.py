@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from .features import IGNORE_INDEX, example_labels
 from .rollouts import is_conversational_prompt, tokenize_prompt
-from .state import default_mode
+from .state import atomic_path
 
 FORMATS = ("jsonl", "parquet", "disk")
 
@@ -121,23 +119,13 @@ def write_table(table: TableFile, out_path: str, keep: np.ndarray | None = None,
     n = len(table.rows)
     keep = np.ones(n, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
     weights = weights or {}
-    parent = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(parent, exist_ok=True)
     if table.format == "jsonl":
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-refined-")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for i in np.flatnonzero(keep):
-                    row = dict(table.rows[i])
-                    for name, values in weights.items():
-                        row[name] = float(values[i])
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            default_mode(tmp)
-            os.replace(tmp, out_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_path(out_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for i in np.flatnonzero(keep):
+                row = dict(table.rows[i])
+                for name, values in weights.items():
+                    row[name] = float(values[i])
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
         return out_path
     import pyarrow as pa
 
@@ -152,29 +140,13 @@ def write_table(table: TableFile, out_path: str, keep: np.ndarray | None = None,
     if table.format == "parquet":
         import pyarrow.parquet as pq
 
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-refined-")
-        os.close(fd)
-        try:
+        with atomic_path(out_path) as tmp:
             pq.write_table(arrow, tmp)
-            default_mode(tmp)
-            os.replace(tmp, out_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
         return out_path
     from datasets import Dataset
 
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-refined-")
-    try:
+    with atomic_path(out_path, directory=True) as tmp:
         Dataset(arrow).save_to_disk(tmp)
-        default_mode(tmp)
-        if os.path.exists(out_path):
-            shutil.rmtree(out_path)
-        os.replace(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path
 
 
@@ -216,8 +188,14 @@ def _template_ids(tokenizer, messages: list, **kwargs) -> dict:
     return {k: list(v) for k, v in out.items()}
 
 
-def tokenize_row(row: dict, kind: str, tokenizer, text_field: str = "text", completion_only_loss: bool = True,
-                 assistant_only_loss: bool = False) -> dict:
+def tokenize_row(
+    row: dict,
+    kind: str,
+    tokenizer,
+    text_field: str = "text",
+    completion_only_loss: bool = True,
+    assistant_only_loss: bool = False,
+) -> dict:
     """One train row tokenized as SFTTrainer does: ``{"input_ids", "labels"}`` (labels -100 where not trained)."""
     eos = tokenizer.eos_token or ""
     if kind == "prompt_completion":
@@ -259,8 +237,15 @@ def tokenize_row(row: dict, kind: str, tokenizer, text_field: str = "text", comp
     return {"input_ids": list(masked["input_ids"]), "labels": example_labels(masked)}
 
 
-def tokenize_rows(table: TableFile, tokenizer, kind: str, max_length: int | None = 1024, text_field: str = "text",
-                  completion_only_loss: bool = True, assistant_only_loss: bool = False) -> tuple[list[dict], np.ndarray]:
+def tokenize_rows(
+    table: TableFile,
+    tokenizer,
+    kind: str,
+    max_length: int | None = 1024,
+    text_field: str = "text",
+    completion_only_loss: bool = True,
+    assistant_only_loss: bool = False,
+) -> tuple[list[dict], np.ndarray]:
     """Tokenized rows that carry a labelled token and their index in ``table.rows``."""
     rows, index = [], []
     for i, row in enumerate(table.rows):
@@ -281,7 +266,9 @@ def example_text(row: dict, text_field: str = "text") -> str:
 
     def render(value) -> str:
         if isinstance(value, list) and value and isinstance(value[0], dict):
-            return "\n".join(f"{m.get('role', m.get('from', '?'))}: {m.get('content', m.get('value', ''))}" for m in value)
+            return "\n".join(
+                f"{m.get('role', m.get('from', '?'))}: {m.get('content', m.get('value', ''))}" for m in value
+            )
         return str(value)
 
     if "prompt" in row and "completion" in row:

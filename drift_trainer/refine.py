@@ -55,7 +55,7 @@ from .datafiles import (
     train_kind,
     write_table,
 )
-from .state import _json_default, atomic_write_text
+from .state import _json_default, atomic_path, atomic_write_text
 
 logger = logging.getLogger("drift_trainer.refine")
 WORK_DIR = "work"
@@ -307,16 +307,8 @@ def prepare_work_dir(ra: RefineArguments, fp: dict, is_main: bool) -> str:
 
 
 def save_npz(path: str, **arrays) -> None:
-    directory = os.path.dirname(path)
-    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def shard_path(work: str, s: int) -> str:
@@ -563,9 +555,8 @@ def write_outputs(ra, da, table, kind, result, weights, keep, fp, timings, n_sha
         "index": np.arange(n), "score": result.scores, "weight": np.asarray(weights, dtype=np.float64),
         "grad_norm": result.grad_norm, "raw_score": result.raw_scores, "loss": result.loss, "scored": result.scored,
     })
-    tmp = os.path.join(out, ".tmp-scores.parquet")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, os.path.join(out, "scores.parquet"))
+    with atomic_path(os.path.join(out, "scores.parquet")) as tmp:
+        frame.to_parquet(tmp, index=False)
     ro = result.rollouts
     lines = [json.dumps({"query_index": ro.query_index[j], "query": ro.prompts[j],
                          "completion": completion_text(ro.completions[j]), "reward": ro.rewards[j],

@@ -25,12 +25,11 @@ import io
 import json
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
-from .state import default_mode
+from .state import atomic_path, atomic_write_text
 
 POS_COLOR, NEG_COLOR = "#2a9d8f", "#e76f51"
 
@@ -111,11 +110,8 @@ def _save(fig, out_dir: str, name: str) -> bytes:
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     data = buf.getvalue()
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".png")
-    with os.fdopen(fd, "wb") as f:
+    with atomic_path(os.path.join(out_dir, name)) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    default_mode(tmp)
-    os.replace(tmp, os.path.join(out_dir, name))
     return data
 
 
@@ -372,11 +368,7 @@ rollouts likelier (and wrong ones less likely), below 0 the reverse.</p>
 </body></html>
 """
     path = os.path.join(out_dir, "report.html")
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tmp-", suffix=".html")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(page)
-    default_mode(tmp)
-    os.replace(tmp, path)
+    atomic_write_text(path, page)
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -74,20 +75,36 @@ def default_mode(path: str) -> None:
     os.chmod(path, (0o777 if os.path.isdir(path) else 0o666) & ~_umask())
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+@contextlib.contextmanager
+def atomic_path(path: str, directory: bool = False):
+    """Yield a temporary sibling of ``path`` (a file path, or a new directory) to write; on success it gets default
+    modes and is renamed onto ``path`` (replacing what was there), on failure it is removed. Readers never see a
+    half-written ``path``."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    if directory:
+        tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    else:
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+        os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         default_mode(tmp)
+        if directory and os.path.exists(path):
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_refresh_artifacts(
@@ -103,22 +120,12 @@ def write_refresh_artifacts(
     """
     import pandas as pd
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-refresh-")
-    try:
+    with atomic_path(out_dir, directory=True) as tmp:
         pd.DataFrame(frame_columns).to_parquet(os.path.join(tmp, "scores.parquet"), index=False)
         with open(os.path.join(tmp, "rollouts.jsonl"), "w") as f:
             f.writelines(json.dumps(rec, default=_json_default) + "\n" for rec in rollout_records)
         with open(os.path.join(tmp, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2, default=_json_default)
-        default_mode(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
