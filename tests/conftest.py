@@ -27,3 +27,30 @@ def digit_start_reward(prompts, completions, **kwargs):
     from drift_trainer.rewards import completion_text
 
     return [float(completion_text(c)[:1].isdigit()) for c in completions]
+
+
+def tiny_config(output_dir, **overrides):
+    """A DriftConfig sized for CPU tests: tiny batches, short rollouts, no bf16, no progress bars, no reporting."""
+    from drift_trainer import DriftConfig
+
+    base = dict(
+        output_dir=str(output_dir),
+        max_steps=12,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        drift_refresh_steps=4,
+        drift_num_queries=4,
+        drift_num_rollouts=4,
+        drift_max_new_tokens=4,
+        drift_progress=False,
+        drift_uniform_mix=0.0,
+        drift_score_ema=0.0,
+    )
+    base.update(overrides)
+    return DriftConfig(**base)

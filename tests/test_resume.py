@@ -5,39 +5,32 @@ import shutil
 
 import numpy as np
 
-from drift_trainer import DriftConfig, DriftSFTTrainer
+from drift_trainer import DriftSFTTrainer
 from drift_trainer.sampler import DriftSampler
 from drift_trainer.toy import Corruption, addition_dataset, build_tiny_llama, query_dataset_from
 
-from .conftest import digit_start_reward
+from .conftest import digit_start_reward, tiny_config
 
 
 def _trainer(tmp_dir, tokenizer, **kw):
     base = dict(
-        output_dir=str(tmp_dir),
         max_steps=10,
-        per_device_train_batch_size=4,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
         logging_steps=1,
-        report_to=[],
         save_strategy="steps",
         save_steps=4,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
         seed=0,
         drift_refresh_steps=3,
         drift_num_queries=3,
-        drift_max_new_tokens=4,
-        drift_progress=False,
-        drift_uniform_mix=0.0,
+        drift_num_rollouts=4,
+        drift_score_ema=0.5,
     )
     base.update(kw)
     train = addition_dataset(27, seed=0, corruption=Corruption("random", 0.3))
     return DriftSFTTrainer(
         model=build_tiny_llama(tokenizer, seed=0),
-        args=DriftConfig(**base),
+        args=tiny_config(tmp_dir, **base),
         train_dataset=train,
         query_dataset=query_dataset_from(addition_dataset(6, seed=1)),
         reward_funcs=digit_start_reward,

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from datasets import Dataset, IterableDataset
 
-from drift_trainer import DriftCallback, DriftConfig, DriftSFTTrainer, DriftTrainingArguments, exact_match
+from drift_trainer import DriftCallback, DriftSFTTrainer, DriftTrainingArguments, exact_match
 from drift_trainer.toy import Corruption, addition_dataset, query_dataset_from
 
-from .conftest import digit_start_reward
+from .conftest import digit_start_reward, tiny_config
 
 SCORE_COLUMNS = {"index", "score", "weight", "grad_norm"}
 METRICS = {
@@ -25,27 +25,7 @@ METRICS = {
 
 
 def _config(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=12,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        logging_steps=4,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        drift_refresh_steps=4,
-        drift_num_queries=4,
-        drift_num_rollouts=4,
-        drift_max_new_tokens=4,
-        drift_progress=False,
-        drift_uniform_mix=0.0,
-        drift_score_ema=0.0,
-    )
-    base.update(kw)
-    return DriftConfig(**base)
+    return tiny_config(tmp_path / "out", **kw)
 
 
 def _data(n=40, conversational=False):
