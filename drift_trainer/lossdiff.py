@@ -25,15 +25,16 @@ LOSSDIFF_SCORES = ("both", "lossdiff", "irm")
 
 
 def band_mask(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Keep the middle band of ``values`` by rank: exactly ``round(n*high/100) - round(n*low/100)`` entries.
+    """Keep the middle band of ``values`` by rank: exactly ``r(n*high/100) - r(n*low/100)`` entries, ``r(x) =
+    floor(x + 0.5)`` (round half up).
 
-    The entries ranked ``round(n*low/100)`` .. ``round(n*high/100) - 1`` (ascending, ties in index order) are True.
+    The entries ranked ``r(n*low/100)`` .. ``r(n*high/100) - 1`` (ascending, ties in index order) are True.
     """
     v = np.asarray(values, dtype=np.float64)
     n = len(v)
     if not 0.0 <= low < high <= 100.0:
         raise ValueError(f"A percentile band needs 0 <= low < high <= 100; got {low!r} and {high!r}.")
-    lo, hi = int(round(n * low / 100.0)), int(round(n * high / 100.0))
+    lo, hi = int(np.floor(n * low / 100.0 + 0.5)), int(np.floor(n * high / 100.0 + 0.5))
     mask = np.zeros(n, dtype=bool)
     mask[np.argsort(v, kind="stable")[lo:hi]] = True
     return mask
