@@ -193,6 +193,9 @@ def main(argv=None):
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--flip", type=float, default=0.35, help="share of flipped train pairs")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--sft-steps", type=int, default=None, help="steps of the shared SFT start (default 30)")
+    ap.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 1e-3)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (preference{tag}.json / .md)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     from drift_trainer.toy import build_char_tokenizer, offline_env
@@ -205,6 +208,10 @@ def main(argv=None):
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     cfg = {"n_train": 768, "epochs": 3, "lr": 1e-3, "beta": 0.1, "refresh": 24, "sft_steps": 30}
+    if a.sft_steps is not None:
+        cfg["sft_steps"] = a.sft_steps
+    if a.lr is not None:
+        cfg["lr"] = a.lr
     seeds = list(range(a.seeds))
     if a.quick:
         cfg.update(n_train=96, epochs=2, refresh=4, sft_steps=10)
@@ -235,9 +242,9 @@ def main(argv=None):
         "wall_seconds": round(wall, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
-    with open(os.path.join(a.out, "preference.json"), "w") as f:
+    with open(os.path.join(a.out, f"preference{a.tag}.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
-    write_md(os.path.join(a.out, "preference.md"), meta, results)
+    write_md(os.path.join(a.out, f"preference{a.tag}.md"), meta, results)
 
 
 def _fmt(vals):
