@@ -2,6 +2,7 @@
 
 from .callback import DriftCallback
 from .config import DriftArguments, DriftConfig, DriftTrainingArguments
+from .preference import DriftDPOConfig, DriftDPOTrainer
 from .rewards import exact_match, math_answer
 from .sampler import DriftSampler
 from .state import DriftState
@@ -13,6 +14,8 @@ __all__ = [
     "DriftArguments",
     "DriftCallback",
     "DriftConfig",
+    "DriftDPOConfig",
+    "DriftDPOTrainer",
     "DriftSFTTrainer",
     "DriftSampler",
     "DriftState",

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 from trl import SFTConfig
 
+from .ica import ICAArguments
+
 SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")
 PRECONDITIONERS = ("identity", "fisher")
@@ -282,12 +284,29 @@ def drift_arguments_from(args) -> DriftArguments:
     return out
 
 
+SFT_METHODS = ("drift", "ica")
+
+
 @dataclass
-class DriftConfig(DriftArguments, SFTConfig):
+class DriftConfig(DriftArguments, ICAArguments, SFTConfig):
     """``trl.SFTConfig`` plus the DRIFT options, for :class:`~drift_trainer.DriftSFTTrainer`."""
+
+    # kept apart from DriftArguments (and named `drift_method`, not `drift_scorer`) so it can be unified later with the
+    # scorer options of the DRIFT pipeline without a clash
+    drift_method: str = field(
+        default="drift",
+        metadata=_help(
+            "Which data-value method reweights the train set. `drift`: on-policy signed influence (the `drift_*` "
+            "options). `ica`: in-context approximation scores (forward passes only, needs a holdout_dataset), min-max "
+            "normalised and applied as per-example loss weights (the `drift_ica_*` options; no rollouts).",
+            SFT_METHODS,
+        ),
+    )
 
     def __post_init__(self):
         self.validate_drift()  # DRIFT errors first: they do not depend on the rest of the config
+        _choice(self, "drift_method", SFT_METHODS)
+        self.validate_ica()
         super().__post_init__()
 
 

@@ -149,17 +149,22 @@ class ProjectedGradients:
             for h in handles:
                 h.remove()
 
-    def compute(self, model: nn.Module, batch: dict, fused_lm_head: bool = False) -> FeatureBatch:
+    def compute(self, model: nn.Module, batch: dict, fused_lm_head: bool = False, loss_fn=None) -> FeatureBatch:
         """Features of every example of a right-padded ``batch`` (``input_ids``, ``attention_mask``, ``labels``).
 
         ``labels`` follow the HF convention (unshifted, -100 ignored). Each example's loss is its mean token loss
         over its labelled tokens; its feature is the projected gradient of that loss. ``fused_lm_head`` uses TRL's
         fused head (``model(..., fused_lm_head=True)``) instead of materialising logits.
+
+        ``loss_fn(model, batch, fused_lm_head) -> (loss (E,), num_tokens (E,))`` replaces the per-row token loss with
+        any per-example loss (e.g. a preference pair's). When an example spans several rows, ``batch["row_group"]``
+        (rows,) maps each row to its example and the features of an example's rows are summed (the gradient of a sum
+        of row terms).
         """
         device = batch["input_ids"].device
         self._to(device)
         with torch.enable_grad(), self.capture() as records:
-            loss, ntok = per_example_loss(model, batch, fused_lm_head)
+            loss, ntok = (loss_fn or per_example_loss)(model, batch, fused_lm_head)
             pairs = [(i, a, out) for i, rec in enumerate(records) for a, out in rec if out.requires_grad]
             grads = torch.autograd.grad(loss.sum(), [o for _, _, o in pairs], allow_unused=True) if pairs else []
             bsz = batch["input_ids"].shape[0]
@@ -169,6 +174,9 @@ class ProjectedGradients:
                     d = g.float() @ self.p_out[i].T  # (B, T, k)
                     blocks[i] += torch.einsum("btk,btl->bkl", d, a)
             feats = torch.cat([b.reshape(bsz, -1) for b in blocks], dim=1)
+            group = batch.get("row_group")
+            if group is not None:
+                feats = torch.zeros(loss.shape[0], feats.shape[1], device=device).index_add_(0, group.to(device), feats)
         return FeatureBatch(feats.detach().cpu(), loss.detach().float().cpu(), ntok.cpu())
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from .callback import INDEX_COLUMN, DriftCallback
 from .config import DriftConfig
+from .ica import ICACallback
 
 
 class _IndexCollator:
@@ -34,6 +37,10 @@ class DriftSFTTrainer(SFTTrainer):
         reward_funcs: one reward function or a list (summed), TRL convention
             ``f(prompts, completions, **columns) -> list[float]``, or a built-in name (``"exact_match"``,
             ``"math_answer"``).
+        holdout_dataset: ``drift_method="ica"`` only: ``prompt`` + ``completion`` examples retrieved as in-context
+            demonstrations (no query_dataset or reward_funcs needed then).
+        embedding_fn: ``drift_method="ica"`` only: ``f(texts) -> (n, d) array`` used to retrieve the holdout examples
+            nearest to each prompt. Default: mean-pooled last hidden states of the model being trained.
 
     ``args`` is a :class:`~drift_trainer.DriftConfig`; a plain ``SFTConfig`` is converted with DRIFT defaults. After
     ``train()``, ``trainer.drift_state`` holds the latest scores and weights (one per row of ``train_dataset``).
@@ -46,6 +53,8 @@ class DriftSFTTrainer(SFTTrainer):
         train_dataset=None,
         query_dataset=None,
         reward_funcs=None,
+        holdout_dataset=None,
+        embedding_fn=None,
         **kwargs,
     ):
         if args is None:
@@ -58,7 +67,18 @@ class DriftSFTTrainer(SFTTrainer):
             args = DriftConfig(**{k: v for k, v in values.items() if k in DriftConfig.__dataclass_fields__})
         self.drift_callback = DriftCallback(query_dataset=query_dataset, reward_funcs=reward_funcs)
         drift_args = self.drift_callback.resolve_args(args)
-        if drift_args.drift_enabled:
+        self._ica = drift_args.drift_enabled and getattr(args, "drift_method", "drift") == "ica"
+        user_train = train_dataset
+        if self._ica:  # ICA replaces the DRIFT refreshes: an inert DriftCallback, the index column, loss weights
+            self.drift_callback = DriftCallback(args=dataclasses.replace(drift_args, drift_enabled=False))
+            self._drift_num_examples = len(train_dataset)
+            if INDEX_COLUMN not in train_dataset.column_names:
+                train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
+            if args.loss_type != "nll" or args.label_smoothing_factor:
+                raise ValueError(
+                    "drift_method='ica' reweights the default NLL loss: set loss_type='nll' and label_smoothing_factor=0."
+                )
+        elif drift_args.drift_enabled:
             self.drift_callback.validate(drift_args, train_dataset, args)
             self._drift_num_examples = len(train_dataset)
             if INDEX_COLUMN not in train_dataset.column_names:
@@ -71,12 +91,27 @@ class DriftSFTTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.drift_callback.fused_lm_head = True  # SFTTrainer patched the model with TRL's fused LM head
         self.drift_callback.attach(self)
+        self.ica_callback = None
+        if self._ica:
+            self.ica_callback = ICACallback(self, user_train, holdout_dataset, args, embedding_fn)
+            self.add_callback(self.ica_callback)
         if self._drift_loss_mode:
             self.data_collator = _IndexCollator(self.data_collator)
 
     @property
     def _drift_loss_mode(self) -> bool:
+        if getattr(self, "_ica", False):
+            return True  # ICA weights are always per-example loss weights
         return self.drift_callback.enabled and self.drift_callback.args.drift_reweight_mode == "loss"
+
+    def _drift_loss_weights(self):
+        """Per user example loss weights (mean 1), or None before the first refresh."""
+        if getattr(self, "ica_callback", None) is not None:
+            w = self.ica_callback.weights
+            # ICA weights are in [0, 1]: scaled to mean 1, the token-mean loss becomes sum_i w_i L_i / sum_i w_i in
+            # expectation and equals the plain SFT loss when every weight is equal
+            return None if w is None or w.mean() <= 0 else w / w.mean()
+        return self.drift_callback.loss_weights
 
     @property
     def drift_state(self):
@@ -102,7 +137,7 @@ class DriftSFTTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
-        weights = self.drift_callback.loss_weights
+        weights = self._drift_loss_weights()
         if index is None or weights is None or not model.training:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch

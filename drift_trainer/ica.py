@@ -1,0 +1,329 @@
+"""ICA reweighting (in-context approximation, arXiv 2510.14459): a forward-only data-value score.
+
+``s(x, y) = log p(y | D_ho(x), x) - log p(y | x)``: how much likelier the model finds an example's response once the
+``k`` holdout examples most similar to its prompt are shown as demonstrations. Log-probabilities are summed over the
+response tokens. For a preference pair the score is the chosen-minus-rejected difference
+``[lp_ctx(y_w) - lp_ctx(y_l)] - [lp(y_w) - lp(y_l)]``. No reference model, no gradients.
+
+Weights are the min-max normalised scores, in [0, 1], used as per-example loss weights ``sum_i w_i L_i / sum_i w_i``
+(the paper's rule), or, with ``drift_ica_weighting`` set to a ``drift_weighting`` rule (``softmax``, ``prune``,
+``truncate``), the usual DRIFT weights from the same scores.
+
+Holdout retrieval: cosine similarity of prompt embeddings; by default the mean-pooled last hidden states of the model
+being trained (no sentence-embedding model is needed offline), or any ``embedding_fn(texts) -> (n, d) array``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from .features import IGNORE_INDEX, collate_right, per_example_loss
+from .weighting import scores_to_weights
+
+logger = logging.getLogger("drift_trainer")
+
+ICA_WEIGHTINGS = ("minmax", "softmax", "prune", "truncate")
+EmbeddingFn = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class ICAArguments:
+    """Options of the ICA scorer (``drift_method="ica"``)."""
+
+    drift_ica_num_demos: int = field(
+        default=3,
+        metadata={"help": "Holdout examples retrieved per candidate and shown as demonstrations (the paper's k=3)."},
+    )
+    drift_ica_refresh_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute the ICA weights every this many optimizer steps. Default: once, at the start of "
+            "training (the paper's default; recomputing changed little there)."
+        },
+    )
+    drift_ica_weighting: str = field(
+        default="minmax",
+        metadata={
+            "help": "How ICA scores become loss weights. `minmax`: (s - min) / (max - min), in [0, 1] (the paper). "
+            "`softmax`, `prune`, `truncate`: the `drift_weighting` rules with their `drift_*` options (e.g. "
+            "`truncate` keeps scores between percentiles `drift_truncate_low` and `drift_truncate_high`).",
+            "choices": list(ICA_WEIGHTINGS),
+        },
+    )
+    drift_ica_batch_size: int = field(
+        default=16, metadata={"help": "Sequences per forward when scoring with ICA (forward passes only)."}
+    )
+
+    def validate_ica(self) -> None:
+        if self.drift_ica_weighting not in ICA_WEIGHTINGS:
+            raise ValueError(
+                f"drift_ica_weighting must be one of {', '.join(map(repr, ICA_WEIGHTINGS))}; got "
+                f"{self.drift_ica_weighting!r}."
+            )
+        for name in ("drift_ica_num_demos", "drift_ica_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.drift_ica_refresh_steps is not None and int(self.drift_ica_refresh_steps) < 1:
+            raise ValueError(
+                f"drift_ica_refresh_steps must be a positive integer (or None: once at the start), got "
+                f"{self.drift_ica_refresh_steps!r}."
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------- texts
+def _is_messages(x) -> bool:
+    return isinstance(x, list) and bool(x) and isinstance(x[0], dict) and "role" in x[0]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text=text, add_special_tokens=False)["input_ids"])
+
+
+def _chat_text(tokenizer, messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def prompt_text(tokenizer, prompt) -> str:
+    """The prompt as the model reads it (chat template applied to messages)."""
+    return _chat_text(tokenizer, prompt, True) if _is_messages(prompt) else str(prompt)
+
+
+def _demo_prefix(tokenizer, demos: Sequence[tuple], conversational: bool):
+    """Demonstrations ``(prompt, completion)`` as text (text data) or as a message list (conversational data)."""
+    if conversational:
+        return [m for p, c in demos for m in (list(p) + list(c))]
+    eos = tokenizer.eos_token or ""
+    return "".join(str(p) + str(c) + eos for p, c in demos)
+
+
+def ica_rows(tokenizer, prompt, completion, demos: Sequence[tuple]) -> tuple[dict, dict]:
+    """Two tokenized rows for one candidate: ``(plain, in_context)``, with the same response tokens as labels.
+
+    Text data: response = completion + EOS (as TRL appends it); the demonstrations are ``prompt + completion + EOS``
+    strings placed before the prompt. Conversational data: the demonstrations are earlier user/assistant turns of the
+    same chat; the response tokens are where ``prompt + completion`` and ``prompt`` rendered alone diverge.
+    """
+    conversational = _is_messages(prompt)
+    if conversational:
+        p_full = _ids(tokenizer, _chat_text(tokenizer, prompt, True))
+        pc_ids = _ids(tokenizer, _chat_text(tokenizer, list(prompt) + list(completion), False))
+        cut = _common_prefix(p_full, pc_ids)
+        p_ids, y_ids = pc_ids[:cut], pc_ids[cut:]
+        ctx_full = _ids(tokenizer, _chat_text(tokenizer, _demo_prefix(tokenizer, demos, True) + list(prompt), True))
+        ctx_ids = ctx_full[: len(ctx_full) - (len(p_full) - cut)]  # drop the prompt end the response re-renders
+    else:
+        eos = tokenizer.eos_token or ""
+        text_c = str(completion) if str(completion).endswith(eos) else str(completion) + eos
+        p_ids = _ids(tokenizer, str(prompt))
+        pc_ids = _ids(tokenizer, str(prompt) + text_c)
+        cut = _common_prefix(p_ids, pc_ids)
+        p_ids, y_ids = pc_ids[:cut], pc_ids[cut:]
+        ctx_ids = _ids(tokenizer, _demo_prefix(tokenizer, demos, False)) + p_ids
+    plain = {"input_ids": p_ids + y_ids, "labels": [IGNORE_INDEX] * len(p_ids) + y_ids}
+    ctx = {"input_ids": ctx_ids + y_ids, "labels": [IGNORE_INDEX] * len(ctx_ids) + y_ids}
+    return plain, ctx
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+@torch.no_grad()
+def sequence_logps(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16) -> np.ndarray:
+    """Summed log-probability of each row's labelled tokens (n,), float64; forward passes only, eval mode."""
+    out = np.zeros(len(rows))
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(rows), batch_size):
+            idx = order[s : s + batch_size]
+            batch = collate_right([rows[i] for i in idx], pad_token_id, device)
+            loss, ntok = per_example_loss(model, batch)
+            out[idx] = (-loss.double() * ntok.double()).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def model_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
+    """Mean-pooled last hidden state of each text (n, hidden), float64: the offline stand-in for a sentence encoder."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = [{"input_ids": _ids(tokenizer, t) or [pad], "labels": []} for t in texts]
+    for r in rows:
+        r["labels"] = [IGNORE_INDEX] * len(r["input_ids"])
+    out = []
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(rows), batch_size):
+            batch = collate_right(rows[s : s + batch_size], pad, device)
+            h = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                output_hidden_states=True,
+                use_cache=False,
+            ).hidden_states[-1]
+            m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
+            out.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).double().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def retrieve(candidate_emb: np.ndarray, holdout_emb: np.ndarray, k: int) -> np.ndarray:
+    """Indices (n, min(k, m)) of the ``k`` holdout rows most cosine-similar to each candidate, most similar first."""
+    a = np.asarray(candidate_emb, dtype=np.float64)
+    b = np.asarray(holdout_emb, dtype=np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    sim = a @ b.T
+    k = min(int(k), b.shape[0])
+    return np.argsort(-sim, axis=1, kind="stable")[:, :k]
+
+
+def _holdout_pairs(holdout_dataset) -> list[tuple]:
+    """``(prompt, completion)`` of each holdout row: its ``completion``, else its ``chosen`` response."""
+    cols = holdout_dataset.column_names
+    target = "completion" if "completion" in cols else "chosen" if "chosen" in cols else None
+    if "prompt" not in cols or target is None:
+        raise ValueError(
+            "ICA needs a holdout_dataset with a `prompt` column and a `completion` (SFT) or `chosen` (preference) "
+            f"column; got columns {cols}."
+        )
+    return list(zip(holdout_dataset["prompt"], holdout_dataset[target]))
+
+
+def ica_scores(
+    model,
+    tokenizer,
+    dataset,
+    holdout_dataset,
+    num_demos: int = 3,
+    embedding_fn: EmbeddingFn | None = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """ICA score of every row of ``dataset`` (n,), float64.
+
+    ``dataset`` has ``prompt`` and ``completion`` columns (SFT: ``s = lp_ctx(y) - lp(y)``) or ``prompt``, ``chosen``
+    and ``rejected`` (preference: ``s = [lp_ctx(y_w) - lp_ctx(y_l)] - [lp(y_w) - lp(y_l)]``); text or messages.
+    """
+    cols = dataset.column_names
+    preference = "chosen" in cols and "rejected" in cols
+    if "prompt" not in cols or not (preference or "completion" in cols):
+        raise ValueError(
+            "ICA scores prompt-completion data (`prompt`, `completion`) or preference data (`prompt`, `chosen`, "
+            f"`rejected`); got columns {cols}."
+        )
+    holdout = _holdout_pairs(holdout_dataset)
+    if not holdout:
+        raise ValueError("ICA needs a non-empty holdout_dataset.")
+    prompts = list(dataset["prompt"])
+    cand_text = [prompt_text(tokenizer, p) for p in prompts]
+    hold_text = [prompt_text(tokenizer, p) for p, _ in holdout]
+    if embedding_fn is None:
+        emb_c = model_embeddings(model, tokenizer, cand_text, batch_size)
+        emb_h = model_embeddings(model, tokenizer, hold_text, batch_size)
+    else:
+        emb_c, emb_h = np.asarray(embedding_fn(cand_text)), np.asarray(embedding_fn(hold_text))
+    nearest = retrieve(emb_c, emb_h, num_demos)
+    responses = [dataset["chosen"], dataset["rejected"]] if preference else [dataset["completion"]]
+    rows: list[dict] = []
+    for resp in responses:
+        for i, (p, y) in enumerate(zip(prompts, resp)):
+            plain, ctx = ica_rows(tokenizer, p, y, [holdout[j] for j in nearest[i]])
+            rows.extend([plain, ctx])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    lp = sequence_logps(model, rows, pad, batch_size).reshape(len(responses), len(prompts), 2)
+    gain = lp[..., 1] - lp[..., 0]  # (responses, n): lp_ctx - lp
+    return gain[0] - gain[1] if preference else gain[0]
+
+
+def minmax(scores: np.ndarray) -> np.ndarray:
+    """Min-max normalised scores in [0, 1]; all ones when every score is equal (no information: no reweighting)."""
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) == 0:
+        return s
+    lo, hi = s.min(), s.max()
+    return np.ones_like(s) if hi - lo <= 0 else (s - lo) / (hi - lo)
+
+
+def ica_weights(scores: np.ndarray, args) -> np.ndarray:
+    """Loss weights from ICA scores: ``minmax`` in [0, 1], or a ``drift_weighting`` rule (mean 1) by
+    ``args.drift_ica_weighting``."""
+    rule = getattr(args, "drift_ica_weighting", "minmax")
+    if rule == "minmax":
+        return minmax(scores)
+
+    class _Rule:  # the drift_* options of args with drift_weighting swapped for the ICA rule
+        def __getattr__(self, name):
+            return rule if name == "drift_weighting" else getattr(args, name)
+
+    return scores_to_weights(scores, _Rule())
+
+
+class ICACallback(TrainerCallback):
+    """Computes ICA weights at the start of training (and every ``drift_ica_refresh_steps`` steps if set).
+
+    ``dataset`` is the user's train set (raw text columns, one row per user index); the weights land in
+    :attr:`weights` (numpy, one per row, the rule's own scale) and :attr:`scores`. The owning trainer reads them.
+    """
+
+    def __init__(self, trainer, dataset, holdout_dataset, args, embedding_fn: EmbeddingFn | None = None):
+        if holdout_dataset is None:
+            raise ValueError(
+                "drift_method='ica' needs a holdout_dataset (prompt + completion, or prompt + chosen): the examples "
+                "retrieved as in-context demonstrations."
+            )
+        _holdout_pairs(holdout_dataset)
+        self.trainer = trainer
+        self.dataset = dataset
+        self.holdout_dataset = holdout_dataset
+        self.args = args
+        self.embedding_fn = embedding_fn
+        self.scores: np.ndarray | None = None
+        self.weights: np.ndarray | None = None
+        self.history: list[dict] = []
+
+    def compute(self, step: int = 0) -> np.ndarray:
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        self.scores = ica_scores(
+            model,
+            tokenizer,
+            self.dataset,
+            self.holdout_dataset,
+            self.args.drift_ica_num_demos,
+            self.embedding_fn,
+            self.args.drift_ica_batch_size,
+        )
+        self.weights = ica_weights(self.scores, self.args)
+        self.history.append(
+            {"step": step, "score_mean": float(self.scores.mean()), "weight_mean": float(self.weights.mean())}
+        )
+        return self.weights
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.weights is None:
+            self.compute(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.args.drift_ica_refresh_steps
+        if every and state.global_step % int(every) == 0:
+            self.compute(state.global_step)
