@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from .features import ProjectedGradients, collate_right, example_labels
-from .influence import debias_raw, precondition, signed_target
+from .influence import precondition
 from .rollouts import Rollouts, generate_rollouts, sample_queries
+from .scorers import scorer_of, scorer_scores, scorer_signs, scorer_target, uses_preconditioner
 from .signing import has_contrast, rollout_signs
 from .weighting import effective_sample_size, scores_to_weights, standardize
 
@@ -205,15 +206,14 @@ def run_refresh(
             args.drift_no_contrast,
         )
         contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+        signs, contrast = scorer_signs(args, rollouts.rewards, signs, contrast)  # drift_scorer (scorers.py)
     fp = FeaturePass(projector, tokenizer.pad_token_id, args.drift_feature_batch_size, fused_lm_head)
-    # 2. rollout features (every rank, identical) -> G
+    # 2. rollout (or reference-answer) features (every rank, identical) -> G
     with _timed(timings, "rollout_features"):
-        live = np.flatnonzero(signs != 0)
-        target = np.zeros(projector.dim)
-        if contrast and len(live):
-            r_rows = rollouts.training_rows()
-            rfeat, _, _ = fp.run(model, [r_rows[j] for j in live])
-            target = signed_target(rfeat, signs[live])
+        target = scorer_target(
+            args, feature_pass=fp, model=model, tokenizer=tokenizer, query_dataset=query_dataset,
+            query_rows=query_rows, rollouts=rollouts, signs=signs, contrast=contrast, dim=projector.dim,
+        )
     # 3. train features, sharded
     n_rows = len(view)
     mine, per_rank = shard(n_rows, dist.rank, dist.world_size)
@@ -227,7 +227,7 @@ def run_refresh(
     # 4. influence: preconditioner (all-reduced), raw scores and norms gathered
     with _timed(timings, "influence"):
         direction = target
-        if args.drift_preconditioner == "fisher":
+        if uses_preconditioner(args):
             phi64 = phi.astype(np.float64)
             f_sum = dist.all_reduce_sum(phi64.T @ phi64)
             count = dist.all_reduce_sum(np.asarray([float(len(phi))]))[0]
@@ -248,7 +248,7 @@ def run_refresh(
         losses = np.full(n_rows, np.nan)
         tokens = np.zeros(n_rows)
         raw[row_ids], norms[row_ids], losses[row_ids], tokens[row_ids] = gathered[:, 1:].T
-        scores_rows = debias_raw(raw, norms, args.drift_debias, args.drift_norm_exponent)
+        scores_rows = scorer_scores(args, raw, norms, losses, seed + 15485863 * (refresh_index + 1))
     # map rows -> user examples
     n = view.num_examples
     out = {k: np.zeros(n) for k in ("scores", "raw", "norm")}
@@ -278,6 +278,8 @@ def run_refresh(
 
 def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, previous_weights, args):
     """Smoothed standardised scores and the new weights (unscored examples keep their previous weight)."""
+    if scorer_of(args) == "uniform":  # the no-reweighting baseline: weights stay exactly 1
+        return np.zeros_like(result.scores), np.ones_like(result.scores)
     z = standardize(result.scores, result.scored)
     if previous_smoothed is not None and args.drift_score_ema > 0:
         z = np.where(result.scored, args.drift_score_ema * previous_smoothed + (1 - args.drift_score_ema) * z, 0.0)
