@@ -27,18 +27,18 @@ from .toy import Corruption, addition_dataset, build_char_tokenizer, build_tiny_
 # A task the tiny model learns within the warm-up (so rollouts are a mix of right and wrong before the first refresh),
 # sized to finish in about a minute per run on 2 CPU cores.
 DEFAULTS = dict(
-    steps=900,
-    warmup=300,
+    steps=1000,
+    warmup=600,
     refresh=100,
     num_train=2000,
     num_test=300,
     num_queries=64,
     corruption="systematic",
-    fraction=0.4,
-    hidden_size=128,
-    num_layers=2,
-    lr=3e-3,
-    batch_size=32,
+    fraction=0.5,
+    hidden_size=96,
+    num_layers=3,
+    lr=2e-3,
+    batch_size=64,
     seed=0,
 )
 
@@ -161,15 +161,19 @@ def run_one(
     steps: int,
     seed: int = 0,
     drift: bool = True,
-    hidden_size: int = 128,
-    num_layers: int = 2,
-    lr: float = 3e-3,
-    batch_size: int = 32,
+    hidden_size: int = 96,
+    num_layers: int = 3,
+    lr: float = 2e-3,
+    batch_size: int = 64,
     curve_every: int = 0,
     progress: bool = True,
+    init_from: str | None = None,
+    warmup_steps: int | None = None,
+    save_model: bool = False,
     **drift_kwargs,
 ) -> RunResult:
-    """Train a fresh tiny Llama (init from ``seed``) on ``train`` for ``steps`` and evaluate it on ``test``.
+    """Train a fresh tiny Llama (init from ``seed``, or loaded from ``init_from``) on ``train`` for ``steps`` and
+    evaluate it on ``test``.
 
     ``drift=False`` is plain SFT (``drift_enabled=False``); otherwise ``drift_kwargs`` are ``drift_*`` options.
     """
@@ -181,14 +185,19 @@ def run_one(
     from .trainer import DriftSFTTrainer
 
     torch.manual_seed(seed)
-    model = build_tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=4, seed=seed)
+    if init_from:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(init_from)
+    else:
+        model = build_tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=4, seed=seed)
     args = DriftConfig(
         output_dir=output_dir,
         max_steps=steps,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
         lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(50, steps // 10),
+        warmup_steps=min(50, steps // 10) if warmup_steps is None else warmup_steps,
         weight_decay=0.0,
         seed=seed,
         report_to=[],
@@ -215,6 +224,8 @@ def run_one(
     )
     start = time.perf_counter()
     trainer.train()
+    if save_model:
+        trainer.save_model(os.path.join(output_dir, "final"))
     acc = evaluate_accuracy(trainer.model, tokenizer, test)
     result = RunResult(name=name, final_accuracy=acc, seconds=time.perf_counter() - start, output_dir=output_dir)
     result.accuracy_curve = list(probe.curve)
@@ -233,3 +244,139 @@ def run_one(
     with open(os.path.join(output_dir, "result.json"), "w") as f:
         json.dump(result.to_dict(), f, indent=2)
     return result
+
+
+def format_table(plain: RunResult, drift: RunResult, fraction_corrupted: float, clean: RunResult | None = None) -> str:
+    """The demo's markdown table."""
+    lines = [
+        "| run | final test accuracy | rollout accuracy by refresh | corrupted share of weight (start -> end) |",
+        "|---|---|---|---|",
+    ]
+    share_end = drift.corrupted_weight_share[-1] if drift.corrupted_weight_share else fraction_corrupted
+    ro = ", ".join(f"{s}: {a:.2f}" for s, a in zip(drift.refresh_steps, drift.rollout_accuracy)) or "no refresh"
+    lines.append(f"| plain SFT | {plain.final_accuracy:.3f} | - | {fraction_corrupted:.3f} -> {fraction_corrupted:.3f} |")
+    lines.append(f"| DRIFT | {drift.final_accuracy:.3f} | {ro} | {fraction_corrupted:.3f} -> {share_end:.3f} |")
+    if clean is not None:
+        lines.append(f"| SFT on clean rows only | {clean.final_accuracy:.3f} | - | 0.000 -> 0.000 |")
+    return "\n".join(lines)
+
+
+def plot(plain: RunResult, drift: RunResult, fraction_corrupted: float, path: str, title: str = "") -> str:
+    """Two panels: test accuracy over training; rollout accuracy and corrupted weight share at each refresh."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r, style in ((plain, "--"), (drift, "-")):
+        if r.accuracy_curve:
+            xs, ys = zip(*r.accuracy_curve)
+            ax1.plot(xs, ys, style, marker="o", label=f"{r.name} (final {r.final_accuracy:.2f})")
+    for s in drift.refresh_steps:
+        ax1.axvline(s, color="grey", alpha=0.2)
+    ax1.set_xlabel("step")
+    ax1.set_ylabel("test accuracy (greedy, exact match)")
+    ax1.set_ylim(0, 1)
+    ax1.legend()
+    ax1.set_title("held-out accuracy")
+    if drift.refresh_steps:
+        ax2.plot(drift.refresh_steps, drift.rollout_accuracy, marker="o", label="DRIFT rollout accuracy")
+        ax2.plot(drift.refresh_steps, drift.corrupted_weight_share, marker="s", label="corrupted share of weight")
+    ax2.axhline(fraction_corrupted, color="red", ls=":", label=f"corrupted fraction ({fraction_corrupted:.2f})")
+    ax2.set_xlabel("refresh step")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    ax2.set_title("DRIFT refreshes")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = DEFAULTS
+    p = argparse.ArgumentParser(
+        prog="drift-trainer demo",
+        description="Train a tiny Llama twice on two-digit addition with corrupted labels (plain SFT, then DRIFT; same "
+        "seed, data and budget), print a comparison table and write a plot and the run artifacts.",
+    )
+    p.add_argument("--output-dir", default="drift-demo", help="Folder for the plot, table, results and run artifacts.")
+    p.add_argument("--steps", type=int, default=d["steps"], help="Optimizer steps per run.")
+    p.add_argument("--warmup", type=int, default=d["warmup"], help="Step of DRIFT's first refresh.")
+    p.add_argument("--refresh", type=int, default=d["refresh"], help="Steps between DRIFT refreshes.")
+    p.add_argument("--seed", type=int, default=d["seed"], help="Seed of the model init, data and sampling.")
+    p.add_argument("--corruption", default=d["corruption"], choices=["random", "systematic", "format"],
+                   help="How corrupted rows are wrong: random numbers, a dropped carry, or the `#<answer>` format.")
+    p.add_argument("--fraction", type=float, default=d["fraction"], help="Share of rows drawn for corruption.")
+    p.add_argument("--num-train", type=int, default=d["num_train"], help="Training examples.")
+    p.add_argument("--num-test", type=int, default=d["num_test"], help="Held-out test prompts.")
+    p.add_argument("--num-queries", type=int, default=d["num_queries"], help="Validation queries per refresh.")
+    p.add_argument("--hidden-size", type=int, default=d["hidden_size"], help="Model width.")
+    p.add_argument("--num-layers", type=int, default=d["num_layers"], help="Model depth.")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="Train batch size.")
+    p.add_argument("--lr", type=float, default=d["lr"], help="Learning rate.")
+    p.add_argument("--scorer", default="drift", help="drift_scorer of the second run (default: drift).")
+    p.add_argument("--curve-every", type=int, default=100, help="Evaluate test accuracy every N steps (0: off).")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for a tiny model).")
+    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    offline_env()
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("drift_trainer").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(max(1, ns.threads))
+    out = os.path.abspath(ns.output_dir)
+    os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    tokenizer = build_char_tokenizer(os.path.join(out, "tokenizer"))
+    train, queries, test = make_data(ns.corruption, ns.fraction, ns.num_train, ns.num_test, ns.num_queries, ns.seed)
+    corrupted = np.asarray(train["corrupted"], dtype=bool)
+    frac = float(corrupted.mean())
+    print(
+        f"drift-trainer demo: {len(train)} train rows ({corrupted.sum()} corrupted: {ns.corruption}), "
+        f"{len(queries)} queries, {len(test)} test prompts; {ns.steps} steps per run; output: {out}",
+        flush=True,
+    )
+    common = dict(
+        train=train, queries=queries, test=test, tokenizer=tokenizer, steps=ns.steps, seed=ns.seed,
+        hidden_size=ns.hidden_size, num_layers=ns.num_layers, lr=ns.lr, batch_size=ns.batch_size,
+        curve_every=ns.curve_every, progress=not ns.quiet,
+    )
+    print("[1/2] plain SFT (drift_enabled=False)", flush=True)
+    plain = run_one("plain SFT", output_dir=os.path.join(out, "plain_sft"), drift=False, **common)
+    print(f"      final test accuracy {plain.final_accuracy:.3f} ({plain.seconds:.0f}s)", flush=True)
+    print(f"[2/2] DRIFT (drift_scorer={ns.scorer}, first refresh at step {ns.warmup}, every {ns.refresh})", flush=True)
+    drift = run_one(
+        "DRIFT", output_dir=os.path.join(out, "drift"), drift=True, drift_scorer=ns.scorer,
+        drift_first_refresh_step=ns.warmup, drift_refresh_steps=ns.refresh, drift_num_queries=ns.num_queries,
+        drift_num_rollouts=4, drift_rollout_batch_size=256, drift_max_new_tokens=5, drift_feature_batch_size=64,
+        **common,
+    )
+    print(f"      final test accuracy {drift.final_accuracy:.3f} ({drift.seconds:.0f}s)", flush=True)
+    table = format_table(plain, drift, frac)
+    png = plot(plain, drift, frac, os.path.join(out, "demo.png"),
+               title=f"{ns.corruption} corruption, {frac:.0%} of rows, seed {ns.seed}")
+    total = time.perf_counter() - started
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"`drift-trainer demo {' '.join(argv or [])}`\n\n{table}\n")
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"args": vars(ns), "corrupted_fraction": frac, "plain": plain.to_dict(), "drift": drift.to_dict(),
+                   "seconds": total}, f, indent=2)
+    print()
+    print(table)
+    print()
+    ahead = drift.final_accuracy - plain.final_accuracy
+    print(f"DRIFT - plain SFT: {ahead:+.3f} test accuracy. Total {total:.0f}s.")
+    print(f"Wrote {png}, {os.path.join(out, 'table.md')}, {os.path.join(out, 'results.json')}, run artifacts under "
+          f"{os.path.join(out, 'drift', 'drift')}/refresh-*/")
+    return 0
