@@ -83,8 +83,9 @@ class DriftArguments:
         default="drift",
         metadata=_help(
             "What scores the train examples at each refresh (all share the rollout and feature pipeline). `drift`: "
-            "signed on-policy influence (the method). Baselines: `off_policy` (influence towards the gradients of the "
-            "queries' reference answers, the query dataset's `answer` column, instead of rollouts), `cosine` (LESS "
+            "signed on-policy influence (the method). Baselines: `off_policy` (classic influence: raw inner products, "
+            "no debiasing, towards the gradients of the queries' reference answers, the query dataset's `answer` "
+            "column, instead of rollouts), `cosine` (LESS "
             "style: mean cosine similarity of train features to the reference-answer features), `loss` (low loss "
             "first: score = -loss), `random` (seeded random scores), `uniform` (no reweighting: weights stay 1). "
             "Ablations: `drift_unsigned` (correct rollouts only, sign +1), `drift_raw` (drift with "

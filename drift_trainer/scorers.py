@@ -13,12 +13,17 @@ scorer             target ``G``                                                s
 ``drift``          signed sum of normalised rollout features                   ``drift_debias`` of ``<H^-1 G, phi_i>``
 ``drift_unsigned`` correct rollouts only, each +1/#correct                     as ``drift``
 ``drift_raw``      as ``drift``                                                ``<H^-1 G, phi_i>`` (debias ``none``)
-``off_policy``     mean normalised feature of the reference answers            as ``drift`` (same debias, H)
+``off_policy``     mean normalised feature of the reference answers            ``<H^-1 G, phi_i>`` (raw: classic IF)
 ``cosine``         mean normalised feature of the reference answers            ``<G, phi_i / ||phi_i||>`` (mean cos)
 ``loss``           none                                                        ``-loss_i``
 ``random``         none                                                        seeded standard normal
 ``uniform``        none                                                        0, and weights stay exactly 1
 =================  ==========================================================  =====================================
+
+``off_policy`` is the classic influence baseline the paper argues against on both counts: off-policy targets and no
+debiasing (with ``drift_debias='normalize'`` and the identity preconditioner it would equal ``cosine``). Its
+on-policy counterpart is ``drift_raw``, so ``drift_raw`` vs ``off_policy`` isolates on-policy targets, and ``drift``
+vs ``drift_raw`` isolates debiasing.
 
 Reference answers come from the query dataset's ``answer`` column: the completion ``answer`` + EOS after the
 query's prompt, tokenized exactly as a rollout (so a correct rollout and its reference answer have the same feature).
@@ -114,9 +119,9 @@ def scorer_scores(args, raw: np.ndarray, norms: np.ndarray, losses: np.ndarray, 
     """Scores of the train rows from raw inner products ``<H^-1 G, phi_i>``, feature norms and losses."""
     scorer = scorer_of(args)
     live = np.asarray(norms) > 0
-    if scorer in ("drift", "drift_unsigned", "off_policy"):
+    if scorer in ("drift", "drift_unsigned"):
         return debias_raw(raw, norms, args.drift_debias, args.drift_norm_exponent)
-    if scorer == "drift_raw":
+    if scorer in ("drift_raw", "off_policy"):
         return debias_raw(raw, norms, "none")
     if scorer == "cosine":
         return debias_raw(raw, norms, "normalize", 1.0)

@@ -24,8 +24,9 @@ def tok():
 
 
 def args_for(scorer, **kw):
-    a = DriftArguments(drift_scorer=scorer, drift_num_queries=4, drift_num_rollouts=2, drift_max_new_tokens=4,
-                       drift_progress=False, drift_score_ema=0.0, **kw)
+    base = dict(drift_scorer=scorer, drift_num_queries=4, drift_num_rollouts=2, drift_max_new_tokens=4,
+                drift_progress=False, drift_score_ema=0.0)
+    a = DriftArguments(**{**base, **kw})
     a.validate_drift()
     return a
 
@@ -146,7 +147,7 @@ def test_run_refresh_each_scorer(tok, setup, scorer):
         np.testing.assert_array_equal(weights, np.ones(len(view)))
     if scorer == "random":
         assert np.std(result.scores) > 0.5
-    if scorer in ("off_policy", "cosine"):
+    if scorer == "cosine":
         # one query: the train row that *is* its reference answer has cosine 1, the maximum
         assert result.contrast
         assert np.argmax(result.scores) == 0
@@ -160,11 +161,12 @@ def test_off_policy_is_not_cosine_without_normalisation(tok, setup):
     model, view, query, projector = setup
     kw = dict(model=model, tokenizer=tok, view=view, query_dataset=query, reward_funcs=[exact_match],
               projector=projector, progress=False, step=1)
-    off = run_refresh(args=args_for("off_policy", drift_debias="none"), **kw).scores
-    cos = run_refresh(args=args_for("cosine"), **kw).scores
-    np.testing.assert_allclose(cos * np.where(view.lengths() > 0, 1, 0) * off[0] / cos[0], cos * off[0] / cos[0])
-    norms = run_refresh(args=args_for("cosine"), **kw).grad_norm
-    np.testing.assert_allclose(off, cos * norms, rtol=1e-6, atol=1e-9)  # raw influence = cosine x train norm
+    off = run_refresh(args=args_for("off_policy"), **kw)  # default drift_debias='normalize' does not apply
+    cos = run_refresh(args=args_for("cosine"), **kw)
+    assert not np.allclose(off.scores, cos.scores)
+    # one query: raw influence = cosine to the reference feature x the train feature's norm x the target's norm (1)
+    np.testing.assert_allclose(off.scores, cos.scores * off.grad_norm, rtol=1e-6, atol=1e-9)
+    assert off.scores[0] == pytest.approx(off.grad_norm[0], rel=1e-6)
 
 
 def test_auroc():
@@ -173,3 +175,25 @@ def test_auroc():
     assert auroc([1, 1, 1, 1], [True, False, True, False]) == 0.5
     assert np.isnan(auroc([1, 2], [True, True]))
     torch.manual_seed(0)
+
+
+def _parity_reward(prompts, completions, **kw):
+    """An arbitrary judge that marks some rollouts of an untrained model correct, so signing has contrast."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def test_drift_ablations_share_rollouts_and_differ_as_documented(tok, setup):
+    model, view, query, projector = setup
+    kw = dict(model=model, tokenizer=tok, view=view, query_dataset=query, reward_funcs=[_parity_reward],
+              projector=projector, progress=False, step=1)
+    many = dict(drift_num_rollouts=8, drift_max_new_tokens=6)
+    drift = run_refresh(args=args_for("drift", **many), **kw)
+    raw = run_refresh(args=args_for("drift_raw", **many), **kw)
+    unsigned = run_refresh(args=args_for("drift_unsigned", **many), **kw)
+    assert drift.contrast and raw.contrast and unsigned.contrast, "the parity judge should give mixed verdicts"
+    assert [c for c in drift.rollouts.completions] == [c for c in raw.rollouts.completions]  # same seeded rollouts
+    np.testing.assert_allclose(raw.raw_scores, drift.raw_scores)
+    np.testing.assert_allclose(raw.scores, drift.raw_scores)  # drift_raw: no debiasing
+    np.testing.assert_allclose(drift.scores, drift.raw_scores / drift.grad_norm)  # drift: normalize (alpha 1)
+    assert (unsigned.signs >= 0).all() and (drift.signs < 0).any()
+    assert not np.allclose(unsigned.scores, drift.scores)
