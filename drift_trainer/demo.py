@@ -27,8 +27,8 @@ from .toy import Corruption, addition_dataset, build_char_tokenizer, build_tiny_
 # A task the tiny model learns within the warm-up (so rollouts are a mix of right and wrong before the first refresh),
 # sized to finish in about a minute per run on 2 CPU cores.
 DEFAULTS = dict(
-    steps=1000,
-    warmup=600,
+    steps=1200,
+    warmup=800,
     refresh=100,
     num_train=2000,
     num_test=300,
@@ -246,18 +246,28 @@ def run_one(
     return result
 
 
-def format_table(plain: RunResult, drift: RunResult, fraction_corrupted: float, clean: RunResult | None = None) -> str:
-    """The demo's markdown table."""
+def _acc_at(r: RunResult, step: int | None) -> str:
+    hits = [a for s, a in r.accuracy_curve if s == step]
+    return f"{hits[0]:.3f}" if hits else "-"
+
+
+def format_table(plain: RunResult, drift: RunResult, fraction_corrupted: float) -> str:
+    """The demo's markdown table.
+
+    "test accuracy at first refresh" shows where each run stood before DRIFT changed anything: the runs share seed,
+    data and init, but not the data order (plain SFT uses the Trainer's RandomSampler, DRIFT its own DriftSampler).
+    """
+    first = drift.refresh_steps[0] if drift.refresh_steps else None
     lines = [
-        "| run | final test accuracy | rollout accuracy by refresh | corrupted share of weight (start -> end) |",
-        "|---|---|---|---|",
+        f"| run | final test accuracy | test accuracy at first refresh (step {first}) | rollout accuracy by refresh "
+        "| corrupted share of weight (start -> end) |",
+        "|---|---|---|---|---|",
     ]
     share_end = drift.corrupted_weight_share[-1] if drift.corrupted_weight_share else fraction_corrupted
     ro = ", ".join(f"{s}: {a:.2f}" for s, a in zip(drift.refresh_steps, drift.rollout_accuracy)) or "no refresh"
-    lines.append(f"| plain SFT | {plain.final_accuracy:.3f} | - | {fraction_corrupted:.3f} -> {fraction_corrupted:.3f} |")
-    lines.append(f"| DRIFT | {drift.final_accuracy:.3f} | {ro} | {fraction_corrupted:.3f} -> {share_end:.3f} |")
-    if clean is not None:
-        lines.append(f"| SFT on clean rows only | {clean.final_accuracy:.3f} | - | 0.000 -> 0.000 |")
+    f = fraction_corrupted
+    lines.append(f"| plain SFT | {plain.final_accuracy:.3f} | {_acc_at(plain, first)} | - | {f:.3f} -> {f:.3f} |")
+    lines.append(f"| DRIFT | {drift.final_accuracy:.3f} | {_acc_at(drift, first)} | {ro} | {f:.3f} -> {share_end:.3f} |")
     return "\n".join(lines)
 
 
@@ -331,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
+    import datasets
+
+    datasets.disable_progress_bars()  # the Trainer's own bar shows progress; dataset preparation is instant
     transformers.logging.set_verbosity_error()
     logging.getLogger("drift_trainer").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
