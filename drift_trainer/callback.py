@@ -28,6 +28,7 @@ from .refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh
 from .rewards import completion_text, resolve_reward_funcs
 from .rollouts import check_query_dataset, generation_context
 from .sampler import DriftSampler
+from .scorers import check_scorer_inputs
 from .state import STATE_FILE, DriftState, atomic_write_text, write_refresh_artifacts
 
 logger = logging.getLogger("drift_trainer")
@@ -93,6 +94,7 @@ class DriftCallback(TrainerCallback):
         if not drift_args.drift_enabled:
             return
         check_query_dataset(self.query_dataset)
+        check_scorer_inputs(drift_args, self.query_dataset)
         if not self.reward_funcs:
             raise ValueError(
                 "DRIFT is enabled but no reward function was given: pass reward_funcs=exact_match (or 'math_answer', "

@@ -20,6 +20,7 @@ PRECONDITIONERS = ("identity", "fisher")
 WEIGHTINGS = ("softmax", "prune", "truncate")
 REWEIGHT_MODES = ("sampler", "loss")
 NO_CONTRAST = ("skip", "keep")
+SCORERS = ("drift", "off_policy", "cosine", "loss", "random", "uniform", "drift_unsigned", "drift_raw")
 
 
 def _help(text: str, choices: tuple[str, ...] | None = None) -> dict:
@@ -78,6 +79,20 @@ class DriftArguments:
             "`correctness` signing their rollouts keep their global sign (all-correct queries pull towards their "
             "rollouts, all-wrong ones push away). `advantage` signing gives them 0 either way.",
             NO_CONTRAST,
+        ),
+    )
+    drift_scorer: str = field(
+        default="drift",
+        metadata=_help(
+            "What scores the train examples at each refresh (all share the rollout and feature pipeline). `drift`: "
+            "signed on-policy influence (the method). Baselines: `off_policy` (classic influence: raw inner products, "
+            "no debiasing, towards the gradients of the queries' reference answers, the query dataset's `answer` "
+            "column, instead of rollouts), `cosine` (LESS "
+            "style: mean cosine similarity of train features to the reference-answer features), `loss` (low loss "
+            "first: score = -loss), `random` (seeded random scores), `uniform` (no reweighting: weights stay 1). "
+            "Ablations: `drift_unsigned` (correct rollouts only, sign +1), `drift_raw` (drift with "
+            "drift_debias='none').",
+            SCORERS,
         ),
     )
     drift_debias: str = field(
@@ -209,6 +224,7 @@ class DriftArguments:
         _choice(self, "drift_weighting", WEIGHTINGS)
         _choice(self, "drift_reweight_mode", REWEIGHT_MODES)
         _choice(self, "drift_no_contrast", NO_CONTRAST)
+        _choice(self, "drift_scorer", SCORERS)
         for name in (
             "drift_refresh_steps",
             "drift_num_queries",

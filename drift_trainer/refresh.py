@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from .features import ProjectedGradients, collate_right, example_labels
-from .influence import debias_raw, precondition, signed_target
+from .influence import precondition
+from .rewards import resolve_reward_funcs
 from .rollouts import Rollouts, generate_rollouts, sample_queries
+from .scorers import scorer_of, scorer_scores, scorer_signs, scorer_target, uses_preconditioner
 from .signing import has_contrast, rollout_signs
 from .weighting import effective_sample_size, scores_to_weights, standardize
 
@@ -237,6 +239,7 @@ def run_refresh(
     ZeRO-3, TRL's gathered-weights context); default: ``model`` itself.
     """
     dist = dist or Dist()
+    reward_funcs = resolve_reward_funcs(reward_funcs)
     show = progress and dist.rank == 0
     timings: dict[str, float] = {}
     # 1. rollouts: every rank samples the same queries with the same seed, so all hold the same rollouts
@@ -264,6 +267,7 @@ def run_refresh(
             args.drift_no_contrast,
         )
         contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+        signs, contrast = scorer_signs(args, rollouts.rewards, signs, contrast)  # drift_scorer (scorers.py)
     if not contrast:
         # nothing to attribute towards: the caller keeps its previous weights, so skip the (costly) feature passes
         n = view.num_examples
@@ -291,14 +295,20 @@ def run_refresh(
         memmap_dir=getattr(args, "drift_feature_memmap_dir", None),
         max_memory_mb=getattr(args, "drift_feature_memory_mb", None),
     )
-    # 2. rollout features (every rank, identical) -> G
+    # 2. rollout (or reference-answer) features (every rank, identical) -> G
     with _timed(timings, "rollout_features"):
-        live = np.flatnonzero(signs != 0)
-        target = np.zeros(projector.dim)
-        if contrast and len(live):
-            r_rows = rollouts.training_rows()
-            rfeat, _, _ = fp.run(model, [r_rows[j] for j in live])
-            target = signed_target(rfeat, signs[live])
+        target = scorer_target(
+            args,
+            feature_pass=fp,
+            model=model,
+            tokenizer=tokenizer,
+            query_dataset=query_dataset,
+            query_rows=query_rows,
+            rollouts=rollouts,
+            signs=signs,
+            contrast=contrast,
+            dim=projector.dim,
+        )
     # 3. train features (all rows, or this refresh's block of drift_max_train_examples), sharded
     n_rows = len(view)
     subset = refresh_subset(n_rows, getattr(args, "drift_max_train_examples", None), refresh_index, seed)
@@ -315,7 +325,7 @@ def run_refresh(
     with _timed(timings, "influence"):
         # statistics stream over row chunks: no float64 copy of the whole (possibly memory-mapped) feature matrix
         direction = target
-        if args.drift_preconditioner == "fisher":
+        if uses_preconditioner(args):
             f_local = np.zeros((projector.dim, projector.dim))
             for sl in _row_chunks(len(phi), projector.dim):
                 chunk = np.asarray(phi[sl], dtype=np.float64)
@@ -344,7 +354,7 @@ def run_refresh(
         losses = np.full(n_rows, np.nan)
         tokens = np.zeros(n_rows)
         raw[row_ids], norms[row_ids], losses[row_ids], tokens[row_ids] = gathered[:, 1:].T
-        scores_rows = debias_raw(raw, norms, args.drift_debias, args.drift_norm_exponent)
+        scores_rows = scorer_scores(args, raw, norms, losses, seed + 15485863 * (refresh_index + 1))
     # map rows -> user examples
     n = view.num_examples
     out = {k: np.zeros(n) for k in ("scores", "raw", "norm")}
@@ -380,6 +390,8 @@ def run_refresh(
 
 def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, previous_weights, args):
     """Smoothed standardised scores and the new weights (unscored examples keep their previous weight)."""
+    if scorer_of(args) == "uniform":  # the no-reweighting baseline: weights stay exactly 1
+        return np.zeros_like(result.scores), np.ones_like(result.scores)
     z = standardize(result.scores, result.scored)
     known = result.scored
     if previous_smoothed is not None and getattr(args, "drift_max_train_examples", None) is not None:

@@ -32,12 +32,13 @@ def build_char_tokenizer(save_dir: str | None = None):
     Returns the tokenizer reloaded with ``from_pretrained`` from ``save_dir`` (a temporary directory if None), so it
     behaves exactly like one a user would load. Pad is ``<pad>``, EOS ``</s>``, BOS ``<s>`` (not added to plain text).
     """
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ALPHABET)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters decode back without spaces between them ("46", not "4 6")
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",

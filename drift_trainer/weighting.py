@@ -64,7 +64,8 @@ def scores_to_weights(scores: np.ndarray, args, mask: np.ndarray | None = None) 
         n_drop = int(np.floor(args.drift_prune_fraction * len(live)))
         w = np.ones(len(live))
         if n_drop:
-            w[np.argsort(live, kind="stable")[:n_drop]] = 0.0
+            tiebreak = np.random.default_rng(0).random(len(live))  # equal scores: drop a seeded random subset
+            w[np.lexsort((tiebreak, live))[:n_drop]] = 0.0
     elif rule == "truncate":
         lo, hi = np.percentile(live, [args.drift_truncate_low, args.drift_truncate_high])
         w = ((live >= lo) & (live <= hi)).astype(np.float64)

@@ -1,0 +1,199 @@
+"""The `drift_scorer` option: each baseline / ablation builds the scores it documents (scorers.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from drift_trainer.config import SCORERS, DriftArguments
+from drift_trainer.demo import auroc
+from drift_trainer.features import IGNORE_INDEX, ProjectedGradients, select_target_modules
+from drift_trainer.refresh import RefreshResult, TrainView, new_weights, run_refresh
+from drift_trainer.rewards import exact_match
+from drift_trainer.rollouts import Rollouts
+from drift_trainer.scorers import check_scorer_inputs, reference_rows, scorer_scores, scorer_signs
+from drift_trainer.toy import addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env, query_dataset_from
+
+offline_env()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_char_tokenizer()
+
+
+def args_for(scorer, **kw):
+    base = dict(drift_scorer=scorer, drift_num_queries=4, drift_num_rollouts=2, drift_max_new_tokens=4,
+                drift_progress=False, drift_score_ema=0.0)
+    a = DriftArguments(**{**base, **kw})
+    a.validate_drift()
+    return a
+
+
+def test_config_accepts_every_scorer_and_rejects_others():
+    for s in SCORERS:
+        args_for(s)
+    assert DriftArguments().drift_scorer == "drift"
+    with pytest.raises(ValueError, match="drift_scorer"):
+        args_for("influence")
+
+
+def test_unsigned_signs_only_correct_rollouts():
+    rewards = np.array([1.0, 0.0, 1.0, 0.0, 0.0])
+    drift_signs = np.array([0.5, -1 / 3, 0.5, -1 / 3, -1 / 3])
+    s, contrast = scorer_signs(args_for("drift_unsigned"), rewards, drift_signs, True)
+    np.testing.assert_allclose(s, [0.5, 0, 0.5, 0, 0])
+    assert contrast
+    s, contrast = scorer_signs(args_for("drift_unsigned"), np.zeros(3), np.zeros(3), False)
+    assert not contrast and not s.any()
+    # drift and drift_raw keep the signing rule's signs; reference / rollout-free scorers ignore rollouts
+    for name in ("drift", "drift_raw"):
+        s, c = scorer_signs(args_for(name), rewards, drift_signs, True)
+        np.testing.assert_allclose(s, drift_signs)
+    for name in ("off_policy", "cosine", "loss", "random", "uniform"):
+        s, c = scorer_signs(args_for(name), rewards, drift_signs, False)
+        assert c and not s.any()
+
+
+def test_scores_per_scorer():
+    raw = np.array([4.0, -2.0, 1.0, 0.0])
+    norms = np.array([4.0, 1.0, 0.5, 0.0])  # last row fully masked
+    losses = np.array([0.1, 2.0, 0.5, np.nan])
+    np.testing.assert_allclose(scorer_scores(args_for("drift"), raw, norms, losses, 0), [1.0, -2.0, 2.0, 0.0])
+    np.testing.assert_allclose(scorer_scores(args_for("drift_raw"), raw, norms, losses, 0), [4.0, -2.0, 1.0, 0.0])
+    np.testing.assert_allclose(
+        scorer_scores(args_for("drift", drift_debias="none"), raw, norms, losses, 0), [4.0, -2.0, 1.0, 0.0]
+    )
+    # cosine always normalises (LESS), whatever drift_debias says
+    np.testing.assert_allclose(
+        scorer_scores(args_for("cosine", drift_debias="none"), raw, norms, losses, 0), [1.0, -2.0, 2.0, 0.0]
+    )
+    np.testing.assert_allclose(scorer_scores(args_for("loss"), raw, norms, losses, 0), [-0.1, -2.0, -0.5, 0.0])
+    r1 = scorer_scores(args_for("random"), raw, norms, losses, 1)
+    assert np.array_equal(r1, scorer_scores(args_for("random"), raw, norms, losses, 1))
+    assert not np.array_equal(r1, scorer_scores(args_for("random"), raw, norms, losses, 2))
+    assert r1[3] == 0.0 and np.all(r1[:3] != 0)
+    assert not scorer_scores(args_for("uniform"), raw, norms, losses, 0).any()
+
+
+def test_uniform_keeps_weights_at_one_and_prune_would_not():
+    scores = np.zeros(10)
+    result = RefreshResult(step=1, scores=scores, raw_scores=scores, grad_norm=np.ones(10), loss=np.ones(10),
+                           scored=np.ones(10, bool), rollouts=Rollouts(), signs=np.zeros(0), contrast=True)
+    _, w = new_weights(result, None, None, args_for("uniform", drift_weighting="prune"))
+    np.testing.assert_array_equal(w, np.ones(10))
+    _, w = new_weights(result, None, None, args_for("random", drift_weighting="prune"))
+    assert (w < 1).any()  # equal scores through `prune` still drop rows: uniform must bypass the weighting
+
+
+def test_reference_rows_match_a_correct_rollout(tok):
+    queries = query_dataset_from(addition_dataset(3, seed=4))
+    rows = reference_rows(tok, queries, [0, 2])
+    assert len(rows) == 2
+    for row, qi in zip(rows, [0, 2]):
+        prompt = tok(queries[qi]["prompt"])["input_ids"]
+        answer = tok(queries[qi]["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert row["input_ids"] == prompt + answer
+        assert row["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+
+
+def test_reference_scorers_need_an_answer_column():
+    queries = query_dataset_from(addition_dataset(3, seed=4)).remove_columns("answer")
+    for name in ("off_policy", "cosine"):
+        with pytest.raises(ValueError, match="answer"):
+            check_scorer_inputs(args_for(name), queries)
+    check_scorer_inputs(args_for("drift"), queries)
+
+
+def _train_view(tok, ds):
+    rows = []
+    for p, c in zip(ds["prompt"], ds["completion"]):
+        pi = tok(p)["input_ids"]
+        ci = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": pi + ci, "labels": [IGNORE_INDEX] * len(pi) + ci})
+    return TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
+
+
+@pytest.fixture(scope="module")
+def setup(tok):
+    model = build_tiny_llama(tok, hidden_size=32, num_layers=1, seed=0)
+    train = addition_dataset(24, seed=5)
+    query = query_dataset_from(addition_dataset(1, seed=6))
+    # the query's own reference answer is one of the train rows (row 0)
+    train = train.select(range(1, 24))
+    from datasets import concatenate_datasets
+
+    copy = query.map(lambda r: {"completion": r["answer"], "corrupted": False})
+    train = concatenate_datasets([copy.select_columns(train.column_names), train])
+    view = _train_view(tok, train)
+    projector = ProjectedGradients(select_target_modules(model), 8, seed=0)
+    return model, view, query, projector
+
+
+@pytest.mark.parametrize("scorer", SCORERS)
+def test_run_refresh_each_scorer(tok, setup, scorer):
+    model, view, query, projector = setup
+    args = args_for(scorer)
+    result = run_refresh(args=args, step=1, model=model, tokenizer=tok, view=view, query_dataset=query,
+                         reward_funcs=[exact_match], projector=projector, progress=False)
+    assert result.scores.shape == (len(view),) and np.isfinite(result.scores).all()
+    assert len(result.rollouts) == 2  # every scorer still samples (and logs) rollouts
+    _, weights = new_weights(result, None, None, args)
+    assert np.isclose(weights.mean(), 1.0)
+    if scorer == "loss":
+        np.testing.assert_allclose(result.scores, -result.loss)
+    if scorer == "uniform":
+        np.testing.assert_array_equal(weights, np.ones(len(view)))
+    if scorer == "random":
+        assert np.std(result.scores) > 0.5
+    if scorer == "cosine":
+        # one query: the train row that *is* its reference answer has cosine 1, the maximum
+        assert result.contrast
+        assert np.argmax(result.scores) == 0
+        assert result.scores[0] == pytest.approx(1.0, abs=1e-6)
+        assert np.all(result.scores <= 1.0 + 1e-9)
+    if scorer in ("drift", "drift_raw", "drift_unsigned") and not result.contrast:
+        assert not result.scores.any()  # an untrained model: no correct rollout, so no target
+
+
+def test_off_policy_is_not_cosine_without_normalisation(tok, setup):
+    model, view, query, projector = setup
+    kw = dict(model=model, tokenizer=tok, view=view, query_dataset=query, reward_funcs=[exact_match],
+              projector=projector, progress=False, step=1)
+    off = run_refresh(args=args_for("off_policy"), **kw)  # default drift_debias='normalize' does not apply
+    cos = run_refresh(args=args_for("cosine"), **kw)
+    assert not np.allclose(off.scores, cos.scores)
+    # one query: raw influence = cosine to the reference feature x the train feature's norm x the target's norm (1)
+    np.testing.assert_allclose(off.scores, cos.scores * off.grad_norm, rtol=1e-6, atol=1e-9)
+    assert off.scores[0] == pytest.approx(off.grad_norm[0], rel=1e-6)
+
+
+def test_auroc():
+    assert auroc([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == 1.0
+    assert auroc([0.9, 0.8, 0.1, 0.2], [False, False, True, True]) == 0.0
+    assert auroc([1, 1, 1, 1], [True, False, True, False]) == 0.5
+    assert np.isnan(auroc([1, 2], [True, True]))
+    torch.manual_seed(0)
+
+
+def _parity_reward(prompts, completions, **kw):
+    """An arbitrary judge that marks some rollouts of an untrained model correct, so signing has contrast."""
+    return [float(len(c) % 2 == 0) for c in completions]
+
+
+def test_drift_ablations_share_rollouts_and_differ_as_documented(tok, setup):
+    model, view, query, projector = setup
+    kw = dict(model=model, tokenizer=tok, view=view, query_dataset=query, reward_funcs=[_parity_reward],
+              projector=projector, progress=False, step=1)
+    many = dict(drift_num_rollouts=8, drift_max_new_tokens=6)
+    drift = run_refresh(args=args_for("drift", **many), **kw)
+    raw = run_refresh(args=args_for("drift_raw", **many), **kw)
+    unsigned = run_refresh(args=args_for("drift_unsigned", **many), **kw)
+    assert drift.contrast and raw.contrast and unsigned.contrast, "the parity judge should give mixed verdicts"
+    assert [c for c in drift.rollouts.completions] == [c for c in raw.rollouts.completions]  # same seeded rollouts
+    np.testing.assert_allclose(raw.raw_scores, drift.raw_scores)
+    np.testing.assert_allclose(raw.scores, drift.raw_scores)  # drift_raw: no debiasing
+    np.testing.assert_allclose(drift.scores, drift.raw_scores / drift.grad_norm)  # drift: normalize (alpha 1)
+    assert (unsigned.signs >= 0).all() and (drift.signs < 0).any()
+    assert not np.allclose(unsigned.scores, drift.scores)
