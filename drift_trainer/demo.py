@@ -232,7 +232,8 @@ def run_one(
     corrupted = np.asarray(train["corrupted"], dtype=bool)
     if drift:
         root = os.path.join(output_dir, "drift")
-        for d in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        refreshes = sorted(d for d in os.listdir(root) if d.startswith("refresh-")) if os.path.isdir(root) else []
+        for d in refreshes:
             with open(os.path.join(root, d, "summary.json")) as f:
                 summary = json.load(f)
             frame = pd.read_parquet(os.path.join(root, d, "scores.parquet"))
