@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -202,6 +203,28 @@ def per_example_loss(model: nn.Module, batch: dict, fused_lm_head: bool = False)
     ntok = mask.sum(1)
     loss = -(token_logps * mask).sum(1) / ntok.clamp(min=1)
     return loss, ntok.long()
+
+
+@torch.no_grad()
+def summed_logps(model: nn.Module, rows, pad_token_id: int, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probability of each row's labelled tokens and their count, ``(logp (n,), num_tokens (n,))``
+    float64; forward passes only, in eval mode, length-sorted batches."""
+    logp = np.zeros(len(rows))
+    count = np.zeros(len(rows))
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(rows), batch_size):
+            idx = order[s : s + batch_size]
+            batch = collate_right([rows[i] for i in idx], pad_token_id, device)
+            loss, ntok = per_example_loss(model, batch)
+            logp[idx] = (-loss.double() * ntok.double()).cpu().numpy()
+            count[idx] = ntok.double().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return logp, count
 
 
 def example_labels(row: dict) -> list[int]:

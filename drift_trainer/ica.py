@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from .features import IGNORE_INDEX, collate_right, per_example_loss
+from .features import IGNORE_INDEX, collate_right, summed_logps
 from .weighting import scores_to_weights
 
 logger = logging.getLogger("drift_trainer")
@@ -140,23 +140,9 @@ def ica_rows(tokenizer, prompt, completion, demos: Sequence[tuple]) -> tuple[dic
 
 
 # ---------------------------------------------------------------------------------------------------------- model
-@torch.no_grad()
 def sequence_logps(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16) -> np.ndarray:
     """Summed log-probability of each row's labelled tokens (n,), float64; forward passes only, eval mode."""
-    out = np.zeros(len(rows))
-    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(rows), batch_size):
-            idx = order[s : s + batch_size]
-            batch = collate_right([rows[i] for i in idx], pad_token_id, device)
-            loss, ntok = per_example_loss(model, batch)
-            out[idx] = (-loss.double() * ntok.double()).cpu().numpy()
-    finally:
-        model.train(was_training)
-    return out
+    return summed_logps(model, rows, pad_token_id, batch_size)[0]
 
 
 @torch.no_grad()

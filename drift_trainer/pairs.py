@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .features import IGNORE_INDEX, collate_right, per_example_loss
+from .features import IGNORE_INDEX, collate_right, per_example_loss, summed_logps
 
 # loss types the per-pair (weighted) path implements; `simpo` is ours (TRL 1.16's DPOTrainer has none)
 PAIR_LOSSES = ("sigmoid", "hinge", "ipo", "sigmoid_norm", "simpo")
@@ -41,25 +41,10 @@ class PairLogps:
     n_rejected: np.ndarray
 
 
-@torch.no_grad()
 def pair_logps(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16) -> PairLogps:
     """Log-probabilities of every TRL-prepared pair in ``rows`` under ``model`` (forward only, eval mode)."""
     flat = [r for row in rows for r in pair_rows(row)]  # chosen, rejected, chosen, rejected, ...
-    lp = np.zeros(len(flat))
-    nt = np.zeros(len(flat))
-    order = np.argsort([len(r["input_ids"]) for r in flat], kind="stable")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(flat), batch_size):
-            idx = order[s : s + batch_size]
-            batch = collate_right([flat[i] for i in idx], pad_token_id, device)
-            loss, ntok = per_example_loss(model, batch)
-            lp[idx] = (-loss.double() * ntok.double()).cpu().numpy()
-            nt[idx] = ntok.double().cpu().numpy()
-    finally:
-        model.train(was_training)
+    lp, nt = summed_logps(model, flat, pad_token_id, batch_size)
     return PairLogps(lp[0::2], lp[1::2], nt[0::2], nt[1::2])
 
 

@@ -45,7 +45,7 @@ from .pairs import (
 from .refresh import FeaturePass
 from .rewards import resolve_reward_funcs
 from .rollouts import check_query_dataset, generate_rollouts, generation_context, sample_queries
-from .signing import has_contrast, rollout_signs
+from .signing import sign_rollouts
 from .trainer import _IndexCollator
 from .weighting import scores_to_weights, standardize
 
@@ -436,14 +436,7 @@ class _PairDriftCallback(TrainerCallback):
                 tr.reward_funcs,
                 seed=seed + 104729 * (k + 1),
             )
-        signs = rollout_signs(
-            np.asarray(rollouts.rewards),
-            np.asarray(rollouts.query_index),
-            args.drift_signing,
-            args.drift_reward_threshold,
-            args.drift_no_contrast,
-        )
-        contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+        signs, contrast = sign_rollouts(rollouts.rewards, rollouts.query_index, args)
         acc = float(np.mean(np.asarray(rollouts.rewards) >= args.drift_reward_threshold)) if len(rollouts) else 0.0
         entry = {"step": step, "rollout_accuracy": acc, "contrast": contrast}
         tr._pairs.history.append(entry)

@@ -348,7 +348,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     )
     from .rewards import resolve_reward_funcs
     from .rollouts import Rollouts, generate_rollouts, sample_queries
-    from .signing import has_contrast, rollout_signs
+    from .signing import sign_rollouts
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -416,9 +416,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
                     raise
             timings["rollouts"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            signs = rollout_signs(np.asarray(rollouts.rewards), np.asarray(rollouts.query_index), da.drift_signing,
-                                  da.drift_reward_threshold, da.drift_no_contrast)
-            contrast = has_contrast(signs) if da.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+            signs, contrast = sign_rollouts(rollouts.rewards, rollouts.query_index, da)
             timings["signing"] = time.perf_counter() - t0
             target = np.zeros(projector.dim)
             t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from .influence import precondition
 from .rewards import resolve_reward_funcs
 from .rollouts import Rollouts, generate_rollouts, sample_queries
 from .scorers import scorer_of, scorer_scores, scorer_signs, scorer_target, uses_preconditioner
-from .signing import has_contrast, rollout_signs
+from .signing import sign_rollouts
 from .weighting import effective_sample_size, scores_to_weights, standardize
 
 
@@ -259,14 +259,7 @@ def run_refresh(
                 progress=bar,
             )
     with _timed(timings, "signing"):
-        signs = rollout_signs(
-            np.asarray(rollouts.rewards),
-            np.asarray(rollouts.query_index),
-            args.drift_signing,
-            args.drift_reward_threshold,
-            args.drift_no_contrast,
-        )
-        contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+        signs, contrast = sign_rollouts(rollouts.rewards, rollouts.query_index, args)
         signs, contrast = scorer_signs(args, rollouts.rewards, signs, contrast)  # drift_scorer (scorers.py)
     if not contrast:
         # nothing to attribute towards: the caller keeps its previous weights, so skip the (costly) feature passes

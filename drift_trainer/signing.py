@@ -54,3 +54,17 @@ def rollout_signs(
 def has_contrast(signs: np.ndarray) -> bool:
     """True when the target carries both a positive and a negative direction (or any advantage)."""
     return bool((signs > 0).any() and (signs < 0).any())
+
+
+def sign_rollouts(rewards, query_index, args) -> tuple[np.ndarray, bool]:
+    """Signs of a refresh's rollouts under ``args`` (``drift_signing``, ``drift_reward_threshold``,
+    ``drift_no_contrast``) and whether they carry contrast (else the refresh keeps the previous weights)."""
+    signs = rollout_signs(
+        np.asarray(rewards),
+        np.asarray(query_index),
+        args.drift_signing,
+        args.drift_reward_threshold,
+        args.drift_no_contrast,
+    )
+    contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+    return signs, contrast
