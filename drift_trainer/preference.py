@@ -169,6 +169,12 @@ class DriftDPOTrainer(DPOTrainer):
         self._own_loss = any(t in REFERENCE_FREE for t in args.loss_type)
         self._pairs = _PairWeights()
         user_train = train_dataset
+        if method != "uniform" and args.world_size > 1:
+            raise ValueError(
+                f"drift_method={method!r} on preference data runs in a single process for now (its scoring passes are "
+                f"not sharded across ranks); this run has {args.world_size} processes. Launch one process, or use "
+                "drift_method='uniform'."
+            )
         if method != "uniform":
             unsupported = [t for t in args.loss_type if t not in PAIR_LOSSES]
             if unsupported:

@@ -69,6 +69,11 @@ class DriftSFTTrainer(SFTTrainer):
         drift_args = self.drift_callback.resolve_args(args)
         self._ica = drift_args.drift_enabled and getattr(args, "drift_method", "drift") == "ica"
         user_train = train_dataset
+        if self._ica and args.world_size > 1:
+            raise ValueError(
+                f"drift_method='ica' runs in a single process for now (its scoring passes are not sharded across "
+                f"ranks); this run has {args.world_size} processes. Launch one process, or use drift_method='drift'."
+            )
         if self._ica:  # ICA replaces the DRIFT refreshes: an inert DriftCallback, the index column, loss weights
             self.drift_callback = DriftCallback(args=dataclasses.replace(drift_args, drift_enabled=False))
             self._drift_num_examples = len(train_dataset)

@@ -266,3 +266,15 @@ def test_config_validation(tmp_path, tokenizer, tiny_model):
         )
     with pytest.raises(ValueError, match="validation_dataset"):
         make_trainer(tokenizer, tiny_model, make_args(tmp_path, drift_method="lossdiff_irm"))
+
+
+def test_scorers_refuse_several_processes_with_a_clear_error(tokenizer, tiny_model, tmp_path, monkeypatch):
+    from drift_trainer import DriftConfig, DriftDPOConfig, DriftSFTTrainer
+
+    monkeypatch.setattr(DriftDPOConfig, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="single process"):
+        make_trainer(tokenizer, tiny_model, make_args(tmp_path, drift_method="ica"))
+    monkeypatch.setattr(DriftConfig, "world_size", property(lambda self: 2))
+    args = DriftConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], drift_method="ica")
+    with pytest.raises(ValueError, match="single process"):
+        DriftSFTTrainer(model=tiny_model, args=args, train_dataset=pairs(4, 0), processing_class=tokenizer)
