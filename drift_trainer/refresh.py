@@ -54,6 +54,14 @@ class Dist:
         self.td.all_gather(parts, t)
         return torch.cat(parts).cpu().numpy()
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order."""
+        if self.td is None:
+            return [obj]
+        out = [None] * self.world_size
+        self.td.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, x: np.ndarray) -> np.ndarray:
         if self.td is None:
             return x
@@ -242,9 +250,10 @@ def run_refresh(
     reward_funcs = resolve_reward_funcs(reward_funcs)
     show = progress and dist.rank == 0
     timings: dict[str, float] = {}
-    # 1. rollouts: every rank samples the same queries with the same seed, so all hold the same rollouts
+    # 1. rollouts: ranks share the generate calls (each seeded by its index) and gather, so all hold the same rollouts
     query_rows = sample_queries(query_dataset, args.drift_num_queries, seed + 7919 * (refresh_index + 1))
-    n_calls = -(-len(query_rows) * args.drift_num_rollouts // args.drift_rollout_batch_size)
+    n_batches = -(-len(query_rows) * args.drift_num_rollouts // args.drift_rollout_batch_size)
+    n_calls = -(-n_batches // dist.world_size)  # generate calls per rank
     with _timed(timings, "rollouts"), _progress(show, n_calls, "drift rollouts") as bar:
         gen_ctx = generation_context() if generation_context is not None else nullcontext(model)
         with gen_ctx as gen_model:
@@ -257,6 +266,7 @@ def run_refresh(
                 reward_funcs,
                 seed=seed + 104729 * (refresh_index + 1),
                 progress=bar,
+                dist=dist,
             )
     with _timed(timings, "signing"):
         signs, contrast = sign_rollouts(rollouts.rewards, rollouts.query_index, args)

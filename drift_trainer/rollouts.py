@@ -126,13 +126,17 @@ def generate_rollouts(
     seed: int,
     num_calls: int | None = None,
     progress=None,
+    dist=None,
 ) -> Rollouts:
     """Sample ``args.drift_num_rollouts`` completions per query row and judge them.
 
     ``model`` must already be ready for generation (unwrapped / gathered). Runs in eval mode without grad and restores
-    the previous mode. Sampling runs under ``torch.random.fork_rng`` seeded by ``seed``, so the training RNG stream is
-    left as it was. ``num_calls``: make at least this many ``generate`` calls (ranks under ZeRO-3 must make equally
-    many; extra calls repeat the last batch and are discarded).
+    the previous mode. The rollouts are cut into ``generate`` calls of ``drift_rollout_batch_size``; call ``c`` samples
+    under ``torch.random.fork_rng`` seeded by ``seed + c``, so the training RNG stream is left as it was and the
+    rollouts do not depend on how many processes share the work. With ``dist`` (a :class:`refresh.Dist` over several
+    ranks) rank ``r`` makes calls ``r, r + world, ...`` and judges its own rollouts; every rank makes the same number of
+    ``generate`` calls (ZeRO-3 needs it; spare calls repeat one and are discarded) and all ranks end with every rollout,
+    in the same order. ``num_calls``: make at least this many calls per rank.
     """
     gen_cfg = generation_config(args, tokenizer)
     k = args.drift_num_rollouts
@@ -141,43 +145,71 @@ def generate_rollouts(
     prompt_ids = [tokenize_prompt(tokenizer, row["prompt"]) for _, row in flat]
     bs = max(1, args.drift_rollout_batch_size)
     batches = [list(range(s, min(s + bs, len(flat)))) for s in range(0, len(flat), bs)]
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    mine = list(range(rank, len(batches), world))
+    calls = max(-(-len(batches) // world), num_calls or 0)
     device = next(model.parameters()).device
     pad = gen_cfg.pad_token_id
-    out = Rollouts()
+    done: dict[int, list[int]] = {}  # flat index -> completion ids (this rank's rollouts)
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            torch.manual_seed(seed)
-            total_calls = max(len(batches), num_calls or 0)
-            for call in range(total_calls):
-                batch = batches[min(call, len(batches) - 1)] if batches else [0]
-                if not flat:
-                    break
-                ids, mask = _left_pad([prompt_ids[i] for i in batch], pad, device)
+            for j in range(calls if batches else 0):
+                c = mine[min(j, len(mine) - 1)] if mine else 0
+                torch.manual_seed(seed + c)
+                ids, mask = _left_pad([prompt_ids[i] for i in batches[c]], pad, device)
                 gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
                 if progress is not None:
                     progress.update(1)
-                if call >= len(batches):
-                    continue
-                for row_i, seq in zip(batch, gen[:, ids.shape[1] :].tolist()):
-                    qi, row = flat[row_i]
-                    comp = _cut_at_eos(seq, gen_cfg.eos_token_id, pad)
-                    out.query_index.append(int(qi))
-                    out.prompts.append(row["prompt"])
-                    out.prompt_ids.append(prompt_ids[row_i])
-                    out.completion_ids.append(comp)
+                if j < len(mine):
+                    for row_i, seq in zip(batches[c], gen[:, ids.shape[1] :].tolist()):
+                        done[row_i] = _cut_at_eos(seq, gen_cfg.eos_token_id, pad)
     finally:
         model.train(was_training)
-    texts = tokenizer.batch_decode(out.completion_ids, skip_special_tokens=True)
-    conversational = bool(out.prompts) and is_conversational_prompt(out.prompts[0])
-    out.completions = [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
-    columns = {
-        c: [query_dataset[int(q)][c] for q in out.query_index] for c in query_dataset.column_names if c != "prompt"
-    }
-    out.rewards = compute_rewards(reward_funcs, out.prompts, out.completions, columns) if out.completion_ids else []
+    local = sorted(done)
+    rewards, error = [], None
+    try:
+        rewards = _judge(tokenizer, query_dataset, flat, [done[i] for i in local], local, reward_funcs)
+    except Exception as exc:  # every rank must reach the gather below before anyone raises
+        if dist is None or world == 1:
+            raise
+        error = f"{type(exc).__name__}: {exc}"
+    parts = [(local, [done[i] for i in local], rewards, error)]
+    if dist is not None and world > 1:
+        parts = dist.all_gather_object(parts[0])
+    errors = [e for *_, e in parts if e]
+    if errors:
+        raise RuntimeError(f"Judging rollouts failed on a rank: {errors[0]}")
+    merged = sorted((i, comp, r) for idx, comps, rws, _ in parts for i, comp, r in zip(idx, comps, rws))
+    out = Rollouts()
+    for i, comp, reward in merged:
+        qi, row = flat[i]
+        out.query_index.append(int(qi))
+        out.prompts.append(row["prompt"])
+        out.prompt_ids.append(prompt_ids[i])
+        out.completion_ids.append(comp)
+        out.rewards.append(reward)
+    out.completions = _completions(tokenizer, out.prompts, out.completion_ids)
     return out
+
+
+def _completions(tokenizer, prompts: list, completion_ids: list[list[int]]) -> list:
+    """Decoded completions in the prompts' format: text, or one assistant message for conversational prompts."""
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    conversational = bool(prompts) and is_conversational_prompt(prompts[0])
+    return [[{"role": "assistant", "content": t}] if conversational else t for t in texts]
+
+
+def _judge(tokenizer, query_dataset, flat, completion_ids, flat_index, reward_funcs) -> list[float]:
+    """Summed rewards of the rollouts ``flat_index`` (rows of ``flat``) with the given completion ids."""
+    if not flat_index:
+        return []
+    prompts = [flat[i][1]["prompt"] for i in flat_index]
+    completions = _completions(tokenizer, prompts, completion_ids)
+    columns = {c: [flat[i][1][c] for i in flat_index] for c in query_dataset.column_names if c != "prompt"}
+    return compute_rewards(reward_funcs, prompts, completions, columns)
 
 
 @contextlib.contextmanager

@@ -92,6 +92,7 @@ def main():
         drift_first_refresh_step=int(opt["first"]),
         drift_num_queries=3,
         drift_num_rollouts=4,
+        drift_rollout_batch_size=4,  # 3 generate calls: rank 0 makes two, rank 1 one (plus a discarded spare)
         drift_max_new_tokens=4,
         drift_progress=False,
         drift_uniform_mix=float(opt["mix"]),

@@ -78,3 +78,61 @@ def test_query_dataset_checks():
     assert sample_queries(Dataset.from_dict({"prompt": ["a"] * 3}), 10, 0) == [0, 1, 2]
     picked = sample_queries(Dataset.from_dict({"prompt": ["a"] * 30}), 5, 0)
     assert len(set(picked)) == 5 and picked == sample_queries(Dataset.from_dict({"prompt": ["a"] * 30}), 5, 0)
+
+
+class _Counter:
+    calls = 0
+
+    def update(self, n):
+        self.calls += 1
+
+
+class _OneRank:
+    """A stand-in for refresh.Dist on one of ``world`` ranks whose gather returns ``others`` around its own part."""
+
+    def __init__(self, rank, world, others=None):
+        self.rank, self.world_size, self.others = rank, world, others or {}
+
+    def all_gather_object(self, obj):
+        return [obj if r == self.rank else self.others.get(r, ([], [], [], None)) for r in range(self.world_size)]
+
+
+def test_rollouts_shared_by_ranks_equal_single_process_ones(tokenizer, tiny_model):
+    queries = query_dataset_from(addition_dataset(5, seed=1))
+    args = _args()  # 5 queries x 3 rollouts = 15, batches of 4: 4 generate calls
+    single = generate_rollouts(tiny_model, tokenizer, queries, [0, 1, 2, 3, 4], args, [digit_start_reward], seed=3)
+    parts = []
+    for rank in (0, 1):
+        counter = _Counter()
+        part = generate_rollouts(
+            tiny_model,
+            tokenizer,
+            queries,
+            [0, 1, 2, 3, 4],
+            args,
+            [digit_start_reward],
+            seed=3,
+            dist=_OneRank(rank, 2),
+            progress=counter,
+        )
+        assert counter.calls == 2  # equal generate calls on every rank
+        parts.append(part)
+    merged = sorted((q, c, r) for p in parts for q, c, r in zip(p.query_index, p.completion_ids, p.rewards))
+    assert len(merged) == len(single) == 15
+    assert merged == sorted(zip(single.query_index, single.completion_ids, single.rewards))
+
+
+def test_a_reward_failing_on_one_rank_fails_every_rank(tokenizer, tiny_model):
+    queries = query_dataset_from(addition_dataset(2, seed=1))
+    failed = ([], [], [], "KeyError: 'answer'")
+    with pytest.raises(RuntimeError, match="Judging rollouts failed on a rank: KeyError"):
+        generate_rollouts(
+            tiny_model,
+            tokenizer,
+            queries,
+            [0, 1],
+            _args(),
+            [digit_start_reward],
+            seed=0,
+            dist=_OneRank(0, 2, others={1: failed}),
+        )
