@@ -81,8 +81,16 @@ class TrainView:
     def __len__(self) -> int:
         return len(self.user_index)
 
-    def lengths(self) -> np.ndarray:
-        return np.asarray([len(self.rows[i]["input_ids"]) for i in range(len(self))])
+    def fetch(self, indices: np.ndarray) -> list[dict]:
+        """Rows ``indices`` as ``{"input_ids", "labels"}`` dicts (one batched read for a ``datasets.Dataset``)."""
+        source = (
+            self.rows.select(indices.tolist()) if hasattr(self.rows, "select") else (self.rows[int(i)] for i in indices)
+        )
+        out = []
+        for r in source:
+            r = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in r.items()}
+            out.append({"input_ids": list(r["input_ids"]), "labels": example_labels(r)})
+        return out
 
 
 @dataclass
@@ -292,7 +300,7 @@ def run_refresh(
         return result
     fp = FeaturePass(
         projector,
-        tokenizer.pad_token_id,
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0),
         args.drift_feature_batch_size,
         fused_lm_head,
         memmap_dir=getattr(args, "drift_feature_memmap_dir", None),
@@ -317,10 +325,7 @@ def run_refresh(
     subset = refresh_subset(n_rows, getattr(args, "drift_max_train_examples", None), refresh_index, seed)
     mine_pos, per_rank = shard(len(subset), dist.rank, dist.world_size)
     mine = subset[mine_pos]
-    rows = []
-    for i in mine:
-        r = view.rows[int(i)]
-        rows.append({"input_ids": list(r["input_ids"]), "labels": example_labels(r)})
+    rows = view.fetch(mine)
     n_batches = -(-per_rank // args.drift_feature_batch_size)
     with _timed(timings, "features"), _progress(show, len(rows), "drift features") as bar:
         phi, loss, ntok = fp.run(model, rows, num_batches=n_batches, progress=bar)
