@@ -47,7 +47,7 @@ def main():
         }
     from accelerate import PartialState
 
-    if world > 1 or ds_config is not None:
+    if ds_config is not None:  # DeepSpeed on CPU: transformers sees the ranks only through a configured state
         PartialState(backend="gloo")
 
     import numpy as np
@@ -86,7 +86,8 @@ def main():
         gradient_checkpointing=opt["gc"] == "1",
         seed=0,
         deepspeed=ds_config,
-        accelerator_config={"use_configured_state": True} if (world > 1 or ds_config) else None,
+        accelerator_config={"use_configured_state": True} if ds_config else None,
+        ddp_backend="gloo" if world > 1 else None,  # plain DDP over CPU ranks
         drift_enabled=opt["drift"] == "1",
         drift_refresh_steps=int(opt["every"]),
         drift_first_refresh_step=int(opt["first"]),
@@ -128,6 +129,15 @@ def main():
         processing_class=tok,
         peft_config=peft_config,
     )
+    from transformers import TrainerCallback
+
+    param_sums = {}
+
+    class ParamSum(TrainerCallback):  # a fingerprint of the weights each rank holds after every step
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            param_sums[state.global_step] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+
+    trainer.add_callback(ParamSum())
     trainer.train(resume_from_checkpoint=opt["resume"] == "1" or None)
     state = trainer.drift_state
     result = {
@@ -139,10 +149,16 @@ def main():
         "num_scored": [h.get("num_scored") for h in state.history],
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "num_refreshes": state.num_refreshes,
+        "param_sums": param_sums,
         "feature_names": trainer.drift_callback.projector.names if trainer.drift_callback.projector else [],
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    import torch.distributed as td
+
+    if td.is_initialized():  # a gloo group left to interpreter shutdown can abort the process (exit code -6)
+        td.barrier()
+        td.destroy_process_group()
 
 
 if __name__ == "__main__":

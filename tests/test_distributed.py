@@ -7,6 +7,7 @@ tolerance 1e-5 of the largest score (seen: 1e-15 for DDP and ZeRO-2, 1e-7 for Ze
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,11 +87,29 @@ def test_two_ranks_score_like_one(tmp_path, single, mode, lora, extra):
         assert ranks[0]["feature_names"] and all("lora_" in n for n in ranks[0]["feature_names"])
 
 
-def test_scoring_without_reweighting_leaves_zero3_training_untouched(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "zero3"])
+def test_scoring_without_reweighting_leaves_training_untouched(tmp_path, mode):
     """uniform mix 1.0: DRIFT refreshes (rollouts, feature passes) but the loss curve is plain SFT's, step for step."""
-    common = dict(mode="zero3", lr=1e-2, ga=2, steps=8, first=2, every=2)
+    common = dict(mode=mode, lr=1e-2, ga=2, steps=8, first=2, every=2)
     drift = _launch(tmp_path / "drift", 2, mix=1.0, **common)
     plain = _launch(tmp_path / "plain", 2, drift=0, **common)
     assert drift[0]["num_refreshes"] == 4
     assert len(drift[0]["losses"]) == 8
     np.testing.assert_allclose(drift[0]["losses"], plain[0]["losses"], rtol=1e-6)
+    if mode == "ddp":  # really data parallel: both ranks hold the same weights after every step
+        assert drift[0]["param_sums"] == drift[1]["param_sums"]
+
+
+def test_two_rank_resume_in_a_later_epoch_replays_the_same_stream(tmp_path):
+    """accelerate does not reach the sampler's set_epoch on a resumed epoch with several ranks; DRIFT sets it."""
+    common = dict(mode="ddp", lr=1e-2, steps=12, save_steps=8, first=3, every=3)
+    unbroken = _launch(tmp_path / "a", 2, **common)
+    os.makedirs(tmp_path / "b" / "run")
+    shutil.copytree(tmp_path / "a" / "run" / "checkpoint-8", tmp_path / "b" / "run" / "checkpoint-8")
+    resumed = _launch(tmp_path / "b", 2, resume=1, **common)
+    for before, after in zip(unbroken, resumed):
+        assert after["num_refreshes"] == before["num_refreshes"] == 4
+        # 7 steps per epoch: the resumed run starts in epoch 1 and draws exactly what the unbroken run drew there
+        assert after["drawn"] == before["drawn"][N_TRAIN:]
+        assert after["weights"] == before["weights"]
+    assert unbroken[0]["param_sums"] == unbroken[1]["param_sums"]  # really data parallel
