@@ -292,6 +292,15 @@ def _range(obj, name, low, high, low_open=False, high_open=False) -> None:
         raise ValueError(f"{name} must be in {lo}, {hi}; got {value!r}.")
 
 
+def coerce_config(args, cls):
+    """``args`` as an instance of the config dataclass ``cls``: unchanged if it is one, else its fields that ``cls``
+    knows copied into a new ``cls`` (the rest at their defaults), as TRL converts a plain ``TrainingArguments``."""
+    if isinstance(args, cls):
+        return args
+    values = {k: v for k, v in args.to_dict().items() if not k.startswith("_")}
+    return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+
+
 def drift_arguments_from(args) -> DriftArguments:
     """Copy the ``drift_*`` fields of any object that has them into a standalone ``DriftArguments``."""
     values = {f.name: getattr(args, f.name) for f in fields(DriftArguments) if hasattr(args, f.name)}

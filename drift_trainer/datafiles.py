@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+from trl.data_utils import common_prefix_length
 
 from .features import IGNORE_INDEX, example_labels
 from .rollouts import is_conversational_prompt, tokenize_prompt
@@ -213,11 +214,7 @@ def tokenize_row(
             prompt_ids = tokenize_prompt(tokenizer, prompt)
             full = {"input_ids": list(tokenizer(text=prompt + completion)["input_ids"])}
             ids = full["input_ids"]
-        n_prompt = 0
-        for a, b in zip(prompt_ids, ids):
-            if a != b:
-                break
-            n_prompt += 1
+        n_prompt = common_prefix_length(prompt_ids, ids)  # as SFTTrainer: the completion starts where they diverge
         masked = {"input_ids": ids, "completion_mask": [0] * n_prompt + [1] * (len(ids) - n_prompt)}
         if not completion_only_loss:
             masked.pop("completion_mask")

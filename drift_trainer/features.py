@@ -205,19 +205,23 @@ def per_example_loss(model: nn.Module, batch: dict, fused_lm_head: bool = False)
     return loss, ntok.long()
 
 
+def length_sorted_batches(rows, batch_size: int) -> list[np.ndarray]:
+    """Row indices in batches of ``batch_size``, shortest rows first, so each batch pads little."""
+    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
+    return [order[s : s + batch_size] for s in range(0, len(rows), batch_size)]
+
+
 @torch.no_grad()
 def summed_logps(model: nn.Module, rows, pad_token_id: int, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability of each row's labelled tokens and their count, ``(logp (n,), num_tokens (n,))``
     float64; forward passes only, in eval mode, length-sorted batches."""
     logp = np.zeros(len(rows))
     count = np.zeros(len(rows))
-    order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        for s in range(0, len(rows), batch_size):
-            idx = order[s : s + batch_size]
+        for idx in length_sorted_batches(rows, batch_size):
             batch = collate_right([rows[i] for i in idx], pad_token_id, device)
             loss, ntok = per_example_loss(model, batch)
             logp[idx] = (-loss.double() * ntok.double()).cpu().numpy()

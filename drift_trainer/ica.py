@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import TrainerCallback
+from trl.data_utils import common_prefix_length
 
 from .features import IGNORE_INDEX, collate_right, summed_logps
+from .rollouts import is_conversational_prompt
 from .weighting import scores_to_weights
 
 logger = logging.getLogger("drift_trainer")
@@ -77,10 +79,6 @@ class ICAArguments:
 
 
 # ---------------------------------------------------------------------------------------------------------- texts
-def _is_messages(x) -> bool:
-    return isinstance(x, list) and bool(x) and isinstance(x[0], dict) and "role" in x[0]
-
-
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text=text, add_special_tokens=False)["input_ids"])
 
@@ -89,18 +87,9 @@ def _chat_text(tokenizer, messages, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def prompt_text(tokenizer, prompt) -> str:
     """The prompt as the model reads it (chat template applied to messages)."""
-    return _chat_text(tokenizer, prompt, True) if _is_messages(prompt) else str(prompt)
+    return _chat_text(tokenizer, prompt, True) if is_conversational_prompt(prompt) else str(prompt)
 
 
 def _demo_prefix(tokenizer, demos: Sequence[tuple], conversational: bool):
@@ -118,11 +107,11 @@ def ica_rows(tokenizer, prompt, completion, demos: Sequence[tuple]) -> tuple[dic
     strings placed before the prompt. Conversational data: the demonstrations are earlier user/assistant turns of the
     same chat; the response tokens are where ``prompt + completion`` and ``prompt`` rendered alone diverge.
     """
-    conversational = _is_messages(prompt)
+    conversational = is_conversational_prompt(prompt)
     if conversational:
         p_full = _ids(tokenizer, _chat_text(tokenizer, prompt, True))
         pc_ids = _ids(tokenizer, _chat_text(tokenizer, list(prompt) + list(completion), False))
-        cut = _common_prefix(p_full, pc_ids)
+        cut = common_prefix_length(p_full, pc_ids)
         p_ids, y_ids = pc_ids[:cut], pc_ids[cut:]
         ctx_full = _ids(tokenizer, _chat_text(tokenizer, _demo_prefix(tokenizer, demos, True) + list(prompt), True))
         ctx_ids = ctx_full[: len(ctx_full) - (len(p_full) - cut)]  # drop the prompt end the response re-renders
@@ -131,7 +120,7 @@ def ica_rows(tokenizer, prompt, completion, demos: Sequence[tuple]) -> tuple[dic
         text_c = str(completion) if str(completion).endswith(eos) else str(completion) + eos
         p_ids = _ids(tokenizer, str(prompt))
         pc_ids = _ids(tokenizer, str(prompt) + text_c)
-        cut = _common_prefix(p_ids, pc_ids)
+        cut = common_prefix_length(p_ids, pc_ids)
         p_ids, y_ids = pc_ids[:cut], pc_ids[cut:]
         ctx_ids = _ids(tokenizer, _demo_prefix(tokenizer, demos, False)) + p_ids
     plain = {"input_ids": p_ids + y_ids, "labels": [IGNORE_INDEX] * len(p_ids) + y_ids}

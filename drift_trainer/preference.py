@@ -27,7 +27,7 @@ from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from .callback import INDEX_COLUMN
-from .config import DriftArguments, _choice, _help
+from .config import DriftArguments, _choice, _help, coerce_config
 from .features import ProjectedGradients, select_target_modules
 from .ica import ICAArguments, ICACallback
 from .influence import debias_raw, precondition, signed_target
@@ -161,9 +161,8 @@ class DriftDPOTrainer(DPOTrainer):
     ):
         if args is None:
             args = DriftDPOConfig(output_dir="DriftDPO")
-        elif not isinstance(args, DriftDPOConfig):
-            values = {k: v for k, v in args.to_dict().items() if not k.startswith("_")}
-            args = DriftDPOConfig(**{k: v for k, v in values.items() if k in DriftDPOConfig.__dataclass_fields__})
+        else:
+            args = coerce_config(args, DriftDPOConfig)
         method = args.drift_method if args.drift_enabled else "uniform"
         self.drift_method = method
         self._own_loss = any(t in REFERENCE_FREE for t in args.loss_type)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .features import ProjectedGradients, collate_right, example_labels
+from .features import ProjectedGradients, collate_right, example_labels, length_sorted_batches
 from .influence import precondition
 from .rewards import resolve_reward_funcs
 from .rollouts import Rollouts, generate_rollouts, sample_queries
@@ -198,9 +198,8 @@ class FeaturePass:
         ``features`` is float32, a ``np.memmap`` when it spills (see :func:`feature_storage`).
         """
         n = len(rows)
-        order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
-        batches = [order[s : s + self.batch_size] for s in range(0, n, self.batch_size)]
-        total = max(len(batches), num_batches or 0)
+        batches = length_sorted_batches(rows, self.batch_size)
+        total = max(len(batches), num_batches or 0) if batches else 0
         feats = feature_storage(n, self.projector.dim, self.memmap_dir, self.max_memory_mb)
         loss = torch.zeros(n)
         ntok = torch.zeros(n, dtype=torch.long)
@@ -209,9 +208,7 @@ class FeaturePass:
         model.eval()  # no dropout; activation checkpointing layers do not checkpoint in eval mode
         try:
             for b in range(total):
-                idx = batches[min(b, len(batches) - 1)] if batches else None
-                if idx is None:
-                    break
+                idx = batches[min(b, len(batches) - 1)]  # spare forwards (b >= len(batches)) repeat the last batch
                 batch = collate_right([rows[i] for i in idx], self.pad_token_id, device)
                 out = self.projector.compute(model, batch, fused_lm_head=self.fused_lm_head)
                 if progress is not None:

@@ -9,7 +9,7 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from .callback import INDEX_COLUMN, DriftCallback
-from .config import DriftConfig
+from .config import DriftConfig, coerce_config
 from .ica import ICACallback
 
 
@@ -62,9 +62,8 @@ class DriftSFTTrainer(SFTTrainer):
                 model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "model")
             )
             args = DriftConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-DRIFT")
-        elif not isinstance(args, DriftConfig):
-            values = {k: v for k, v in args.to_dict().items() if not k.startswith("_")}
-            args = DriftConfig(**{k: v for k, v in values.items() if k in DriftConfig.__dataclass_fields__})
+        else:
+            args = coerce_config(args, DriftConfig)
         self.drift_callback = DriftCallback(query_dataset=query_dataset, reward_funcs=reward_funcs)
         drift_args = self.drift_callback.resolve_args(args)
         self._ica = drift_args.drift_enabled and getattr(args, "drift_method", "drift") == "ica"
