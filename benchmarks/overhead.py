@@ -339,6 +339,7 @@ def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0) -> dict:
         for k, v in h["timings"].items():
             timings[k] = timings.get(k, 0.0) + v
     return {"wall_s": wall, "refreshes": len(history), "refresh_s": sum(timings.values()), "timings": timings,
+            "recomputed": [h.get("num_recomputed") for h in history],
             "rollout_accuracy": [h["metrics"]["drift/rollout_accuracy"] for h in history],
             "contrast": [h["contrast"] for h in history]}
 
@@ -346,16 +347,22 @@ def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0) -> dict:
 def bench_e2e(cfg) -> dict:
     steps = cfg.e2e_steps
     n0 = cfg.e2e_train
+    full = {"drift_capture_features": False}  # every refresh recomputes every row (the pre-capture default)
     variants = {  # name: (train size, drift options or None for plain SFT)
         "plain": (n0, None),
         "default": (n0, {}),
+        "budget_0": (n0, {"drift_rescore_budget": 0.0}),
+        "budget_0.5": (n0, {"drift_rescore_budget": 0.5}),
+        "full_rescoring": (n0, full),
         "refresh_50": (n0, {"drift_refresh_steps": 50}),
         "refresh_25": (n0, {"drift_refresh_steps": 25}),
+        "refresh_25_full": (n0, {"drift_refresh_steps": 25, **full}),
         f"train_{4 * n0}": (4 * n0, {}),
-        f"train_{4 * n0}_block_{n0}": (4 * n0, {"drift_max_train_examples": n0}),
+        f"train_{4 * n0}_full": (4 * n0, full),
+        f"train_{4 * n0}_full_block_{n0}": (4 * n0, {"drift_max_train_examples": n0, **full}),
     }
     if cfg.quick:
-        variants = {k: variants[k] for k in ("plain", "default", "refresh_25")}
+        variants = {k: variants[k] for k in ("plain", "default", "full_rescoring", "refresh_25")}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     e2e_run(cfg, 64, None)  # warm-up: imports, first-call costs
     for rep in range(cfg.e2e_repeats):
@@ -373,6 +380,9 @@ def bench_e2e(cfg) -> dict:
             "variant": name, "train_examples": n, "steps": steps,
             "drift_refresh_steps": (drift or {}).get("drift_refresh_steps", 100) if drift is not None else None,
             "drift_max_train_examples": (drift or {}).get("drift_max_train_examples"),
+            "capture": None if drift is None else drift.get("drift_capture_features", True),
+            "rescore_budget": None if drift is None else drift.get("drift_rescore_budget", 0.1),
+            "recomputed_per_refresh": runs[name][-1]["recomputed"],
             "wall_s": median(walls), "ratio_vs_plain": median([w / p for w, p in zip(walls, plain)]),
             # within one run: its wall time over its wall time minus the refreshes (immune to load between runs)
             "ratio_internal": median([r["wall_s"] / (r["wall_s"] - r["refresh_s"]) for r in runs[name]]),
@@ -575,14 +585,18 @@ def bench_growth(cfg) -> dict:
 
 
 def bench_block(cfg) -> dict:
-    """Block rescoring vs full rescoring along one shared training trajectory (isolates staleness)."""
+    """Fast paths vs full rescoring along one shared training trajectory (isolates staleness): block rescoring
+    (``drift_max_train_examples``) and captured features (``drift_capture_features``, the default)."""
     from scipy.stats import spearmanr
+    from trl.trainer.utils import add_fused_lm_head
 
+    from drift_trainer.capture import FeatureCache, TrainCapture
     from drift_trainer.config import DriftArguments
 
     tok = tokenizer()
     torch.manual_seed(0)
     model = model_of("tiny")
+    add_fused_lm_head(model)  # as SFTTrainer does: the loss is built from fused per-token log-probabilities
     data = addition_dataset(cfg.block_train, seed=0, corruption=Corruption("systematic", 0.3))
     rows = []
     for p, c in zip(data["prompt"], data["completion"]):
@@ -592,51 +606,85 @@ def bench_block(cfg) -> dict:
     queries = query_dataset_from(addition_dataset(64, seed=1))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(0)
+    block = len(rows) // cfg.block_fraction
+    common = dict(drift_num_queries=32, drift_num_rollouts=4, drift_max_new_tokens=8, drift_progress=False)
+    paths = {
+        "full": DriftArguments(**common, drift_capture_features=False),
+        "block": DriftArguments(**common, drift_capture_features=False, drift_max_train_examples=block),
+        "capture": DriftArguments(**common),
+    }
+    projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
+    capture = TrainCapture(projector, FeatureCache(len(rows), projector.dim))
+    view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
+    step = [0]
 
-    def train(steps):
+    def train(steps):  # the SFT loss (token mean) with features captured in its backward, as DriftSFTTrainer does
         model.train()
         for _ in range(steps):
             idx = rng.integers(0, len(rows), cfg.e2e_batch_size)
-            train_step(model, opt, collate_right([rows[i] for i in idx], tok.pad_token_id))
+            batch = collate_right([rows[i] for i in idx], tok.pad_token_id)
+            capture.arm(idx, step[0], batch["input_ids"].device)
+            out = model(**batch, fused_lm_head=True, use_cache=False)
+            capture.watch(out)
+            loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            capture.flush()
+            step[0] += 1
 
-    block = len(rows) // cfg.block_fraction
-    common = dict(drift_num_queries=32, drift_num_rollouts=4, drift_max_new_tokens=8, drift_progress=False)
-    full_args = DriftArguments(**common)
-    block_args = DriftArguments(**common, drift_max_train_examples=block)
-    projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
-    view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
-    state = {"full": (None, None), "block": (None, None)}
+    state = {name: (None, None) for name in paths}
     train(cfg.block_warmup)
     log = []
+    corrupted = np.asarray(data["corrupted"])
     for r in range(cfg.block_refreshes):
         if r:
             train(cfg.block_every)
-        rec = {"refresh": r}
-        for name, a in (("full", full_args), ("block", block_args)):
+        rec = {"refresh": r, "step": step[0]}
+        scores = {}
+        for name, a in paths.items():
             s = time.perf_counter()
-            res = run_refresh(args=a, step=r, model=model, tokenizer=tok, view=view, query_dataset=queries,
+            res = run_refresh(args=a, step=step[0], model=model, tokenizer=tok, view=view, query_dataset=queries,
                               reward_funcs=[first_digit_reward], projector=projector, refresh_index=r, seed=0,
-                              progress=False)
+                              progress=False, capture=capture if name == "capture" else None)
             rec[f"{name}_s"] = time.perf_counter() - s
             rec[f"{name}_features_s"] = res.timings["features"]
             rec["contrast"] = res.contrast
             rec["rollout_accuracy"] = res.rollout_accuracy
+            scores[name] = (res.scores, res.scored)
+            if name == "capture":
+                rec["capture_scored"] = int(res.scored.sum())
+                rec["capture_recomputed"] = res.num_recomputed
+                age = step[0] - capture.cache.step[capture.cache.step >= 0]
+                rec["capture_median_age"] = float(np.median(age)) if len(age) else None
             if res.contrast:
                 state[name] = new_weights(res, *state[name], a)
-        (zf, wf), (zb, wb) = state["full"], state["block"]
-        if zf is not None and zb is not None:
-            rec["pearson_smoothed"] = float(np.corrcoef(zf, zb)[0, 1])
-            rec["spearman_smoothed"] = float(spearmanr(zf, zb).statistic)
-            rec["pearson_weights"] = float(np.corrcoef(wf, wb)[0, 1])
-            corrupted = np.asarray(data["corrupted"])
-            rec["corrupted_mean_weight_full"] = float(wf[corrupted].mean())
-            rec["corrupted_mean_weight_block"] = float(wb[corrupted].mean())
+        zf, wf = state["full"]
+        for name in ("block", "capture"):
+            z, w = state[name]
+            if zf is None or z is None:
+                continue
+            rec[f"pearson_smoothed_{name}"] = float(np.corrcoef(zf, z)[0, 1])
+            rec[f"spearman_smoothed_{name}"] = float(spearmanr(zf, z).statistic)
+            rec[f"pearson_weights_{name}"] = float(np.corrcoef(wf, w)[0, 1])
+            rec[f"corrupted_mean_weight_{name}"] = float(w[corrupted].mean())
+        rec["corrupted_mean_weight_full"] = float(wf[corrupted].mean()) if wf is not None else None
+        # this refresh's own scores (before smoothing), over the rows both paths scored
+        (sf, okf), (sc, okc) = scores["full"], scores["capture"]
+        both = okf & okc
+        if both.sum() > 2:
+            rec["pearson_raw_capture"] = float(np.corrcoef(sf[both], sc[both])[0, 1])
         log.append(rec)
-        print(f"  block refresh {r}: acc {rec['rollout_accuracy']:.2f}, full {rec['full_s']:.2f} s, "
-              f"block {rec['block_s']:.2f} s, pearson(smoothed) {rec.get('pearson_smoothed', float('nan')):.3f}, "
-              f"weights {rec.get('pearson_weights', float('nan')):.3f}", flush=True)
+        print(f"  fast paths refresh {r}: acc {rec['rollout_accuracy']:.2f}, full {rec['full_s']:.2f} s, "
+              f"block {rec['block_s']:.2f} s, capture {rec['capture_s']:.2f} s "
+              f"({rec['capture_scored']} scored, {rec['capture_recomputed']} recomputed); pearson(smoothed) block "
+              f"{rec.get('pearson_smoothed_block', float('nan')):.3f}, capture "
+              f"{rec.get('pearson_smoothed_capture', float('nan')):.3f}; this refresh's scores (capture vs full) "
+              f"{rec.get('pearson_raw_capture', float('nan')):.3f}", flush=True)
+    capture.remove()
     return {"train_examples": len(rows), "drift_max_train_examples": block, "warmup_steps": cfg.block_warmup,
-            "steps_between": cfg.block_every, "refreshes": log}
+            "steps_between": cfg.block_every, "batch_size": cfg.e2e_batch_size,
+            "rescore_budget": paths["capture"].drift_rescore_budget, "refreshes": log}
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -681,18 +729,26 @@ def markdown(res: dict, command: str) -> str:
               f"Tiny Llama, {e['steps']} steps, batch {e['batch_size']}, {e['repeats']} interleaved repeats; all "
               "other options at their defaults (32 queries x 4 rollouts, max 64 new tokens, projection 16, "
               "artifacts written).", "",
-              "| variant | train examples | refresh every | max train ex. | refreshes | train() s | refresh s | "
-              "ratio vs plain run | ratio within run | stage seconds (last repeat) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| variant | train examples | refresh every | capture | rescore budget | max train ex. | refreshes | "
+              "rows recomputed per refresh | train() s | refresh s | ratio vs plain run | ratio within run | "
+              "stage seconds (last repeat) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in e["table"]:
             st = ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
+            rec = r.get("recomputed_per_refresh") or []
             L.append(f"| {r['variant']} | {r['train_examples']} | {fmt(r['drift_refresh_steps'])} | "
-                     f"{fmt(r['drift_max_train_examples'])} | {r['refreshes']} | {r['wall_s']:.1f} | "
+                     f"{fmt(r.get('capture'))} | {fmt(r.get('rescore_budget') if r.get('capture') else None)} | "
+                     f"{fmt(r['drift_max_train_examples'])} | {r['refreshes']} | "
+                     f"{', '.join(str(x) for x in rec) or '-'} | {r['wall_s']:.1f} | "
                      f"{r['refresh_s']:.1f} | **{r['ratio_vs_plain']:.3f}** | **{r['ratio_internal']:.3f}** | {st} |")
         L += ["", "Ratio vs plain run: median over repeats of DRIFT train() time / the adjacent plain run's. Ratio "
               "within run: a DRIFT run's train() time / (that time minus its refreshes), which other jobs' load on a "
               "shared machine moves far less; it leaves out DRIFT's per-step costs outside refreshes (sampler, index "
-              "column), which the paired ratio includes."]
+              "column, and the feature capture in every training backward), which the paired ratio includes. "
+              "Capture: features of "
+              "the trained rows are captured in the training backward and a refresh recomputes only "
+              "`drift_rescore_budget` x the rows trained since the previous refresh (stalest first); without capture "
+              "every refresh recomputes every row (or a `drift_max_train_examples` block)."]
         L.append("")
     if "memory" in res:
         m = res["memory"]
@@ -730,18 +786,29 @@ def markdown(res: dict, command: str) -> str:
             + f"; log-log exponent vs params {mm['fit_vs_params']['loglog_exponent']:.2f}.", ""]
     if "block" in res:
         b = res["block"]
-        L += ["## 6. Speed-up: block rescoring (`drift_max_train_examples`)", "",
-              f"{b['train_examples']} train examples, blocks of {b['drift_max_train_examples']}; one shared training "
-              f"trajectory ({b['warmup_steps']} warm-up steps, then {b['steps_between']} steps between refreshes); at "
-              "each refresh the full and the block path score the same model with the same rollouts, each keeping its "
-              "own smoothed scores and weights.", "",
-              "| refresh | rollout acc. | full s | block s | pearson smoothed | spearman smoothed | pearson weights | "
-              "mean weight of corrupted (full / block) |", "|---|---|---|---|---|---|---|---|"]
+        L += ["## 6. Fast paths vs full rescoring: captured features and block rescoring", "",
+              f"{b['train_examples']} train examples; one shared training trajectory ({b['warmup_steps']} warm-up "
+              f"steps, then {b['steps_between']} steps of batch {b.get('batch_size', 8)} between refreshes), trained "
+              "with the SFT token-mean loss while the capture hooks record each trained row's feature. At each "
+              "refresh three paths score the same model with the same rollouts, each keeping its own smoothed scores "
+              "and weights: **full** (every row recomputed), **block** (`drift_max_train_examples`="
+              f"{b['drift_max_train_examples']}, no capture) and **capture** (the default: captured features, "
+              f"`drift_rescore_budget`={b.get('rescore_budget', 0.1)} x rows trained since the previous refresh "
+              "recomputed, stalest first). Correlations are against the full path.", "",
+              "| refresh | step | rollout acc. | full s | block s | capture s | capture: rows scored / recomputed / "
+              "median feature age (steps) | this refresh's scores, pearson capture vs full | smoothed pearson "
+              "(block / capture) | smoothed spearman (block / capture) | weights pearson (block / capture) | mean "
+              "weight of corrupted (full / block / capture) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in b["refreshes"]:
-            L.append(f"| {r['refresh']} | {r['rollout_accuracy']:.2f} | {r['full_s']:.2f} | {r['block_s']:.2f} | "
-                     f"{fmt(r.get('pearson_smoothed'), 3)} | {fmt(r.get('spearman_smoothed'), 3)} | "
-                     f"{fmt(r.get('pearson_weights'), 3)} | {fmt(r.get('corrupted_mean_weight_full'), 3)} / "
-                     f"{fmt(r.get('corrupted_mean_weight_block'), 3)} |")
+            L.append(f"| {r['refresh']} | {r.get('step', '-')} | {r['rollout_accuracy']:.2f} | {r['full_s']:.2f} | "
+                     f"{r['block_s']:.2f} | {fmt(r.get('capture_s'))} | {fmt(r.get('capture_scored'))} / "
+                     f"{fmt(r.get('capture_recomputed'))} / {fmt(r.get('capture_median_age'), 0)} | "
+                     f"{fmt(r.get('pearson_raw_capture'), 3)} | "
+                     f"{fmt(r.get('pearson_smoothed_block'), 3)} / {fmt(r.get('pearson_smoothed_capture'), 3)} | "
+                     f"{fmt(r.get('spearman_smoothed_block'), 3)} / {fmt(r.get('spearman_smoothed_capture'), 3)} | "
+                     f"{fmt(r.get('pearson_weights_block'), 3)} / {fmt(r.get('pearson_weights_capture'), 3)} | "
+                     f"{fmt(r.get('corrupted_mean_weight_full'), 3)} / {fmt(r.get('corrupted_mean_weight_block'), 3)}"
+                     f" / {fmt(r.get('corrupted_mean_weight_capture'), 3)} |")
         L.append("")
     return "\n".join(L)
 

@@ -22,6 +22,7 @@ import numpy as np
 from transformers import TrainerCallback
 
 from .config import DriftArguments, drift_arguments_from
+from .capture import FeatureCache, TrainCapture
 from .datafiles import example_text
 from .features import ProjectedGradients, select_target_modules
 from .refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh
@@ -29,11 +30,12 @@ from .rewards import completion_text, resolve_reward_funcs
 from .rollouts import check_query_dataset, generation_context
 from .sampler import DriftSampler
 from .scorers import check_scorer_inputs
-from .state import STATE_FILE, DriftState, atomic_write_text, write_refresh_artifacts
+from .state import STATE_FILE, DriftState, atomic_path, atomic_write_text, write_refresh_artifacts
 
 logger = logging.getLogger("drift_trainer")
 INDEX_COLUMN = "drift_index"
 SAMPLER_FILE = "drift_sampler.json"
+FEATURES_FILE = "drift_features.npz"
 
 
 def check_train_dataset(train_dataset) -> None:
@@ -76,6 +78,7 @@ class DriftCallback(TrainerCallback):
         self.sampler: DriftSampler | None = None
         self.view: TrainView | None = None
         self.projector: ProjectedGradients | None = None
+        self.capture: TrainCapture | None = None  # set when the trainer feeds it (DriftSFTTrainer)
         self.fused_lm_head = False
         self.loss_weights = None  # per user example, used by DriftSFTTrainer in `loss` mode
         self._loaded_checkpoint: str | None = None
@@ -184,10 +187,37 @@ class DriftCallback(TrainerCallback):
             self.args.drift_projection_dim,
             self.args.drift_projection_seed,
         )
+        if self.capture is not None:
+            self.capture.remove()
+            self.capture = None
+        if self.args.drift_capture_features and getattr(trainer, "_drift_can_capture", False):
+            cache = FeatureCache(
+                len(self.view),
+                self.projector.dim,
+                self.args.drift_feature_memmap_dir,
+                self.args.drift_feature_memory_mb,
+            )
+            self.capture = TrainCapture(self.projector, cache)
+            if self._loaded_checkpoint is not None:
+                self._load_features(self._loaded_checkpoint)
         if state.global_step > 0 and self._loaded_checkpoint is None:
             candidate = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(candidate):
                 self.load_checkpoint(candidate)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.capture is not None:
+            self.capture.flush()
+            self.capture.remove()
+
+    def capture_rows(self, user_index) -> np.ndarray | None:
+        """Train-row positions of the user-dataset indices ``user_index`` (as the collator's ``drift_index``)."""
+        if self.view is None:
+            return None
+        if getattr(self, "_row_of_user", None) is None or len(self._row_of_user) != self.view.num_examples:
+            self._row_of_user = np.full(self.view.num_examples, -1, dtype=np.int64)
+            self._row_of_user[self.view.user_index] = np.arange(len(self.view))
+        return self._row_of_user[np.asarray(user_index, dtype=np.int64)]
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # accelerate does not reach the sampler's set_epoch on a resumed epoch with several ranks: do it here
@@ -205,11 +235,14 @@ class DriftCallback(TrainerCallback):
             control.should_log = should_log
 
     def on_save(self, args, state, control, **kwargs):
-        if not self.enabled or not state.is_world_process_zero:
+        if not self.enabled:
             return
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(ckpt):
+        if not os.path.isdir(ckpt):
+            return
+        if state.is_world_process_zero:
             self.save_checkpoint(ckpt)
+        self.save_features(ckpt)  # every rank holds the features of the rows it trained
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, directory: str) -> None:
@@ -217,6 +250,31 @@ class DriftCallback(TrainerCallback):
         atomic_write_text(os.path.join(directory, STATE_FILE), json.dumps(self.drift_state.to_dict()))
         if self.sampler is not None:
             atomic_write_text(os.path.join(directory, SAMPLER_FILE), json.dumps(self.sampler.state_dict()))
+
+    def features_path(self, directory: str) -> str:
+        dist = Dist()
+        name = FEATURES_FILE if dist.world_size == 1 else FEATURES_FILE.replace(".npz", f".rank{dist.rank}.npz")
+        return os.path.join(directory, name)
+
+    def save_features(self, directory: str) -> None:
+        """Write this rank's captured features (``drift_features.npz``) into a checkpoint, unless larger than
+        ``drift_feature_memory_mb`` (then a resumed run recomputes them as stale rows)."""
+        if self.capture is None:
+            return
+        self.capture.flush()
+        arrays = self.capture.cache.state_arrays()
+        arrays["rows_trained"] = np.asarray([self.capture.rows_captured + self.capture.rows_skipped])
+        arrays["last_refresh_step"] = np.asarray([self.capture.last_refresh_step])
+        size_mb = arrays["features"].nbytes / 2**20
+        if size_mb > self.args.drift_feature_memory_mb:
+            logger.warning(
+                "DRIFT feature cache (%.0f MiB) is larger than drift_feature_memory_mb: not saved in the checkpoint; "
+                "a resumed run recomputes the features it does not capture again.",
+                size_mb,
+            )
+            return
+        with atomic_path(self.features_path(directory)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
     def load_checkpoint(self, directory: str) -> None:
         """Restore ``drift_state`` and the sampler from a checkpoint directory written by :meth:`save_checkpoint`."""
@@ -231,6 +289,16 @@ class DriftCallback(TrainerCallback):
             with open(sampler_path) as f:
                 self.sampler.load_state_dict(json.load(f))
         self._loaded_checkpoint = directory
+        if self.capture is not None:
+            self._load_features(directory)
+
+    def _load_features(self, directory: str) -> None:
+        path = self.features_path(directory)
+        if os.path.exists(path):
+            with np.load(path) as arrays:
+                self.capture.cache.load_arrays(arrays)
+                self.capture.rows_captured, self.capture.rows_skipped = int(arrays["rows_trained"][0]), 0
+                self.capture.last_refresh_step = int(arrays["last_refresh_step"][0])
 
     # ------------------------------------------------------------------ the refresh
     def refresh(self, step: int, is_main: bool = True) -> None:
@@ -256,6 +324,7 @@ class DriftCallback(TrainerCallback):
             refresh_index=self.drift_state.num_refreshes,
             seed=int(trainer.args.seed),
             progress=args.drift_progress,
+            capture=self.capture if self.capture is not None and not self.capture.disabled else None,
         )
         engine = getattr(trainer, "model_wrapped", None)
         if hasattr(engine, "empty_partition_cache"):
@@ -285,6 +354,7 @@ class DriftCallback(TrainerCallback):
             "timings": {k: round(v, 4) for k, v in result.timings.items()},
             "num_examples": int(result.scores.shape[0]),
             "num_scored": int(result.scored.sum()),
+            "num_recomputed": int(result.num_recomputed if result.num_recomputed >= 0 else result.scored.sum()),
             "num_masked": result.num_masked,
             "num_rollouts": len(result.rollouts),
             "contrast": result.contrast,

@@ -148,6 +148,26 @@ class DriftArguments:
             "(smoothed) scores. Default: rescore every example at every refresh."
         ),
     )
+    drift_capture_features: bool = field(
+        default=True,
+        metadata=_help(
+            "Capture each trained row's feature during the ordinary training backward (two small matmuls per target "
+            "module; DriftSFTTrainer only), so a refresh scores every captured row against the new target and "
+            "recomputes only the stalest rows within `drift_rescore_budget`. Features are then from the step each row "
+            "was last trained at (or recomputed). False: every refresh recomputes every row's feature (or the "
+            "`drift_max_train_examples` block)."
+        ),
+    )
+    drift_rescore_budget: float = field(
+        default=0.1,
+        metadata=_help(
+            "With `drift_capture_features`: rows whose features a refresh recomputes, as a multiple of the rows "
+            "trained since the previous refresh (never-captured rows first, then the oldest features). 0 uses "
+            "captured features only (unseen rows keep weight 1 until trained); 1.0 recomputes as many rows as were "
+            "trained. A feature pass costs about as much per row as a training step, so this bounds the refresh's "
+            "feature cost to about this fraction of the training time."
+        ),
+    )
     drift_feature_memmap_dir: str | None = field(
         default=None,
         metadata=_help(
@@ -242,6 +262,7 @@ class DriftArguments:
                 f"{self.drift_max_train_examples!r}."
             )
         _range(self, "drift_feature_memory_mb", 0.0, None, low_open=True)
+        _range(self, "drift_rescore_budget", 0.0, None)
         if self.drift_first_refresh_step is not None and self.drift_first_refresh_step < 1:
             raise ValueError(
                 f"drift_first_refresh_step must be >= 1 (or None for drift_refresh_steps), got "

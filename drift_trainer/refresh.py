@@ -62,6 +62,13 @@ class Dist:
         self.td.all_gather_object(out, obj)
         return out
 
+    def all_reduce_max(self, x: np.ndarray) -> np.ndarray:
+        if self.td is None:
+            return x
+        t = torch.as_tensor(np.ascontiguousarray(x), dtype=torch.float64, device=self.device)
+        self.td.all_reduce(t, op=self.td.ReduceOp.MAX)
+        return t.cpu().numpy()
+
     def broadcast(self, x: np.ndarray) -> np.ndarray:
         if self.td is None:
             return x
@@ -106,6 +113,8 @@ class RefreshResult:
     contrast: bool
     timings: dict[str, float] = field(default_factory=dict)
     num_masked: int = 0
+    partial: bool = False  # some examples were not scored this time: they keep their previous smoothed score
+    num_recomputed: int = -1  # rows whose features this refresh computed (-1: every scored row)
 
     @property
     def rollout_accuracy(self) -> float:
@@ -245,13 +254,18 @@ def run_refresh(
     refresh_index: int = 0,
     seed: int = 0,
     progress: bool = True,
+    capture=None,
 ) -> RefreshResult:
     """Run one refresh and return scores over the user's train examples (identical on every rank).
 
     ``generation_context``: a callable returning a context manager that yields the model to ``generate`` with (under
-    ZeRO-3, TRL's gathered-weights context); default: ``model`` itself.
+    ZeRO-3, TRL's gathered-weights context); default: ``model`` itself. ``capture``: a
+    :class:`~drift_trainer.capture.TrainCapture` whose cache holds features captured during training; then only the
+    stalest rows within ``drift_rescore_budget`` are recomputed and every row with a feature is scored.
     """
     dist = dist or Dist()
+    if capture is not None:
+        capture.flush()  # file the last training backward's features and disarm before this refresh's own passes
     reward_funcs = resolve_reward_funcs(reward_funcs)
     show = progress and dist.rank == 0
     timings: dict[str, float] = {}
@@ -317,15 +331,23 @@ def run_refresh(
             contrast=contrast,
             dim=projector.dim,
         )
-    # 3. train features (all rows, or this refresh's block of drift_max_train_examples), sharded
+    # 3. train features: all rows (or this refresh's block of drift_max_train_examples), sharded; or, with features
+    # captured during training, only the stalest rows within drift_rescore_budget
     n_rows = len(view)
-    subset = refresh_subset(n_rows, getattr(args, "drift_max_train_examples", None), refresh_index, seed)
-    mine_pos, per_rank = shard(len(subset), dist.rank, dist.world_size)
-    mine = subset[mine_pos]
-    rows = view.fetch(mine)
-    n_batches = -(-per_rank // args.drift_feature_batch_size)
-    with _timed(timings, "features"), _progress(show, len(rows), "drift features") as bar:
-        phi, loss, ntok = fp.run(model, rows, num_batches=n_batches, progress=bar)
+    if capture is None:
+        subset = refresh_subset(n_rows, getattr(args, "drift_max_train_examples", None), refresh_index, seed)
+        mine_pos, per_rank = shard(len(subset), dist.rank, dist.world_size)
+        mine = subset[mine_pos]
+        rows = view.fetch(mine)
+        n_batches = -(-per_rank // args.drift_feature_batch_size)
+        with _timed(timings, "features"), _progress(show, len(rows), "drift features") as bar:
+            phi, loss, ntok = fp.run(model, rows, num_batches=n_batches, progress=bar)
+        num_recomputed = -1
+    else:
+        with _timed(timings, "features"):
+            mine, phi, loss, ntok, per_rank, subset, num_recomputed = _cached_features(
+                capture, fp, model, view, args, dist, step, seed + 7 * refresh_index, show
+            )
     # 4. influence: preconditioner (all-reduced), raw scores and norms gathered
     with _timed(timings, "influence"):
         # statistics stream over row chunks: no float64 copy of the whole (possibly memory-mapped) feature matrix
@@ -388,9 +410,84 @@ def run_refresh(
         contrast=contrast,
         timings=timings,
         num_masked=int((in_block & ~scored).sum() + dropped.sum()),
+        partial=capture is not None and len(subset) < n_rows,
+        num_recomputed=num_recomputed,
     )
     result._threshold = args.drift_reward_threshold
     return result
+
+
+class _CachedRows:
+    """Rows ``index`` of a feature cache, read a slice at a time (``len`` and ``[slice]`` like an array)."""
+
+    def __init__(self, features, index: np.ndarray):
+        self.features, self.index = features, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, sl):
+        return self.features[self.index[sl]]
+
+
+def rescore_budget(rows_trained: int, budget: float) -> int:
+    """Rows a refresh recomputes under ``drift_rescore_budget``: ``ceil(budget x rows trained since the last
+    refresh)``."""
+    return int(np.ceil(float(budget) * max(int(rows_trained), 0) - 1e-9))
+
+
+def stale_order(step_of_row: np.ndarray, seed: int) -> np.ndarray:
+    """Rows stalest first: never captured (step -1) first, then by the step their feature is from; ties in a seeded
+    random order (the same on every rank)."""
+    tiebreak = np.random.default_rng([int(seed), 4099]).permutation(len(step_of_row))
+    return tiebreak[np.argsort(step_of_row[tiebreak], kind="stable")]
+
+
+def _cached_features(capture, fp, model, view, args, dist, step, seed, show):
+    """Recompute the stalest rows within the budget into ``capture.cache``, then hand each rank the rows whose latest
+    feature it holds (a row trained on several ranks is scored once, by the rank that saw it last)."""
+    cache = capture.cache
+    capture.flush()
+    trained = dist.all_reduce_sum(np.asarray([float(capture.rows_captured + capture.rows_skipped)]))[0]
+    capture.rows_captured = capture.rows_skipped = 0
+    ws, rank = dist.world_size, dist.rank
+
+    def latest() -> np.ndarray:
+        # (step, owner) of every row's newest feature across ranks in one all-reduce: step * ws + (ws - 1 - rank)
+        key = np.where(cache.step >= 0, cache.step.astype(np.float64) * ws + (ws - 1 - rank), -1.0)
+        return dist.all_reduce_max(key)
+
+    key = latest()
+    step_of_row = np.where(key >= 0, np.floor(key / ws), -1).astype(np.int64)
+    # stale: never captured, or captured before the previous refresh (rows trained since are fresh)
+    order = stale_order(step_of_row, seed)
+    order = order[step_of_row[order] < capture.last_refresh_step]
+    recompute = np.sort(order[: rescore_budget(trained, args.drift_rescore_budget)])
+    mine_pos, per_rank = shard(len(recompute), rank, ws)
+    mine = recompute[mine_pos]
+    # a rank with nothing to recompute still runs its share of forwards (collectives under ZeRO-3) on a spare row
+    rows = view.fetch(mine if len(mine) or not per_rank else recompute[:1])
+    with _progress(show, len(rows), "drift features (stale rows)") as bar:
+        phi, loss, ntok = fp.run(model, rows, num_batches=-(-per_rank // args.drift_feature_batch_size), progress=bar)
+    if len(mine):
+        cache.put(mine, phi[: len(mine)], loss[: len(mine)], ntok[: len(mine)], step)
+    del phi
+    key = latest()
+    owner = np.where(key >= 0, ws - 1 - np.mod(key, ws), -1).astype(np.int64)
+    owned = np.flatnonzero(owner == rank)
+    per_rank = int(dist.all_reduce_max(np.asarray([float(len(owned))]))[0])
+    subset = np.flatnonzero(key >= 0)
+    num_recomputed = len(recompute)
+    capture.last_refresh_step = int(step)
+    return (
+        owned,
+        _CachedRows(cache.features, owned),
+        cache.loss[owned],
+        cache.num_tokens[owned],
+        per_rank,
+        subset,
+        num_recomputed,
+    )
 
 
 def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, previous_weights, args):
@@ -399,8 +496,10 @@ def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, pre
         return np.zeros_like(result.scores), np.ones_like(result.scores)
     z = standardize(result.scores, result.scored)
     known = result.scored
-    if previous_smoothed is not None and getattr(args, "drift_max_train_examples", None) is not None:
-        # block rescoring: examples outside this refresh's block keep their previous smoothed score and still count
+    partial = getattr(args, "drift_max_train_examples", None) is not None or result.num_recomputed >= 0
+    if previous_smoothed is not None and partial:
+        # block rescoring / captured features: examples this refresh did not score keep their previous smoothed score
+        # and still count
         previous_smoothed = np.asarray(previous_smoothed, dtype=np.float64)
         known = result.scored | (previous_smoothed != 0)
         ema = args.drift_score_ema

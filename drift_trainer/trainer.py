@@ -92,6 +92,8 @@ class DriftSFTTrainer(SFTTrainer):
                     "drift_reweight_mode='loss' reweights the default NLL loss: set loss_type='nll' and "
                     "label_smoothing_factor=0, or use drift_reweight_mode='sampler'."
                 )
+        # the callback captures features in the training backward through compute_loss below (DRIFT refreshes only)
+        self._drift_can_capture = drift_args.drift_enabled and not self._ica and drift_args.drift_capture_features
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.drift_callback.fused_lm_head = True  # SFTTrainer patched the model with TRL's fused LM head
         self.drift_callback.attach(self)
@@ -99,7 +101,7 @@ class DriftSFTTrainer(SFTTrainer):
         if self._ica:
             self.ica_callback = ICACallback(self, user_train, holdout_dataset, args, embedding_fn)
             self.add_callback(self.ica_callback)
-        if self._drift_loss_mode:
+        if self._drift_needs_index:
             self.data_collator = _IndexCollator(self.data_collator)
 
     @property
@@ -107,6 +109,11 @@ class DriftSFTTrainer(SFTTrainer):
         if getattr(self, "_ica", False):
             return True  # ICA weights are always per-example loss weights
         return self.drift_callback.enabled and self.drift_callback.args.drift_reweight_mode == "loss"
+
+    @property
+    def _drift_needs_index(self) -> bool:
+        """Batches carry their rows' ``drift_index``: for loss weights, or to file captured features by row."""
+        return self._drift_loss_mode or getattr(self, "_drift_can_capture", False)
 
     def _drift_loss_weights(self):
         """Per user example loss weights (mean 1), or None before the first refresh."""
@@ -131,7 +138,7 @@ class DriftSFTTrainer(SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if self._drift_loss_mode and INDEX_COLUMN not in self._signature_columns:
+        if self._drift_needs_index and INDEX_COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, INDEX_COLUMN]
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -139,8 +146,32 @@ class DriftSFTTrainer(SFTTrainer):
         if checkpoint is not None and self.drift_callback.enabled:
             self.drift_callback.load_checkpoint(checkpoint)
 
+    def training_step(self, *args, **kwargs):
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            if self.drift_callback.capture is not None:
+                self.drift_callback.capture.flush()  # the backward has run: file the features, disarm the hooks
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
+        capture = self.drift_callback.capture
+        if capture is None or index is None or not model.training or not torch.is_grad_enabled():
+            return self._drift_loss(model, inputs, index, return_outputs, num_items_in_batch)
+        # capture this micro-batch's features in its backward: arm the module hooks, and read the fused LM head's
+        # output (its log-probabilities carry each row's loss scale) from a hook on whatever module runs the forward
+        capture.arm(self.drift_callback.capture_rows(index.cpu().numpy()), self.state.global_step, index.device)
+        seen = []
+        handle = model.register_forward_hook(lambda module, args, out: seen.append(out))
+        try:
+            result = self._drift_loss(model, inputs, index, return_outputs, num_items_in_batch)
+        finally:
+            handle.remove()
+        fused = [o for o in seen if getattr(getattr(o, "log_probs", None), "requires_grad", False)]
+        capture.watch(fused[0] if fused else None)  # the features are filed once this micro-batch's backward has run
+        return result
+
+    def _drift_loss(self, model, inputs, index, return_outputs, num_items_in_batch):
         weights = self._drift_loss_weights()
         if index is None or weights is None or not model.training:
             return super().compute_loss(

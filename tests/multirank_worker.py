@@ -28,6 +28,8 @@ def main():
         "every": "3",
         "save_steps": "0",
         "resume": "0",
+        "capture": "0",  # features captured in the training backward (the default) or a full rescoring per refresh
+        "budget": "0.1",
     }
     opt.update(kv.split("=", 1) for kv in sys.argv[2:])
     mode = opt["mode"]
@@ -99,6 +101,8 @@ def main():
         drift_uniform_mix=float(opt["mix"]),
         drift_score_ema=0.0,
         drift_feature_batch_size=4,
+        drift_capture_features=opt["capture"] == "1",
+        drift_rescore_budget=float(opt["budget"]),
     )
     peft_config = None
     if opt["lora"] == "1":
@@ -147,6 +151,7 @@ def main():
         "weights": None if state.weights is None else np.asarray(state.weights).tolist(),
         "scores": None if state.scores is None else np.asarray(state.scores).tolist(),
         "num_scored": [h.get("num_scored") for h in state.history],
+        "num_recomputed": [h.get("num_recomputed") for h in state.history],
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "num_refreshes": state.num_refreshes,
         "param_sums": param_sums,

@@ -87,6 +87,22 @@ def test_two_ranks_score_like_one(tmp_path, single, mode, lora, extra):
         assert ranks[0]["feature_names"] and all("lora_" in n for n in ranks[0]["feature_names"])
 
 
+@pytest.mark.parametrize("mode,extra", [("ddp", {}), ("zero3", {"lora": 1, "gc": 1, "ga": 2})])
+def test_captured_features_score_like_a_full_rescoring(tmp_path, single, mode, extra):
+    """Features captured in each rank's training backward, stale rows recomputed (budget large enough to cover
+    them): the same scores as a single process recomputing every row, identical weights on both ranks."""
+    ranks = _launch(tmp_path, 2, mode=mode, lr=0, capture=1, budget=100, **extra)
+    ref = single(extra.get("lora", 0))
+    for r in ranks:
+        assert r["num_scored"] == [N_TRAIN, N_TRAIN]
+        # 3 steps x global batch 4 between refreshes: the rows trained since the last refresh were captured, the
+        # rest recomputed
+        assert all(0 < n < N_TRAIN for n in r["num_recomputed"])
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    scores, expected = np.array(ranks[0]["scores"]), np.array(ref["scores"])
+    assert np.abs(scores - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("mode", ["ddp", "zero3"])
 def test_scoring_without_reweighting_leaves_training_untouched(tmp_path, mode):
     """uniform mix 1.0: DRIFT refreshes (rollouts, feature passes) but the loss curve is plain SFT's, step for step."""

@@ -1,0 +1,162 @@
+"""Features captured in the training backward (``drift_capture_features``) and the stale-row budget."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from drift_trainer import DriftSFTTrainer
+from drift_trainer.capture import FeatureCache
+from drift_trainer.refresh import FeaturePass, rescore_budget, stale_order
+from drift_trainer.toy import Corruption, addition_dataset, query_dataset_from
+
+from .conftest import digit_start_reward, tiny_config
+
+
+def _trainer(tmp_path, tokenizer, model, n=40, peft_config=None, **overrides):
+    train = addition_dataset(n, seed=0, corruption=Corruption("random", 0.3))
+    queries = query_dataset_from(addition_dataset(8, seed=1))
+    kwargs = {"peft_config": peft_config} if peft_config is not None else {}
+    return DriftSFTTrainer(
+        model=model,
+        args=tiny_config(tmp_path / "out", **overrides),
+        train_dataset=train,
+        query_dataset=queries,
+        reward_funcs=digit_start_reward,
+        processing_class=tokenizer,
+        **kwargs,
+    )
+
+
+def _lora():
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights="gaussian")
+
+
+@pytest.mark.parametrize(
+    "overrides,lora",
+    [
+        ({}, False),
+        # the loss scale includes 1/num_items over both micro-batches; reentrant checkpointing recomputes the forward
+        # inside the backward, where the hooks must still see it
+        (
+            {
+                "gradient_accumulation_steps": 2,
+                "gradient_checkpointing": True,
+                "gradient_checkpointing_kwargs": {"use_reentrant": True},
+            },
+            False,
+        ),
+        # per-example loss weights (not all equal after the refresh at step 2) scale each row's gradient
+        ({"drift_reweight_mode": "loss", "drift_refresh_steps": 2, "drift_uniform_mix": 0.5}, False),
+        ({}, True),
+    ],
+    ids=["plain", "ga2-reentrant-checkpointing", "loss-weights", "lora"],
+)
+def test_captured_features_equal_a_feature_pass(tmp_path, tokenizer, tiny_model, overrides, lora):
+    """At learning rate 0 the model never changes, so every captured feature must equal a fresh feature pass."""
+    opts = {"learning_rate": 0.0, "max_steps": 6, "drift_refresh_steps": 100, **overrides}
+    trainer = _trainer(tmp_path, tokenizer, tiny_model, peft_config=_lora() if lora else None, **opts)
+    trainer.train()
+    cb = trainer.drift_callback
+    cache = cb.capture.cache
+    captured = np.flatnonzero(cache.step >= 0)
+    assert len(captured) >= 12  # 6 steps x 4 rows, with repeats
+    fp = FeaturePass(cb.projector, tokenizer.pad_token_id, 8)
+    phi, loss, ntok = fp.run(trainer.model, cb.view.fetch(captured))
+    got = np.asarray(cache.features[captured])
+    assert np.abs(phi).max() > 0
+    rel = np.linalg.norm(got - phi, axis=1) / np.linalg.norm(phi, axis=1)
+    assert rel.max() < 1e-4, rel.max()
+    np.testing.assert_allclose(cache.loss[captured], loss, rtol=1e-5)
+    np.testing.assert_array_equal(cache.num_tokens[captured], ntok)
+    if lora:
+        assert all("lora_" in name for name in cb.projector.names)
+
+
+def test_refresh_recomputes_only_stale_rows_within_the_budget(tmp_path, tokenizer, tiny_model):
+    trainer = _trainer(tmp_path, tokenizer, tiny_model, n=200, max_steps=8, drift_rescore_budget=0.5)
+    trainer.train()
+    history = trainer.drift_state.history
+    assert [h["step"] for h in history] == [4, 8]
+    # 4 steps x 4 rows trained per interval -> ceil(0.5 x 16) = 8 rows recomputed
+    assert [h["num_recomputed"] for h in history] == [8, 8]
+    first, second = history
+    assert first["num_scored"] <= 16 + 8  # what was trained plus what was recomputed, nothing else
+    assert second["num_scored"] > first["num_scored"]
+    # rows never trained nor recomputed keep weight 1 (the examples' previous weight)
+    weights = trainer.drift_state.weights
+    cache = trainer.drift_callback.capture.cache
+    unseen = cache.step < 0
+    assert unseen.sum() > 0 and np.all(weights[unseen] == 1.0)
+    assert not np.allclose(weights[~unseen], 1.0)
+
+
+def test_budget_zero_scores_only_trained_rows(tmp_path, tokenizer, tiny_model):
+    trainer = _trainer(tmp_path, tokenizer, tiny_model, n=200, max_steps=4, drift_rescore_budget=0.0)
+    trainer.train()
+    (summary,) = trainer.drift_state.history
+    cache = trainer.drift_callback.capture.cache
+    assert summary["num_recomputed"] == 0
+    assert summary["num_scored"] == int((cache.step >= 0).sum()) > 0
+    assert "features" in summary["timings"]
+
+
+def test_capture_off_rescores_every_row(tmp_path, tokenizer, tiny_model):
+    trainer = _trainer(tmp_path, tokenizer, tiny_model, max_steps=4, drift_capture_features=False)
+    trainer.train()
+    assert trainer.drift_callback.capture is None
+    assert trainer.drift_state.history[0]["num_recomputed"] == 40
+
+
+def test_a_loss_without_log_probs_falls_back_to_full_rescoring(tmp_path, tokenizer, tiny_model, caplog):
+    trainer = _trainer(tmp_path, tokenizer, tiny_model, max_steps=4, label_smoothing_factor=0.1)
+    with caplog.at_level(logging.WARNING, logger="drift_trainer"):
+        trainer.train()
+    assert "cannot capture features" in caplog.text and "label smoothing" in caplog.text
+    assert trainer.drift_callback.capture.disabled
+    assert trainer.drift_state.history[0]["num_recomputed"] == 40
+
+
+def test_checkpoint_keeps_the_captured_features(tmp_path, tokenizer, tiny_model):
+    from drift_trainer.toy import build_tiny_llama
+
+    opts = dict(max_steps=9, save_strategy="steps", save_steps=6, drift_refresh_steps=3)
+    unbroken = _trainer(tmp_path / "a", tokenizer, tiny_model, **opts)
+    unbroken.train()
+    ckpt = tmp_path / "a" / "out" / "checkpoint-6"
+    assert os.path.exists(ckpt / "drift_features.npz")
+    resumed = _trainer(tmp_path / "a", tokenizer, build_tiny_llama(tokenizer, seed=0), **opts)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    a, b = unbroken.drift_callback.capture.cache, resumed.drift_callback.capture.cache
+    np.testing.assert_array_equal(a.step, b.step)
+    np.testing.assert_allclose(np.asarray(a.features), np.asarray(b.features), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(unbroken.drift_state.weights, resumed.drift_state.weights, rtol=1e-6)
+
+
+def test_stale_order_and_budget():
+    steps = np.array([5, -1, 2, -1, 9, 2])
+    order = stale_order(steps, seed=0)
+    assert sorted(order[:2].tolist()) == [1, 3]  # never captured first
+    assert sorted(order[2:4].tolist()) == [2, 5] and order[4] == 0 and order[5] == 4
+    assert np.array_equal(order, stale_order(steps, seed=0))  # the same on every rank
+    assert rescore_budget(16, 0.1) == 2 and rescore_budget(16, 0.5) == 8 and rescore_budget(16, 0.0) == 0
+    assert rescore_budget(0, 1.0) == 0
+
+
+def test_feature_cache_round_trip_and_mismatch():
+    cache = FeatureCache(5, 4)
+    cache.put(np.array([1, 3]), np.ones((2, 4), np.float32), np.array([0.5, 0.7]), np.array([3, 4]), step=7)
+    other = FeatureCache(5, 4)
+    other.load_arrays(cache.state_arrays())
+    np.testing.assert_array_equal(other.step, [-1, 7, -1, 7, -1])
+    np.testing.assert_array_equal(np.asarray(other.features), np.asarray(cache.features))
+    with pytest.raises(ValueError, match="drift_features.npz"):
+        FeatureCache(2, 4).load_arrays(cache.state_arrays())
+
+
+def test_rescore_budget_is_validated(tmp_path):
+    with pytest.raises(ValueError, match="drift_rescore_budget"):
+        tiny_config(tmp_path, drift_rescore_budget=-0.5)
