@@ -63,7 +63,7 @@ from drift_trainer.toy import (
 
 offline_env()
 warnings.filterwarnings("ignore")
-import datasets
+import datasets  # noqa: E402 (after the offline environment is set)
 
 datasets.disable_progress_bars()
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -130,8 +130,9 @@ def batches_of(rows, batch_size, seed=0):
 
 
 def train_step(model, opt, batch):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                use_cache=False)
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False
+    )
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -193,19 +194,30 @@ def bench_throughput(cfg) -> list[dict]:
             t_pass.append(time.perf_counter() - s)
         r_compute = [tt / tf for tt, tf in zip(t_train, t_feat)]
         r_pass = [tt / tp for tt, tp in zip(t_train, t_pass)]
-        out.append({
-            "model": model_name, "params": n_params(model), "data": data if data == "addition" else f"text<= {length}",
-            "mean_tokens": float(np.mean([len(r["input_ids"]) for r in rows])), "examples": n,
-            "batch_size": cfg.batch_size, "projection_dim": cfg.projection_dim, "feature_dim": projector.dim,
-            "train_ex_per_s": n / median(t_train), "features_ex_per_s": n / median(t_feat),
-            "feature_pass_ex_per_s": n / median(t_pass),
-            "ratio_compute": median(r_compute), "ratio_feature_pass": median(r_pass),
-            "ratio_compute_per_repeat": [round(r, 3) for r in r_compute],
-        })
-        print(f"  throughput {model_name:6s} {out[-1]['data']:10s}: train {out[-1]['train_ex_per_s']:.0f} ex/s, "
-              f"features {out[-1]['features_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_compute']:.2f}), "
-              f"FeaturePass {out[-1]['feature_pass_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_feature_pass']:.2f})",
-              flush=True)
+        out.append(
+            {
+                "model": model_name,
+                "params": n_params(model),
+                "data": data if data == "addition" else f"text<= {length}",
+                "mean_tokens": float(np.mean([len(r["input_ids"]) for r in rows])),
+                "examples": n,
+                "batch_size": cfg.batch_size,
+                "projection_dim": cfg.projection_dim,
+                "feature_dim": projector.dim,
+                "train_ex_per_s": n / median(t_train),
+                "features_ex_per_s": n / median(t_feat),
+                "feature_pass_ex_per_s": n / median(t_pass),
+                "ratio_compute": median(r_compute),
+                "ratio_feature_pass": median(r_pass),
+                "ratio_compute_per_repeat": [round(r, 3) for r in r_compute],
+            }
+        )
+        print(
+            f"  throughput {model_name:6s} {out[-1]['data']:10s}: train {out[-1]['train_ex_per_s']:.0f} ex/s, "
+            f"features {out[-1]['features_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_compute']:.2f}), "
+            f"FeaturePass {out[-1]['feature_pass_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_feature_pass']:.2f})",
+            flush=True,
+        )
     return out
 
 
@@ -222,8 +234,11 @@ def exact_loop_features(model, projector, rows):
         with torch.enable_grad():
             loss, _ = per_example_loss(model, batch)
             grads = torch.autograd.grad(loss.sum(), weights)
-        feats.append(torch.cat([(po @ g.float() @ pi.T).reshape(-1)
-                                for g, po, pi in zip(grads, projector.p_out, projector.p_in)]))
+        feats.append(
+            torch.cat(
+                [(po @ g.float() @ pi.T).reshape(-1) for g, po, pi in zip(grads, projector.p_out, projector.p_in)]
+            )
+        )
     return torch.stack(feats)
 
 
@@ -248,8 +263,13 @@ def vmap_features(model, projector, batch):
         return -(lp * mask).sum() / mask.sum().clamp(min=1)
 
     g = vmap(grad(loss_fn), in_dims=(None, 0, 0))(params, batch["input_ids"], batch["labels"])
-    return torch.cat([torch.einsum("kd,bde,le->bkl", po, g[k].float(), pi).reshape(len(batch["input_ids"]), -1)
-                      for k, po, pi in zip(keys, projector.p_out, projector.p_in)], dim=1).detach()
+    return torch.cat(
+        [
+            torch.einsum("kd,bde,le->bkl", po, g[k].float(), pi).reshape(len(batch["input_ids"]), -1)
+            for k, po, pi in zip(keys, projector.p_out, projector.p_in)
+        ],
+        dim=1,
+    ).detach()
 
 
 def _score_errors(fast: np.ndarray, exact: np.ndarray, direction: np.ndarray) -> dict:
@@ -258,8 +278,11 @@ def _score_errors(fast: np.ndarray, exact: np.ndarray, direction: np.ndarray) ->
     s_fast = fast @ direction / np.linalg.norm(fast, axis=1)
     s_exact = exact @ direction / np.linalg.norm(exact, axis=1)
     score_err = np.abs(s_fast - s_exact) / np.abs(s_exact).max()
-    return {"max_rel_feature_error": float(feat_err.max()), "max_rel_score_error": float(score_err.max()),
-            "score_pearson": float(np.corrcoef(s_fast, s_exact)[0, 1])}
+    return {
+        "max_rel_feature_error": float(feat_err.max()),
+        "max_rel_score_error": float(score_err.max()),
+        "score_pearson": float(np.corrcoef(s_fast, s_exact)[0, 1]),
+    }
 
 
 def bench_exact(cfg) -> list[dict]:
@@ -289,8 +312,13 @@ def bench_exact(cfg) -> list[dict]:
             s = time.perf_counter()
             feats["vmap"] = torch.cat([vmap_features(model, projector, b) for b in batches]).numpy()
             t["vmap"].append(time.perf_counter() - s)
-        row = {"model": model_name, "params": n_params(model), "data": data if data == "addition" else f"text<= {length}",
-               "examples": n, "batch_size": cfg.batch_size}
+        row = {
+            "model": model_name,
+            "params": n_params(model),
+            "data": data if data == "addition" else f"text<= {length}",
+            "examples": n,
+            "batch_size": cfg.batch_size,
+        }
         for k in t:
             row[f"{k}_ex_per_s"] = n / median(t[k])
         row["speedup_vs_loop"] = median([a / b for a, b in zip(t["loop"], t["hook"])])
@@ -299,10 +327,13 @@ def bench_exact(cfg) -> list[dict]:
         row["vs_vmap"] = _score_errors(feats["hook"], feats["vmap"], direction)
         row["vmap_vs_loop"] = _score_errors(feats["vmap"], feats["loop"], direction)
         out.append(row)
-        print(f"  exact {model_name:6s}: hook {row['hook_ex_per_s']:.0f} ex/s, loop {row['loop_ex_per_s']:.0f}, "
-              f"vmap {row['vmap_ex_per_s']:.0f}; x{row['speedup_vs_loop']:.1f} vs loop, "
-              f"x{row['speedup_vs_vmap']:.1f} vs vmap; max rel feature err {row['vs_loop']['max_rel_feature_error']:.1e}"
-              f" / score err {row['vs_loop']['max_rel_score_error']:.1e}", flush=True)
+        print(
+            f"  exact {model_name:6s}: hook {row['hook_ex_per_s']:.0f} ex/s, loop {row['loop_ex_per_s']:.0f}, "
+            f"vmap {row['vmap_ex_per_s']:.0f}; x{row['speedup_vs_loop']:.1f} vs loop, "
+            f"x{row['speedup_vs_vmap']:.1f} vs vmap; max rel feature err {row['vs_loop']['max_rel_feature_error']:.1e}"
+            f" / score err {row['vs_loop']['max_rel_score_error']:.1e}",
+            flush=True,
+        )
     return out
 
 
@@ -322,13 +353,31 @@ def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0) -> dict:
     queries = query_dataset_from(addition_dataset(64, seed=seed + 1))
     with tempfile.TemporaryDirectory() as out_dir:
         args = DriftConfig(
-            output_dir=out_dir, max_steps=cfg.e2e_steps, per_device_train_batch_size=cfg.e2e_batch_size,
-            learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], logging_steps=10_000, save_strategy="no",
-            use_cpu=True, bf16=False, disable_tqdm=True, seed=seed, dataloader_num_workers=0,
-            drift_enabled=drift is not None, drift_progress=False, **(drift or {}),
+            output_dir=out_dir,
+            max_steps=cfg.e2e_steps,
+            per_device_train_batch_size=cfg.e2e_batch_size,
+            learning_rate=3e-3,
+            lr_scheduler_type="constant",
+            report_to=[],
+            logging_steps=10_000,
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+            seed=seed,
+            dataloader_num_workers=0,
+            drift_enabled=drift is not None,
+            drift_progress=False,
+            **(drift or {}),
         )
-        trainer = DriftSFTTrainer(model=model, args=args, train_dataset=train, query_dataset=queries,
-                                  reward_funcs=first_digit_reward, processing_class=tok)
+        trainer = DriftSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            query_dataset=queries,
+            reward_funcs=first_digit_reward,
+            processing_class=tok,
+        )
         trainer.remove_callback(PrinterCallback)
         s = time.perf_counter()
         trainer.train()
@@ -338,10 +387,15 @@ def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0) -> dict:
     for h in history:
         for k, v in h["timings"].items():
             timings[k] = timings.get(k, 0.0) + v
-    return {"wall_s": wall, "refreshes": len(history), "refresh_s": sum(timings.values()), "timings": timings,
-            "recomputed": [h.get("num_recomputed") for h in history],
-            "rollout_accuracy": [h["metrics"]["drift/rollout_accuracy"] for h in history],
-            "contrast": [h["contrast"] for h in history]}
+    return {
+        "wall_s": wall,
+        "refreshes": len(history),
+        "refresh_s": sum(timings.values()),
+        "timings": timings,
+        "recomputed": [h.get("num_recomputed") for h in history],
+        "rollout_accuracy": [h["metrics"]["drift/rollout_accuracy"] for h in history],
+        "contrast": [h["contrast"] for h in history],
+    }
 
 
 def bench_e2e(cfg) -> dict:
@@ -369,28 +423,38 @@ def bench_e2e(cfg) -> dict:
         for name, (n, drift) in variants.items():
             runs[name].append(e2e_run(cfg, n, drift, seed=0))
             r = runs[name][-1]
-            print(f"  e2e rep {rep} {name:22s}: {r['wall_s']:.1f} s, {r['refreshes']} refreshes, "
-                  f"{r['refresh_s']:.1f} s in refreshes {({k: round(v, 2) for k, v in r['timings'].items()})}",
-                  flush=True)
+            print(
+                f"  e2e rep {rep} {name:22s}: {r['wall_s']:.1f} s, {r['refreshes']} refreshes, "
+                f"{r['refresh_s']:.1f} s in refreshes { ({k: round(v, 2) for k, v in r['timings'].items()}) }",
+                flush=True,
+            )
     plain = [r["wall_s"] for r in runs["plain"]]
     table = []
     for name, (n, drift) in variants.items():
         walls = [r["wall_s"] for r in runs[name]]
-        table.append({
-            "variant": name, "train_examples": n, "steps": steps,
-            "drift_refresh_steps": (drift or {}).get("drift_refresh_steps", 100) if drift is not None else None,
-            "drift_max_train_examples": (drift or {}).get("drift_max_train_examples"),
-            "capture": None if drift is None else drift.get("drift_capture_features", True),
-            "rescore_budget": None if drift is None else drift.get("drift_rescore_budget", 0.1),
-            "recomputed_per_refresh": runs[name][-1]["recomputed"],
-            "wall_s": median(walls), "ratio_vs_plain": median([w / p for w, p in zip(walls, plain)]),
-            # within one run: its wall time over its wall time minus the refreshes (immune to load between runs)
-            "ratio_internal": median([r["wall_s"] / (r["wall_s"] - r["refresh_s"]) for r in runs[name]]),
-            "walls": [round(w, 2) for w in walls], "plain_walls": [round(p, 2) for p in plain],
-            "refreshes": runs[name][0]["refreshes"], "refresh_s": median([r["refresh_s"] for r in runs[name]]),
-            "timings": runs[name][-1]["timings"], "rollout_accuracy": runs[name][-1]["rollout_accuracy"],
-            "contrast": runs[name][-1]["contrast"],
-        })
+        table.append(
+            {
+                "variant": name,
+                "train_examples": n,
+                "steps": steps,
+                "drift_refresh_steps": (drift or {}).get("drift_refresh_steps", 100) if drift is not None else None,
+                "drift_max_train_examples": (drift or {}).get("drift_max_train_examples"),
+                "capture": None if drift is None else drift.get("drift_capture_features", True),
+                "rescore_budget": None if drift is None else drift.get("drift_rescore_budget", 0.1),
+                "recomputed_per_refresh": runs[name][-1]["recomputed"],
+                "wall_s": median(walls),
+                "ratio_vs_plain": median([w / p for w, p in zip(walls, plain)]),
+                # within one run: its wall time over its wall time minus the refreshes (immune to load between runs)
+                "ratio_internal": median([r["wall_s"] / (r["wall_s"] - r["refresh_s"]) for r in runs[name]]),
+                "walls": [round(w, 2) for w in walls],
+                "plain_walls": [round(p, 2) for p in plain],
+                "refreshes": runs[name][0]["refreshes"],
+                "refresh_s": median([r["refresh_s"] for r in runs[name]]),
+                "timings": runs[name][-1]["timings"],
+                "rollout_accuracy": runs[name][-1]["rollout_accuracy"],
+                "contrast": runs[name][-1]["contrast"],
+            }
+        )
     return {"steps": steps, "batch_size": cfg.e2e_batch_size, "repeats": cfg.e2e_repeats, "table": table}
 
 
@@ -461,8 +525,13 @@ def memory_probe(kind: str, model_name: str, n: int, batch_size: int, k: int, me
             feats, _, _ = fp.run(model, rows)
             checksum = float(np.asarray(feats[:: max(1, n // 50)]).sum())  # touch it
             _ = checksum
-    return {"kind": kind, "peak_anon_delta_bytes": ps.delta, "ru_maxrss_delta_bytes": ps.maxrss_delta,
-            "feature_dim": projector.dim, "examples": n if kind.startswith("feature_pass") else batch_size}
+    return {
+        "kind": kind,
+        "peak_anon_delta_bytes": ps.delta,
+        "ru_maxrss_delta_bytes": ps.maxrss_delta,
+        "feature_dim": projector.dim,
+        "examples": n if kind.startswith("feature_pass") else batch_size,
+    }
 
 
 def bench_memory(cfg) -> dict:
@@ -472,16 +541,23 @@ def bench_memory(cfg) -> dict:
     probes = [("train_step", None), ("feature_batch", None), ("feature_pass", None), ("feature_pass_memmap", tmp)]
     results = []
     for kind, mm in probes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_probe",
-               json.dumps([kind, model_name, n, cfg.batch_size, cfg.projection_dim, mm])]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_probe",
+            json.dumps([kind, model_name, n, cfg.batch_size, cfg.projection_dim, mm]),
+        ]
         # a fixed mmap threshold and trim threshold make glibc return freed blocks to the OS, so resident memory
         # follows live allocations instead of staying at the high-water mark of earlier (warm-up) calls
         env = {**os.environ, "PYTHONPATH": ".", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
         res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
         results.append(json.loads(res.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"  memory {kind:20s}: peak anon +{r['peak_anon_delta_bytes'] / 2**20:.1f} MiB "
-              f"(ru_maxrss +{r['ru_maxrss_delta_bytes'] / 2**20:.1f} MiB)", flush=True)
+        print(
+            f"  memory {kind:20s}: peak anon +{r['peak_anon_delta_bytes'] / 2**20:.1f} MiB "
+            f"(ru_maxrss +{r['ru_maxrss_delta_bytes'] / 2**20:.1f} MiB)",
+            flush=True,
+        )
     model = model_of(model_name)
     dim = ProjectedGradients(select_target_modules(model), cfg.projection_dim).dim
     # analytic storage for real shapes: modules x k^2 x 4 bytes per example
@@ -491,16 +567,29 @@ def bench_memory(cfg) -> dict:
         "Llama-2-7B all Linear (32 x 7)": 224,
         "Llama-2-7B LoRA q,v (32 x 2 x A,B)": 128,
     }
-    storage = {name: {"modules": m, "bytes_per_example": m * cfg.projection_dim**2 * 4,
-                      "gib_per_100k_examples": m * cfg.projection_dim**2 * 4 * 1e5 / 2**30} for name, m in shapes.items()}
+    storage = {
+        name: {
+            "modules": m,
+            "bytes_per_example": m * cfg.projection_dim**2 * 4,
+            "gib_per_100k_examples": m * cfg.projection_dim**2 * 4 * 1e5 / 2**30,
+        }
+        for name, m in shapes.items()
+    }
     os.rmdir(tmp) if os.path.isdir(tmp) and not os.listdir(tmp) else None
-    return {"model": model_name, "params": n_params(model), "feature_dim": dim, "bytes_per_example": dim * 4,
-            "examples": n, "probes": results, "storage": storage,
-            "measured": "peak RssAnon (anonymous resident memory; memory-mapped file pages are file-backed and not "
-                        "counted) above the baseline after set-up, sampled every 1 ms in a thread, one fresh "
-                        "subprocess per probe with 1 torch thread and glibc told to return freed memory "
-                        "(MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0), after one warm-up training step "
-                        "(optimizer state allocated) and one warm-up feature batch; ru_maxrss increase as a cross-check"}
+    return {
+        "model": model_name,
+        "params": n_params(model),
+        "feature_dim": dim,
+        "bytes_per_example": dim * 4,
+        "examples": n,
+        "probes": results,
+        "storage": storage,
+        "measured": "peak RssAnon (anonymous resident memory; memory-mapped file pages are file-backed and not "
+        "counted) above the baseline after set-up, sampled every 1 ms in a thread, one fresh "
+        "subprocess per probe with 1 torch thread and glibc told to return freed memory "
+        "(MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0), after one warm-up training step "
+        "(optimizer state allocated) and one warm-up feature batch; ru_maxrss increase as a cross-check",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- 5
@@ -510,15 +599,32 @@ def _refresh_once(model, rows, k, queries, args_over=None, refresh_index=0):
     from drift_trainer.config import DriftArguments
     from drift_trainer.rewards import exact_match
 
-    args = DriftArguments(drift_num_queries=8, drift_num_rollouts=4, drift_max_new_tokens=8, drift_projection_dim=k,
-                          drift_progress=False, drift_no_contrast="keep", **(args_over or {}))
+    args = DriftArguments(
+        drift_num_queries=8,
+        drift_num_rollouts=4,
+        drift_max_new_tokens=8,
+        drift_projection_dim=k,
+        drift_progress=False,
+        drift_no_contrast="keep",
+        **(args_over or {}),
+    )
     args.validate_drift()
     projector = ProjectedGradients(select_target_modules(model), k)
     view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
     s = time.perf_counter()
-    res = run_refresh(args=args, step=0, model=model, tokenizer=tokenizer(), view=view, query_dataset=queries,
-                      reward_funcs=[exact_match], projector=projector, refresh_index=refresh_index, seed=0,
-                      progress=False)
+    res = run_refresh(
+        args=args,
+        step=0,
+        model=model,
+        tokenizer=tokenizer(),
+        view=view,
+        query_dataset=queries,
+        reward_funcs=[exact_match],
+        projector=projector,
+        refresh_index=refresh_index,
+        seed=0,
+        progress=False,
+    )
     return time.perf_counter() - s, res
 
 
@@ -546,12 +652,18 @@ def bench_growth(cfg) -> dict:
             t, res = _refresh_once(model, all_rows[:n], cfg.projection_dim, queries)
             tot[n].append(t)
             feat[n].append(res.timings["features"] + res.timings["influence"])
-    out["train_size"] = {"x": sizes, "refresh_s": [min(tot[n]) for n in sizes],
-                         "features_influence_s": [min(feat[n]) for n in sizes]}
+    out["train_size"] = {
+        "x": sizes,
+        "refresh_s": [min(tot[n]) for n in sizes],
+        "features_influence_s": [min(feat[n]) for n in sizes],
+    }
     out["train_size"]["fit_refresh"] = _fit(sizes, out["train_size"]["refresh_s"])
     out["train_size"]["fit_features"] = _fit(sizes, out["train_size"]["features_influence_s"])
-    print(f"  growth n {sizes}: features {[round(v, 3) for v in out['train_size']['features_influence_s']]} s "
-          f"-> {out['train_size']['fit_features']}", flush=True)
+    print(
+        f"  growth n {sizes}: features {[round(v, 3) for v in out['train_size']['features_influence_s']]} s "
+        f"-> {out['train_size']['fit_features']}",
+        flush=True,
+    )
     # projection size
     n = cfg.growth_fixed_n
     rows = all_rows[:n]
@@ -644,9 +756,20 @@ def bench_block(cfg) -> dict:
         scores = {}
         for name, a in paths.items():
             s = time.perf_counter()
-            res = run_refresh(args=a, step=step[0], model=model, tokenizer=tok, view=view, query_dataset=queries,
-                              reward_funcs=[first_digit_reward], projector=projector, refresh_index=r, seed=0,
-                              progress=False, capture=capture if name == "capture" else None)
+            res = run_refresh(
+                args=a,
+                step=step[0],
+                model=model,
+                tokenizer=tok,
+                view=view,
+                query_dataset=queries,
+                reward_funcs=[first_digit_reward],
+                projector=projector,
+                refresh_index=r,
+                seed=0,
+                progress=False,
+                capture=capture if name == "capture" else None,
+            )
             rec[f"{name}_s"] = time.perf_counter() - s
             rec[f"{name}_features_s"] = res.timings["features"]
             rec["contrast"] = res.contrast
@@ -675,16 +798,25 @@ def bench_block(cfg) -> dict:
         if both.sum() > 2:
             rec["pearson_raw_capture"] = float(np.corrcoef(sf[both], sc[both])[0, 1])
         log.append(rec)
-        print(f"  fast paths refresh {r}: acc {rec['rollout_accuracy']:.2f}, full {rec['full_s']:.2f} s, "
-              f"block {rec['block_s']:.2f} s, capture {rec['capture_s']:.2f} s "
-              f"({rec['capture_scored']} scored, {rec['capture_recomputed']} recomputed); pearson(smoothed) block "
-              f"{rec.get('pearson_smoothed_block', float('nan')):.3f}, capture "
-              f"{rec.get('pearson_smoothed_capture', float('nan')):.3f}; this refresh's scores (capture vs full) "
-              f"{rec.get('pearson_raw_capture', float('nan')):.3f}", flush=True)
+        print(
+            f"  fast paths refresh {r}: acc {rec['rollout_accuracy']:.2f}, full {rec['full_s']:.2f} s, "
+            f"block {rec['block_s']:.2f} s, capture {rec['capture_s']:.2f} s "
+            f"({rec['capture_scored']} scored, {rec['capture_recomputed']} recomputed); pearson(smoothed) block "
+            f"{rec.get('pearson_smoothed_block', float('nan')):.3f}, capture "
+            f"{rec.get('pearson_smoothed_capture', float('nan')):.3f}; this refresh's scores (capture vs full) "
+            f"{rec.get('pearson_raw_capture', float('nan')):.3f}",
+            flush=True,
+        )
     capture.remove()
-    return {"train_examples": len(rows), "drift_max_train_examples": block, "warmup_steps": cfg.block_warmup,
-            "steps_between": cfg.block_every, "batch_size": cfg.e2e_batch_size,
-            "rescore_budget": paths["capture"].drift_rescore_budget, "refreshes": log}
+    return {
+        "train_examples": len(rows),
+        "drift_max_train_examples": block,
+        "warmup_steps": cfg.block_warmup,
+        "steps_between": cfg.block_every,
+        "batch_size": cfg.e2e_batch_size,
+        "rescore_budget": paths["capture"].drift_rescore_budget,
+        "refreshes": log,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------- report
@@ -695,120 +827,190 @@ def fmt(x, d=2):
 
 
 def markdown(res: dict, command: str) -> str:
-    L = ["# DRIFT overhead benchmark", "", f"Command: `{command}`", "",
-         f"Machine: {res['machine']}. Wall time: {res['total_s']:.0f} s. Ratios are medians of per-repeat ratios, "
-         "the two sides interleaved in one process.", ""]
+    L = [
+        "# DRIFT overhead benchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {res['machine']}. Wall time: {res['total_s']:.0f} s. Ratios are medians of per-repeat ratios, "
+        "the two sides interleaved in one process.",
+        "",
+    ]
     if "throughput" in res:
-        L += ["## 1. Feature throughput vs training (target >= 1.0)", "",
-              "| model | params | data (mean tokens) | batch | feature dim | train ex/s | features ex/s | ratio | "
-              "FeaturePass ex/s | ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "## 1. Feature throughput vs training (target >= 1.0)",
+            "",
+            "| model | params | data (mean tokens) | batch | feature dim | train ex/s | features ex/s | ratio | "
+            "FeaturePass ex/s | ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["throughput"]:
-            L.append(f"| {r['model']} | {r['params']:,} | {r['data']} ({r['mean_tokens']:.0f}) | {r['batch_size']} | "
-                     f"{r['feature_dim']} | {r['train_ex_per_s']:.0f} | {r['features_ex_per_s']:.0f} | "
-                     f"**{r['ratio_compute']:.2f}** | {r['feature_pass_ex_per_s']:.0f} | {r['ratio_feature_pass']:.2f} |")
-        L += ["", "Training = forward + backward + AdamW step on the same padded batches; features = "
-              "`ProjectedGradients.compute` on those batches (eval mode, one forward + one `autograd.grad`); "
-              "FeaturePass = `FeaturePass.run` over the same rows (length-sorted batches, results stored).", ""]
+            L.append(
+                f"| {r['model']} | {r['params']:,} | {r['data']} ({r['mean_tokens']:.0f}) | {r['batch_size']} | "
+                f"{r['feature_dim']} | {r['train_ex_per_s']:.0f} | {r['features_ex_per_s']:.0f} | "
+                f"**{r['ratio_compute']:.2f}** | {r['feature_pass_ex_per_s']:.0f} | {r['ratio_feature_pass']:.2f} |"
+            )
+        L += [
+            "",
+            "Training = forward + backward + AdamW step on the same padded batches; features = "
+            "`ProjectedGradients.compute` on those batches (eval mode, one forward + one `autograd.grad`); "
+            "FeaturePass = `FeaturePass.run` over the same rows (length-sorted batches, results stored).",
+            "",
+        ]
     if "exact" in res:
-        L += ["## 2. Against exact per-example gradients (target >= 10x, same scores)", "",
-              "| model | examples | hook ex/s | loop ex/s | vmap ex/s | x vs loop | x vs vmap | max rel feature err "
-              "(loop / vmap) | max rel score err (loop / vmap) |", "|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "## 2. Against exact per-example gradients (target >= 10x, same scores)",
+            "",
+            "| model | examples | hook ex/s | loop ex/s | vmap ex/s | x vs loop | x vs vmap | max rel feature err "
+            "(loop / vmap) | max rel score err (loop / vmap) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in res["exact"]:
-            L.append(f"| {r['model']} | {r['examples']} | {r['hook_ex_per_s']:.0f} | {r['loop_ex_per_s']:.0f} | "
-                     f"{r['vmap_ex_per_s']:.0f} | **{r['speedup_vs_loop']:.1f}** | **{r['speedup_vs_vmap']:.1f}** | "
-                     f"{r['vs_loop']['max_rel_feature_error']:.1e} / {r['vs_vmap']['max_rel_feature_error']:.1e} | "
-                     f"{r['vs_loop']['max_rel_score_error']:.1e} / {r['vs_vmap']['max_rel_score_error']:.1e} |")
-        L += ["", "Feature error: max over examples of ||phi_hook - phi_exact|| / ||phi_exact||. Score error: max "
-              "|s_hook - s_exact| / max |s_exact| for normalised scores s = <phi, d>/||phi|| against a random "
-              "direction d. Loop: one forward + `autograd.grad` on the target weights per example (unpadded), then "
-              "P_out G P_in^T. vmap: `torch.func.vmap(grad(functional_call))` over the batch (no attention mask: "
-              "exact for right padding under causal attention).", ""]
+            L.append(
+                f"| {r['model']} | {r['examples']} | {r['hook_ex_per_s']:.0f} | {r['loop_ex_per_s']:.0f} | "
+                f"{r['vmap_ex_per_s']:.0f} | **{r['speedup_vs_loop']:.1f}** | **{r['speedup_vs_vmap']:.1f}** | "
+                f"{r['vs_loop']['max_rel_feature_error']:.1e} / {r['vs_vmap']['max_rel_feature_error']:.1e} | "
+                f"{r['vs_loop']['max_rel_score_error']:.1e} / {r['vs_vmap']['max_rel_score_error']:.1e} |"
+            )
+        L += [
+            "",
+            "Feature error: max over examples of ||phi_hook - phi_exact|| / ||phi_exact||. Score error: max "
+            "|s_hook - s_exact| / max |s_exact| for normalised scores s = <phi, d>/||phi|| against a random "
+            "direction d. Loop: one forward + `autograd.grad` on the target weights per example (unpadded), then "
+            "P_out G P_in^T. vmap: `torch.func.vmap(grad(functional_call))` over the batch (no attention mask: "
+            "exact for right padding under causal attention).",
+            "",
+        ]
     if "e2e" in res:
         e = res["e2e"]
-        L += ["## 3. End to end: DriftSFTTrainer vs drift_enabled=False (target <= 1.15 at the default schedule)", "",
-              f"Tiny Llama, {e['steps']} steps, batch {e['batch_size']}, {e['repeats']} interleaved repeats; all "
-              "other options at their defaults (32 queries x 4 rollouts, max 64 new tokens, projection 16, "
-              "artifacts written).", "",
-              "| variant | train examples | refresh every | capture | rescore budget | max train ex. | refreshes | "
-              "rows recomputed per refresh | train() s | refresh s | ratio vs plain run | ratio within run | "
-              "stage seconds (last repeat) |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "## 3. End to end: DriftSFTTrainer vs drift_enabled=False (target <= 1.15 at the default schedule)",
+            "",
+            f"Tiny Llama, {e['steps']} steps, batch {e['batch_size']}, {e['repeats']} interleaved repeats; all "
+            "other options at their defaults (32 queries x 4 rollouts, max 64 new tokens, projection 16, "
+            "artifacts written).",
+            "",
+            "| variant | train examples | refresh every | capture | rescore budget | max train ex. | refreshes | "
+            "rows recomputed per refresh | train() s | refresh s | ratio vs plain run | ratio within run | "
+            "stage seconds (last repeat) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in e["table"]:
             st = ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
             rec = r.get("recomputed_per_refresh") or []
-            L.append(f"| {r['variant']} | {r['train_examples']} | {fmt(r['drift_refresh_steps'])} | "
-                     f"{fmt(r.get('capture'))} | {fmt(r.get('rescore_budget') if r.get('capture') else None)} | "
-                     f"{fmt(r['drift_max_train_examples'])} | {r['refreshes']} | "
-                     f"{', '.join(str(x) for x in rec) or '-'} | {r['wall_s']:.1f} | "
-                     f"{r['refresh_s']:.1f} | **{r['ratio_vs_plain']:.3f}** | **{r['ratio_internal']:.3f}** | {st} |")
-        L += ["", "Ratio vs plain run: median over repeats of DRIFT train() time / the adjacent plain run's. Ratio "
-              "within run: a DRIFT run's train() time / (that time minus its refreshes), which other jobs' load on a "
-              "shared machine moves far less; it leaves out DRIFT's per-step costs outside refreshes (sampler, index "
-              "column, and the feature capture in every training backward), which the paired ratio includes. "
-              "Capture: features of "
-              "the trained rows are captured in the training backward and a refresh recomputes only "
-              "`drift_rescore_budget` x the rows trained since the previous refresh (stalest first); without capture "
-              "every refresh recomputes every row (or a `drift_max_train_examples` block)."]
+            L.append(
+                f"| {r['variant']} | {r['train_examples']} | {fmt(r['drift_refresh_steps'])} | "
+                f"{fmt(r.get('capture'))} | {fmt(r.get('rescore_budget') if r.get('capture') else None)} | "
+                f"{fmt(r['drift_max_train_examples'])} | {r['refreshes']} | "
+                f"{', '.join(str(x) for x in rec) or '-'} | {r['wall_s']:.1f} | "
+                f"{r['refresh_s']:.1f} | **{r['ratio_vs_plain']:.3f}** | **{r['ratio_internal']:.3f}** | {st} |"
+            )
+        L += [
+            "",
+            "Ratio vs plain run: median over repeats of DRIFT train() time / the adjacent plain run's. Ratio "
+            "within run: a DRIFT run's train() time / (that time minus its refreshes), which other jobs' load on a "
+            "shared machine moves far less; it leaves out DRIFT's per-step costs outside refreshes (sampler, index "
+            "column, and the feature capture in every training backward), which the paired ratio includes. "
+            "Capture: features of "
+            "the trained rows are captured in the training backward and a refresh recomputes only "
+            "`drift_rescore_budget` x the rows trained since the previous refresh (stalest first); without capture "
+            "every refresh recomputes every row (or a `drift_max_train_examples` block).",
+        ]
         L.append("")
     if "memory" in res:
         m = res["memory"]
-        L += ["## 4. Memory", "", f"Feature storage: float32, {m['feature_dim']} features = "
-              f"**{m['bytes_per_example']:,} bytes per example** on the `{m['model']}` toy model "
-              "(modules x k^2 x 4 bytes).", "",
-              "| shape | target modules | bytes / example (k=16) | GiB per 100k examples |", "|---|---|---|---|"]
+        L += [
+            "## 4. Memory",
+            "",
+            f"Feature storage: float32, {m['feature_dim']} features = "
+            f"**{m['bytes_per_example']:,} bytes per example** on the `{m['model']}` toy model "
+            "(modules x k^2 x 4 bytes).",
+            "",
+            "| shape | target modules | bytes / example (k=16) | GiB per 100k examples |",
+            "|---|---|---|---|",
+        ]
         for name, s in m["storage"].items():
             L.append(f"| {name} | {s['modules']} | {s['bytes_per_example']:,} | {s['gib_per_100k_examples']:.2f} |")
-        L += ["", f"Peak memory ({m['measured']}); feature passes over {m['examples']} examples:", "",
-              "| operation | peak anon RSS above baseline (MiB) | ru_maxrss increase (MiB) |", "|---|---|---|"]
+        L += [
+            "",
+            f"Peak memory ({m['measured']}); feature passes over {m['examples']} examples:",
+            "",
+            "| operation | peak anon RSS above baseline (MiB) | ru_maxrss increase (MiB) |",
+            "|---|---|---|",
+        ]
         for p in m["probes"]:
-            L.append(f"| {p['kind']} | {p['peak_anon_delta_bytes'] / 2**20:.1f} | "
-                     f"{p['ru_maxrss_delta_bytes'] / 2**20:.1f} |")
+            L.append(
+                f"| {p['kind']} | {p['peak_anon_delta_bytes'] / 2**20:.1f} | {p['ru_maxrss_delta_bytes'] / 2**20:.1f} |"
+            )
         L.append("")
     if "growth" in res:
         g = res["growth"]
         ts = g["train_size"]
-        L += ["## 5. Cost growth (one refresh; best of repeats)", "",
-              "| train examples | " + " | ".join(map(str, ts["x"])) + " |", "|---" * (len(ts["x"]) + 1) + "|",
-              "| refresh s | " + " | ".join(f"{v:.3f}" for v in ts["refresh_s"]) + " |",
-              "| features + influence s | " + " | ".join(f"{v:.3f}" for v in ts["features_influence_s"]) + " |", "",
-              f"Fit (features + influence): {ts['fit_features']['slope_s_per_unit'] * 1e3:.3f} ms per example, "
-              f"intercept {ts['fit_features']['intercept_s']:.3f} s, R^2 {ts['fit_features']['r2']:.4f}, log-log "
-              f"exponent {ts['fit_features']['loglog_exponent']:.2f} (1 = linear). Whole refresh: "
-              f"{ts['fit_refresh']['slope_s_per_unit'] * 1e3:.3f} ms per example + "
-              f"{ts['fit_refresh']['intercept_s']:.2f} s (rollouts), R^2 {ts['fit_refresh']['r2']:.4f}.", ""]
+        L += [
+            "## 5. Cost growth (one refresh; best of repeats)",
+            "",
+            "| train examples | " + " | ".join(map(str, ts["x"])) + " |",
+            "|---" * (len(ts["x"]) + 1) + "|",
+            "| refresh s | " + " | ".join(f"{v:.3f}" for v in ts["refresh_s"]) + " |",
+            "| features + influence s | " + " | ".join(f"{v:.3f}" for v in ts["features_influence_s"]) + " |",
+            "",
+            f"Fit (features + influence): {ts['fit_features']['slope_s_per_unit'] * 1e3:.3f} ms per example, "
+            f"intercept {ts['fit_features']['intercept_s']:.3f} s, R^2 {ts['fit_features']['r2']:.4f}, log-log "
+            f"exponent {ts['fit_features']['loglog_exponent']:.2f} (1 = linear). Whole refresh: "
+            f"{ts['fit_refresh']['slope_s_per_unit'] * 1e3:.3f} ms per example + "
+            f"{ts['fit_refresh']['intercept_s']:.2f} s (rollouts), R^2 {ts['fit_refresh']['r2']:.4f}.",
+            "",
+        ]
         p = g["projection"]
-        L += [f"Projection size ({g['examples_fixed']} examples, tiny model): " + ", ".join(
-            f"k={k} (dim {d}): {v:.3f} s" for k, d, v in zip(p["x"], p["feature_dim"], p["features_influence_s"]))
-            + f"; fit vs feature dim: log-log exponent {p['fit_vs_dim']['loglog_exponent']:.2f}.", ""]
+        L += [
+            f"Projection size ({g['examples_fixed']} examples, tiny model): "
+            + ", ".join(
+                f"k={k} (dim {d}): {v:.3f} s" for k, d, v in zip(p["x"], p["feature_dim"], p["features_influence_s"])
+            )
+            + f"; fit vs feature dim: log-log exponent {p['fit_vs_dim']['loglog_exponent']:.2f}.",
+            "",
+        ]
         mm = g["model"]
-        L += [f"Model size ({g['examples_fixed']} examples): " + ", ".join(
-            f"{n} ({pp:,} params): {v:.3f} s" for n, pp, v in zip(mm["x"], mm["params"], mm["features_influence_s"]))
-            + f"; log-log exponent vs params {mm['fit_vs_params']['loglog_exponent']:.2f}.", ""]
+        L += [
+            f"Model size ({g['examples_fixed']} examples): "
+            + ", ".join(
+                f"{n} ({pp:,} params): {v:.3f} s" for n, pp, v in zip(mm["x"], mm["params"], mm["features_influence_s"])
+            )
+            + f"; log-log exponent vs params {mm['fit_vs_params']['loglog_exponent']:.2f}.",
+            "",
+        ]
     if "block" in res:
         b = res["block"]
-        L += ["## 6. Fast paths vs full rescoring: captured features and block rescoring", "",
-              f"{b['train_examples']} train examples; one shared training trajectory ({b['warmup_steps']} warm-up "
-              f"steps, then {b['steps_between']} steps of batch {b.get('batch_size', 8)} between refreshes), trained "
-              "with the SFT token-mean loss while the capture hooks record each trained row's feature. At each "
-              "refresh three paths score the same model with the same rollouts, each keeping its own smoothed scores "
-              "and weights: **full** (every row recomputed), **block** (`drift_max_train_examples`="
-              f"{b['drift_max_train_examples']}, no capture) and **capture** (the default: captured features, "
-              f"`drift_rescore_budget`={b.get('rescore_budget', 0.1)} x rows trained since the previous refresh "
-              "recomputed, stalest first). Correlations are against the full path.", "",
-              "| refresh | step | rollout acc. | full s | block s | capture s | capture: rows scored / recomputed / "
-              "median feature age (steps) | this refresh's scores, pearson capture vs full | smoothed pearson "
-              "(block / capture) | smoothed spearman (block / capture) | weights pearson (block / capture) | mean "
-              "weight of corrupted (full / block / capture) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        L += [
+            "## 6. Fast paths vs full rescoring: captured features and block rescoring",
+            "",
+            f"{b['train_examples']} train examples; one shared training trajectory ({b['warmup_steps']} warm-up "
+            f"steps, then {b['steps_between']} steps of batch {b.get('batch_size', 8)} between refreshes), trained "
+            "with the SFT token-mean loss while the capture hooks record each trained row's feature. At each "
+            "refresh three paths score the same model with the same rollouts, each keeping its own smoothed scores "
+            "and weights: **full** (every row recomputed), **block** (`drift_max_train_examples`="
+            f"{b['drift_max_train_examples']}, no capture) and **capture** (the default: captured features, "
+            f"`drift_rescore_budget`={b.get('rescore_budget', 0.1)} x rows trained since the previous refresh "
+            "recomputed, stalest first). Correlations are against the full path.",
+            "",
+            "| refresh | step | rollout acc. | full s | block s | capture s | capture: rows scored / recomputed / "
+            "median feature age (steps) | this refresh's scores, pearson capture vs full | smoothed pearson "
+            "(block / capture) | smoothed spearman (block / capture) | weights pearson (block / capture) | mean "
+            "weight of corrupted (full / block / capture) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in b["refreshes"]:
-            L.append(f"| {r['refresh']} | {r.get('step', '-')} | {r['rollout_accuracy']:.2f} | {r['full_s']:.2f} | "
-                     f"{r['block_s']:.2f} | {fmt(r.get('capture_s'))} | {fmt(r.get('capture_scored'))} / "
-                     f"{fmt(r.get('capture_recomputed'))} / {fmt(r.get('capture_median_age'), 0)} | "
-                     f"{fmt(r.get('pearson_raw_capture'), 3)} | "
-                     f"{fmt(r.get('pearson_smoothed_block'), 3)} / {fmt(r.get('pearson_smoothed_capture'), 3)} | "
-                     f"{fmt(r.get('spearman_smoothed_block'), 3)} / {fmt(r.get('spearman_smoothed_capture'), 3)} | "
-                     f"{fmt(r.get('pearson_weights_block'), 3)} / {fmt(r.get('pearson_weights_capture'), 3)} | "
-                     f"{fmt(r.get('corrupted_mean_weight_full'), 3)} / {fmt(r.get('corrupted_mean_weight_block'), 3)}"
-                     f" / {fmt(r.get('corrupted_mean_weight_capture'), 3)} |")
+            L.append(
+                f"| {r['refresh']} | {r.get('step', '-')} | {r['rollout_accuracy']:.2f} | {r['full_s']:.2f} | "
+                f"{r['block_s']:.2f} | {fmt(r.get('capture_s'))} | {fmt(r.get('capture_scored'))} / "
+                f"{fmt(r.get('capture_recomputed'))} / {fmt(r.get('capture_median_age'), 0)} | "
+                f"{fmt(r.get('pearson_raw_capture'), 3)} | "
+                f"{fmt(r.get('pearson_smoothed_block'), 3)} / {fmt(r.get('pearson_smoothed_capture'), 3)} | "
+                f"{fmt(r.get('spearman_smoothed_block'), 3)} / {fmt(r.get('spearman_smoothed_capture'), 3)} | "
+                f"{fmt(r.get('pearson_weights_block'), 3)} / {fmt(r.get('pearson_weights_capture'), 3)} | "
+                f"{fmt(r.get('corrupted_mean_weight_full'), 3)} / {fmt(r.get('corrupted_mean_weight_block'), 3)}"
+                f" / {fmt(r.get('corrupted_mean_weight_capture'), 3)} |"
+            )
         L.append("")
     return "\n".join(L)
 
@@ -818,8 +1020,12 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
     p.add_argument("--sections", default="throughput,exact,e2e,memory,growth,block")
     p.add_argument("--out", default=RESULTS, help="directory for overhead.json and overhead.md")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: stable timings on a shared machine; 0 keeps torch's default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: stable timings on a shared machine; 0 keeps torch's default)",
+    )
     p.add_argument("--merge", action="store_true", help="update the sections run now in an existing overhead.json")
     p.add_argument("--_probe", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -830,27 +1036,49 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     q = a.quick
     cfg = argparse.Namespace(
-        quick=q, repeats=2 if q else 3, batch_size=16, projection_dim=16,
-        tp_examples=128 if q else 256, exact_examples=32 if q else 64,
-        e2e_steps=100 if q else 300, e2e_batch_size=8, e2e_train=500 if q else 1000, e2e_repeats=1 if q else 2,
+        quick=q,
+        repeats=2 if q else 3,
+        batch_size=16,
+        projection_dim=16,
+        tp_examples=128 if q else 256,
+        exact_examples=32 if q else 64,
+        e2e_steps=100 if q else 300,
+        e2e_batch_size=8,
+        e2e_train=500 if q else 1000,
+        e2e_repeats=1 if q else 2,
         mem_examples=1000 if q else 3000,
-        growth_sizes=[250, 500, 1000] if q else [250, 500, 1000, 2000, 4000], growth_fixed_n=500,
+        growth_sizes=[250, 500, 1000] if q else [250, 500, 1000, 2000, 4000],
+        growth_fixed_n=500,
         growth_ks=[8, 16, 32] if q else [8, 16, 32, 64],
-        block_train=1000 if q else 2000, block_fraction=4, block_warmup=150 if q else 300, block_every=25,
+        block_train=1000 if q else 2000,
+        block_fraction=4,
+        block_warmup=150 if q else 300,
+        block_every=25,
         block_refreshes=3 if q else 6,
     )
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
-    command = "PYTHONPATH=. python " + " ".join(shlex.quote(x) for x in ["benchmarks/overhead.py", *(argv or sys.argv[1:])])
+    command = "PYTHONPATH=. python " + " ".join(
+        shlex.quote(x) for x in ["benchmarks/overhead.py", *(argv or sys.argv[1:])]
+    )
     previous = {}
     if a.merge and os.path.exists(os.path.join(a.out, "overhead.json")):
         with open(os.path.join(a.out, "overhead.json")) as f:
             previous = json.load(f)
-    res = {"command": command, "config": vars(cfg),
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} torch threads, python {platform.python_version()}"}
+    res = {
+        "command": command,
+        "config": vars(cfg),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads, python {platform.python_version()}",
+    }
     start = time.perf_counter()
-    fns = {"throughput": bench_throughput, "exact": bench_exact, "e2e": bench_e2e, "memory": bench_memory,
-           "growth": bench_growth, "block": bench_block}
+    fns = {
+        "throughput": bench_throughput,
+        "exact": bench_exact,
+        "e2e": bench_e2e,
+        "memory": bench_memory,
+        "growth": bench_growth,
+        "block": bench_block,
+    }
     for s in sections:
         print(f"[{s}]", flush=True)
         t = time.perf_counter()

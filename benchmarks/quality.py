@@ -101,15 +101,34 @@ def base_job(ns, seed: int) -> str:
     tok = build_char_tokenizer(os.path.join(path, "tokenizer"))
     _, _, test = make_data("none", 0.0, ns.num_train, ns.num_test, ns.num_queries, seed)
     base_train = addition_dataset(ns.num_train * 2, seed=9000 + seed)  # clean, other rows than the SFT sets
-    r = run_one("base", train=base_train, queries=None, test=test, tokenizer=tok, output_dir=os.path.join(path, "run"),
-                steps=ns.base_steps, seed=seed, drift=False, progress=False, save_model=True, **_model_kwargs(ns))
+    r = run_one(
+        "base",
+        train=base_train,
+        queries=None,
+        test=test,
+        tokenizer=tok,
+        output_dir=os.path.join(path, "run"),
+        steps=ns.base_steps,
+        seed=seed,
+        drift=False,
+        progress=False,
+        save_model=True,
+        **_model_kwargs(ns),
+    )
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(os.path.join(path, "run", "final"))
     model.save_pretrained(os.path.join(path, "model"))
     with open(os.path.join(path, "base.json"), "w") as f:
-        json.dump({"seed": seed, "test_accuracy": r.final_accuracy,
-                   "check": evaluate_accuracy(model, tok, test), "seconds": r.seconds}, f)
+        json.dump(
+            {
+                "seed": seed,
+                "test_accuracy": r.final_accuracy,
+                "check": evaluate_accuracy(model, tok, test),
+                "seconds": r.seconds,
+            },
+            f,
+        )
     return path
 
 
@@ -126,18 +145,39 @@ def run_job(ns, kind: str, seed: int, config: str) -> dict:
     tok = build_char_tokenizer(os.path.join(ns.out, "tok", f"{kind}-{seed}-{config}"))
     train, queries, test = make_data(kind, ns.fraction, ns.num_train, ns.num_test, ns.num_queries, seed)
     run_dir = os.path.join(ns.out, "work", f"{kind}-seed{seed}-{config}")
-    common = dict(queries=queries, test=test, tokenizer=tok, output_dir=run_dir, steps=ns.steps, seed=seed,
-                  progress=False, init_from=os.path.join(base, "model"), warmup_steps=0, **_model_kwargs(ns))
+    common = dict(
+        queries=queries,
+        test=test,
+        tokenizer=tok,
+        output_dir=run_dir,
+        steps=ns.steps,
+        seed=seed,
+        progress=False,
+        init_from=os.path.join(base, "model"),
+        warmup_steps=0,
+        **_model_kwargs(ns),
+    )
     if config == "plain":
         r = run_one(config, train=train, drift=False, **common)
     elif config == "clean":
         keep = [i for i, c in enumerate(train["corrupted"]) if not c]
         r = run_one(config, train=train.select(keep), drift=False, **common)
     else:
-        r = run_one(config, train=train, drift=True, drift_scorer=config, drift_first_refresh_step=ns.first_refresh,
-                    drift_refresh_steps=ns.refresh, drift_num_queries=ns.num_queries, drift_num_rollouts=4,
-                    drift_rollout_batch_size=256, drift_max_new_tokens=5, drift_feature_batch_size=64,
-                    drift_save_artifacts=True, **common)
+        r = run_one(
+            config,
+            train=train,
+            drift=True,
+            drift_scorer=config,
+            drift_first_refresh_step=ns.first_refresh,
+            drift_refresh_steps=ns.refresh,
+            drift_num_queries=ns.num_queries,
+            drift_num_rollouts=4,
+            drift_rollout_batch_size=256,
+            drift_max_new_tokens=5,
+            drift_feature_batch_size=64,
+            drift_save_artifacts=True,
+            **common,
+        )
     rec = {"kind": kind, "seed": seed, "config": config, **r.to_dict()}
     os.makedirs(os.path.dirname(out_file), exist_ok=True)
     with open(out_file, "w") as f:
@@ -188,8 +228,13 @@ def aggregate(ns, command: str) -> dict:
                 "seconds_mean": float(np.mean([r["seconds"] for r in rs])),
             }
         table[kind] = rows
-    result = {"command": command, "options": vars(ns), "base_accuracy": bases, "table": table,
-              "targets": targets(table)}
+    result = {
+        "command": command,
+        "options": vars(ns),
+        "base_accuracy": bases,
+        "table": table,
+        "targets": targets(table),
+    }
     with open(os.path.join(ns.out, "quality.json"), "w") as f:
         json.dump(result, f, indent=1)
     with open(os.path.join(ns.out, "quality.md"), "w") as f:
@@ -201,7 +246,7 @@ def targets(table: dict) -> dict:
     """The benchmark's targets, each True / False / None (not enough runs)."""
     out = {}
     above_plain = []
-    for kind, rows in table.items():
+    for rows in table.values():
         if "drift" in rows and "plain" in rows:
             above_plain.append(rows["drift"]["acc_mean"] > rows["plain"]["acc_mean"])
     out["drift_above_plain_all_kinds"] = all(above_plain) if len(above_plain) == len(table) and table else None
@@ -209,8 +254,14 @@ def targets(table: dict) -> dict:
         rows = table.get(kind, {})
         base = [c for c in rows if c in SCORERS and c not in ("drift", "drift_unsigned", "drift_raw")]
         if "drift" in rows and base:
-            out[f"drift_above_every_baseline_{kind}"] = all(rows["drift"]["acc_mean"] > rows[c]["acc_mean"] for c in base)
-    gaps = [rows["drift"]["gap_closed"] for rows in table.values() if "drift" in rows and rows["drift"]["gap_closed"] is not None]
+            out[f"drift_above_every_baseline_{kind}"] = all(
+                rows["drift"]["acc_mean"] > rows[c]["acc_mean"] for c in base
+            )
+    gaps = [
+        rows["drift"]["gap_closed"]
+        for rows in table.values()
+        if "drift" in rows and rows["drift"]["gap_closed"] is not None
+    ]
     out["drift_gap_closed_mean"] = float(np.mean(gaps)) if gaps else None
     out["drift_closes_half_the_gap"] = (out["drift_gap_closed_mean"] >= 0.5) if gaps else None
     return out
@@ -232,7 +283,12 @@ def markdown(result: dict, ns) -> str:
         "",
     ]
     for kind, rows in result["table"].items():
-        lines += [f"## {kind}", "", "| config | test accuracy | gap closed | AUROC by refresh | s/run |", "|---|---|---|---|---|"]
+        lines += [
+            f"## {kind}",
+            "",
+            "| config | test accuracy | gap closed | AUROC by refresh | s/run |",
+            "|---|---|---|---|---|",
+        ]
         for c, r in rows.items():
             au = ", ".join(f"{a:.2f}" for a in r["auroc_by_refresh"]) or "-"
             gap = f"{r['gap_closed']:+.2f}" if r["gap_closed"] is not None else "-"
@@ -264,8 +320,11 @@ def main(argv=None) -> int:
             for i, fut in enumerate(as_completed(futs), 1):
                 r = fut.result()
                 au = ",".join(f"{a:.2f}" for a in r.get("auroc", []))
-                print(f"[{i}/{len(jobs)} {time.perf_counter() - started:.0f}s] {r['kind']} seed {r['seed']} "
-                      f"{r['config']}: acc {r['final_accuracy']:.3f} auroc [{au}] ({r['seconds']:.0f}s)", flush=True)
+                print(
+                    f"[{i}/{len(jobs)} {time.perf_counter() - started:.0f}s] {r['kind']} seed {r['seed']} "
+                    f"{r['config']}: acc {r['final_accuracy']:.3f} auroc [{au}] ({r['seconds']:.0f}s)",
+                    flush=True,
+                )
                 aggregate(ns, command)
     result = aggregate(ns, command)
     print(open(os.path.join(ns.out, "quality.md")).read())

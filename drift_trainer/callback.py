@@ -21,8 +21,8 @@ import time
 import numpy as np
 from transformers import TrainerCallback
 
-from .config import DriftArguments, drift_arguments_from
 from .capture import FeatureCache, TrainCapture
+from .config import DriftArguments, drift_arguments_from
 from .datafiles import example_text
 from .features import ProjectedGradients, select_target_modules
 from .refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh

@@ -268,7 +268,9 @@ def format_table(plain: RunResult, drift: RunResult, fraction_corrupted: float) 
     ro = ", ".join(f"{s}: {a:.2f}" for s, a in zip(drift.refresh_steps, drift.rollout_accuracy)) or "no refresh"
     f = fraction_corrupted
     lines.append(f"| plain SFT | {plain.final_accuracy:.3f} | {_acc_at(plain, first)} | - | {f:.3f} -> {f:.3f} |")
-    lines.append(f"| DRIFT | {drift.final_accuracy:.3f} | {_acc_at(drift, first)} | {ro} | {f:.3f} -> {share_end:.3f} |")
+    lines.append(
+        f"| DRIFT | {drift.final_accuracy:.3f} | {_acc_at(drift, first)} | {ro} | {f:.3f} -> {share_end:.3f} |"
+    )
     return "\n".join(lines)
 
 
@@ -319,8 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=d["warmup"], help="Step of DRIFT's first refresh.")
     p.add_argument("--refresh", type=int, default=d["refresh"], help="Steps between DRIFT refreshes.")
     p.add_argument("--seed", type=int, default=d["seed"], help="Seed of the model init, data and sampling.")
-    p.add_argument("--corruption", default=d["corruption"], choices=["random", "systematic", "format"],
-                   help="How corrupted rows are wrong: random numbers, a dropped carry, or the `#<answer>` format.")
+    p.add_argument(
+        "--corruption",
+        default=d["corruption"],
+        choices=["random", "systematic", "format"],
+        help="How corrupted rows are wrong: random numbers, a dropped carry, or the `#<answer>` format.",
+    )
     p.add_argument("--fraction", type=float, default=d["fraction"], help="Share of rows drawn for corruption.")
     p.add_argument("--num-train", type=int, default=d["num_train"], help="Training examples.")
     p.add_argument("--num-test", type=int, default=d["num_test"], help="Held-out test prompts.")
@@ -361,35 +367,68 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     common = dict(
-        train=train, queries=queries, test=test, tokenizer=tokenizer, steps=ns.steps, seed=ns.seed,
-        hidden_size=ns.hidden_size, num_layers=ns.num_layers, lr=ns.lr, batch_size=ns.batch_size,
-        curve_every=ns.curve_every, progress=not ns.quiet,
+        train=train,
+        queries=queries,
+        test=test,
+        tokenizer=tokenizer,
+        steps=ns.steps,
+        seed=ns.seed,
+        hidden_size=ns.hidden_size,
+        num_layers=ns.num_layers,
+        lr=ns.lr,
+        batch_size=ns.batch_size,
+        curve_every=ns.curve_every,
+        progress=not ns.quiet,
     )
     print("[1/2] plain SFT (drift_enabled=False)", flush=True)
     plain = run_one("plain SFT", output_dir=os.path.join(out, "plain_sft"), drift=False, **common)
     print(f"      final test accuracy {plain.final_accuracy:.3f} ({plain.seconds:.0f}s)", flush=True)
     print(f"[2/2] DRIFT (drift_scorer={ns.scorer}, first refresh at step {ns.warmup}, every {ns.refresh})", flush=True)
     drift = run_one(
-        "DRIFT", output_dir=os.path.join(out, "drift"), drift=True, drift_scorer=ns.scorer,
-        drift_first_refresh_step=ns.warmup, drift_refresh_steps=ns.refresh, drift_num_queries=ns.num_queries,
-        drift_num_rollouts=4, drift_rollout_batch_size=256, drift_max_new_tokens=5, drift_feature_batch_size=64,
+        "DRIFT",
+        output_dir=os.path.join(out, "drift"),
+        drift=True,
+        drift_scorer=ns.scorer,
+        drift_first_refresh_step=ns.warmup,
+        drift_refresh_steps=ns.refresh,
+        drift_num_queries=ns.num_queries,
+        drift_num_rollouts=4,
+        drift_rollout_batch_size=256,
+        drift_max_new_tokens=5,
+        drift_feature_batch_size=64,
         **common,
     )
     print(f"      final test accuracy {drift.final_accuracy:.3f} ({drift.seconds:.0f}s)", flush=True)
     table = format_table(plain, drift, frac)
-    png = plot(plain, drift, frac, os.path.join(out, "demo.png"),
-               title=f"{ns.corruption} corruption, {frac:.0%} of rows, seed {ns.seed}")
+    png = plot(
+        plain,
+        drift,
+        frac,
+        os.path.join(out, "demo.png"),
+        title=f"{ns.corruption} corruption, {frac:.0%} of rows, seed {ns.seed}",
+    )
     total = time.perf_counter() - started
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"`drift-trainer demo {' '.join(argv or [])}`\n\n{table}\n")
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"args": vars(ns), "corrupted_fraction": frac, "plain": plain.to_dict(), "drift": drift.to_dict(),
-                   "seconds": total}, f, indent=2)
+        json.dump(
+            {
+                "args": vars(ns),
+                "corrupted_fraction": frac,
+                "plain": plain.to_dict(),
+                "drift": drift.to_dict(),
+                "seconds": total,
+            },
+            f,
+            indent=2,
+        )
     print()
     print(table)
     print()
     ahead = drift.final_accuracy - plain.final_accuracy
     print(f"DRIFT - plain SFT: {ahead:+.3f} test accuracy. Total {total:.0f}s.")
-    print(f"Wrote {png}, {os.path.join(out, 'table.md')}, {os.path.join(out, 'results.json')}, run artifacts under "
-          f"{os.path.join(out, 'drift', 'drift')}/refresh-*/")
+    print(
+        f"Wrote {png}, {os.path.join(out, 'table.md')}, {os.path.join(out, 'results.json')}, run artifacts under "
+        f"{os.path.join(out, 'drift', 'drift')}/refresh-*/"
+    )
     return 0

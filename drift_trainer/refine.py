@@ -86,8 +86,11 @@ class RefineArguments:
     prompt_column: str = field(default="prompt", metadata={"help": "Query column with the prompt (text or messages)."})
     mode: str = field(
         default="weight",
-        metadata={"help": "`weight`: keep every row, add a weight column. `filter`: keep rows by --keep_fraction or "
-                  "--min_weight.", "choices": ["weight", "filter"]},
+        metadata={
+            "help": "`weight`: keep every row, add a weight column. `filter`: keep rows by --keep_fraction or "
+            "--min_weight.",
+            "choices": ["weight", "filter"],
+        },
     )
     keep_fraction: float | None = field(
         default=None, metadata={"help": "With --mode filter: keep this top share of scored rows by score, in (0, 1]."}
@@ -106,14 +109,19 @@ class RefineArguments:
         default=True, metadata={"help": "Prompt-completion rows: score the completion tokens only (TRL default)."}
     )
     assistant_only_loss: bool = field(
-        default=False, metadata={"help": "Conversational rows: score assistant tokens only (needs {%% generation %%} in the chat template)."}
+        default=False,
+        metadata={
+            "help": "Conversational rows: score assistant tokens only (needs {%% generation %%} in the chat template)."
+        },
     )
     shard_size: int = field(default=512, metadata={"help": "Train rows per feature shard (the unit of resuming)."})
     seed: int = field(default=42, metadata={"help": "Seed of query sampling and rollouts."})
     dtype: str = field(
         default="auto",
-        metadata={"help": "Model dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, "
-                  "float16.", "choices": ["auto", "float32", "bfloat16", "float16"]},
+        metadata={
+            "help": "Model dtype: auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16.",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
     )
     device: str | None = field(default=None, metadata={"help": "Device. Default: the process's GPU if any, else CPU."})
     keep_work: bool = field(default=False, metadata={"help": "Keep {output_dir}/work/ (feature shards) after success."})
@@ -187,8 +195,11 @@ def load_model_and_tokenizer(ra: RefineArguments, device):
         where = f"the adapter's base model {base_path!r} (from {path}/adapter_config.json)" if is_adapter else path
         raise ValueError(
             f"Cannot load a causal LM from {where}: {type(exc).__name__}: {exc}. "
-            + ("Pass --base_model with a local directory of the base model." if is_adapter else
-               "Check that the directory holds config.json and the weights (model.safetensors).")
+            + (
+                "Pass --base_model with a local directory of the base model."
+                if is_adapter
+                else "Check that the directory holds config.json and the weights (model.safetensors)."
+            )
         ) from exc
     if is_adapter:
         from peft import PeftModel
@@ -232,7 +243,9 @@ def load_queries(ra: RefineArguments):
     for r in table.rows:
         r = dict(r)
         prompt, answer = r.pop(ra.prompt_column), r.pop(ra.answer_column)
-        rows.append({"prompt": prompt, "answer": answer, **{k: v for k, v in r.items() if k not in ("prompt", "answer")}})
+        rows.append(
+            {"prompt": prompt, "answer": answer, **{k: v for k, v in r.items() if k not in ("prompt", "answer")}}
+        )
     return Dataset.from_list(rows)
 
 
@@ -275,9 +288,25 @@ def fingerprint(ra: RefineArguments, da: DriftArguments) -> dict:
         "train_file": [os.path.abspath(ra.train_file), stat(ra.train_file)],
         "query_file": [os.path.abspath(ra.query_file), stat(ra.query_file)],
     }
-    scoring = {k: v for k, v in asdict(ra).items() if k in (
-        "reward", "answer_column", "prompt_column", "tokenizer", "base_model", "dataset_text_field", "max_length",
-        "completion_only_loss", "assistant_only_loss", "shard_size", "seed", "dtype")}
+    scoring = {
+        k: v
+        for k, v in asdict(ra).items()
+        if k
+        in (
+            "reward",
+            "answer_column",
+            "prompt_column",
+            "tokenizer",
+            "base_model",
+            "dataset_text_field",
+            "max_length",
+            "completion_only_loss",
+            "assistant_only_loss",
+            "shard_size",
+            "seed",
+            "dtype",
+        )
+    }
     options = {k: v for k, v in da.drift_options().items() if k not in ("drift_progress", "drift_save_artifacts")}
     blob = json.dumps([inputs, scoring, options], sort_keys=True, default=str)
     return {"hash": hashlib.sha256(blob.encode()).hexdigest()[:16], "scoring": scoring}
@@ -408,8 +437,16 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
             t0 = time.perf_counter()
             with _progress(show, n_calls, "drift rollouts") as bar:
                 try:
-                    rollouts = generate_rollouts(model, tokenizer, queries, query_rows, da, reward_funcs,
-                                                 seed=ra.seed + GENERATION_SEED_STRIDE, progress=bar)
+                    rollouts = generate_rollouts(
+                        model,
+                        tokenizer,
+                        queries,
+                        query_rows,
+                        da,
+                        reward_funcs,
+                        seed=ra.seed + GENERATION_SEED_STRIDE,
+                        progress=bar,
+                    )
                 except RuntimeError as exc:
                     if "Reward function" in str(exc):
                         raise RuntimeError(reward_error(ra, queries, exc)) from exc
@@ -463,8 +500,13 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
             ids = np.arange(s * ra.shard_size, min((s + 1) * ra.shard_size, n_rows))
             phi, loss, ntok = fpass.run(model, [rows[i] for i in ids], progress=bar)
             phi64 = phi.astype(np.float64)
-            arrays = {"rows": ids, "raw": phi64 @ target, "norm": np.linalg.norm(phi64, axis=1), "loss": loss,
-                      "ntok": ntok}
+            arrays = {
+                "rows": ids,
+                "raw": phi64 @ target,
+                "norm": np.linalg.norm(phi64, axis=1),
+                "loss": loss,
+                "ntok": ntok,
+            }
             if keep_phi:
                 arrays["phi"] = phi
             save_npz(shard_path(work, s), **arrays)
@@ -500,9 +542,19 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     for a in (scores, raw_u, norm_u):
         a[~scored] = 0.0
     timings["influence"] = time.perf_counter() - t0
-    result = RefreshResult(step=0, scores=scores, raw_scores=raw_u, grad_norm=norm_u, loss=loss_u, scored=scored,
-                           rollouts=rollouts, signs=signs, contrast=contrast, timings=timings,
-                           num_masked=int(n_examples - scored.sum()))
+    result = RefreshResult(
+        step=0,
+        scores=scores,
+        raw_scores=raw_u,
+        grad_norm=norm_u,
+        loss=loss_u,
+        scored=scored,
+        rollouts=rollouts,
+        signs=signs,
+        contrast=contrast,
+        timings=timings,
+        num_masked=int(n_examples - scored.sum()),
+    )
     result._threshold = da.drift_reward_threshold
     t0 = time.perf_counter()
     _, weights = new_weights(result, None, None, da)
@@ -549,22 +601,45 @@ def write_outputs(ra, da, table, kind, result, weights, keep, fp, timings, n_sha
 
     out = ra.output_dir
     n = len(table.rows)
-    frame = pd.DataFrame({
-        "index": np.arange(n), "score": result.scores, "weight": np.asarray(weights, dtype=np.float64),
-        "grad_norm": result.grad_norm, "raw_score": result.raw_scores, "loss": result.loss, "scored": result.scored,
-    })
+    frame = pd.DataFrame(
+        {
+            "index": np.arange(n),
+            "score": result.scores,
+            "weight": np.asarray(weights, dtype=np.float64),
+            "grad_norm": result.grad_norm,
+            "raw_score": result.raw_scores,
+            "loss": result.loss,
+            "scored": result.scored,
+        }
+    )
     with atomic_path(os.path.join(out, "scores.parquet")) as tmp:
         frame.to_parquet(tmp, index=False)
     ro = result.rollouts
-    lines = [json.dumps({"query_index": ro.query_index[j], "query": ro.prompts[j],
-                         "completion": completion_text(ro.completions[j]), "reward": ro.rewards[j],
-                         "sign": float(result.signs[j])}, default=_json_default) for j in range(len(ro))]
+    lines = [
+        json.dumps(
+            {
+                "query_index": ro.query_index[j],
+                "query": ro.prompts[j],
+                "completion": completion_text(ro.completions[j]),
+                "reward": ro.rewards[j],
+                "sign": float(result.signs[j]),
+            },
+            default=_json_default,
+        )
+        for j in range(len(ro))
+    ]
     atomic_write_text(os.path.join(out, "rollouts.jsonl"), "".join(line + "\n" for line in lines))
-    examples = [json.dumps({"index": i, "text": example_text(r, ra.dataset_text_field)}, ensure_ascii=False,
-                           default=str) for i, r in enumerate(table.rows)]
+    examples = [
+        json.dumps({"index": i, "text": example_text(r, ra.dataset_text_field)}, ensure_ascii=False, default=str)
+        for i, r in enumerate(table.rows)
+    ]
     atomic_write_text(os.path.join(out, "examples.jsonl"), "".join(line + "\n" for line in examples))
-    refined = write_table(table, os.path.join(out, refined_name(table.format)), keep=keep,
-                          weights={ra.weight_column: weights} if ra.mode == "weight" else None)
+    refined = write_table(
+        table,
+        os.path.join(out, refined_name(table.format)),
+        keep=keep,
+        weights={ra.weight_column: weights} if ra.mode == "weight" else None,
+    )
     metrics = refresh_summary(result, weights, da)
     return {
         "kind": "refine",
@@ -579,11 +654,21 @@ def write_outputs(ra, da, table, kind, result, weights, keep, fp, timings, n_sha
         "contrast": result.contrast,
         "reason": None,
         "weights_changed": True,
-        "refined": {"path": refined, "format": table.format, "mode": ra.mode, "rows_kept": int(keep.sum()),
-                    "keep_fraction": ra.keep_fraction, "min_weight": ra.min_weight},
+        "refined": {
+            "path": refined,
+            "format": table.format,
+            "mode": ra.mode,
+            "rows_kept": int(keep.sum()),
+            "keep_fraction": ra.keep_fraction,
+            "min_weight": ra.min_weight,
+        },
         "train_format": kind,
-        "shards": {"total": n_shards, "resumed": n_resumed, "computed": n_shards - n_resumed,
-                   "shard_size": ra.shard_size},
+        "shards": {
+            "total": n_shards,
+            "resumed": n_resumed,
+            "computed": n_shards - n_resumed,
+            "shard_size": ra.shard_size,
+        },
         "inputs": {"model": ra.model, "train_file": ra.train_file, "query_file": ra.query_file, "reward": ra.reward},
         "fingerprint": fp["hash"],
         "options": da.drift_options(),

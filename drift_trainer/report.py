@@ -183,18 +183,25 @@ def plot_weights(refreshes: list[Refresh], top: int = 10):
     if len(steps) == 1:  # one refresh (a refine output): the weights themselves, one bar per example
         values = np.concatenate([w_best[0], w_worst[0][::-1]])
         colors = [POS_COLOR] * w_best.shape[1] + [NEG_COLOR] * w_worst.shape[1]
-        labels = [str(i) for i in np.concatenate([index[: w_best.shape[1]], index[w_best.shape[1]:][::-1]])]
+        labels = [str(i) for i in np.concatenate([index[: w_best.shape[1]], index[w_best.shape[1] :][::-1]])]
         ax.bar(range(len(values)), values, color=colors)
         ax.set_xticks(range(len(values)), labels, rotation=90, fontsize=7)
         ax.set_xlabel(f"example index (top {w_best.shape[1]} green, bottom {w_worst.shape[1]} red, by score)")
     else:
         marker = "o" if len(steps) < 20 else None
         for j in range(w_best.shape[1]):
-            ax.plot(steps, w_best[:, j], color=POS_COLOR, alpha=0.7, marker=marker,
-                    label=f"top {top}" if j == 0 else None)
+            ax.plot(
+                steps, w_best[:, j], color=POS_COLOR, alpha=0.7, marker=marker, label=f"top {top}" if j == 0 else None
+            )
         for j in range(w_worst.shape[1]):
-            ax.plot(steps, w_worst[:, j], color=NEG_COLOR, alpha=0.7, marker=marker,
-                    label=f"bottom {top}" if j == 0 else None)
+            ax.plot(
+                steps,
+                w_worst[:, j],
+                color=NEG_COLOR,
+                alpha=0.7,
+                marker=marker,
+                label=f"bottom {top}" if j == 0 else None,
+            )
         _step_axis(ax, steps)
         ax.legend(frameon=False)
     ax.axhline(1.0, color="#333", lw=0.8, ls="--")
@@ -223,8 +230,11 @@ def plot_rollouts(refreshes: list[Refresh]):
     finite = finite[np.isfinite(finite)]
     if len(finite) and finite.min() >= 0 and finite.max() <= 1:
         ax.set_ylim(0, 1.05)
-    ax.set_title(f"On-policy rollouts at each refresh (step {steps[0]})" if len(steps) == 1 else
-                 "On-policy rollouts at each refresh")
+    ax.set_title(
+        f"On-policy rollouts at each refresh (step {steps[0]})"
+        if len(steps) == 1
+        else "On-policy rollouts at each refresh"
+    )
     return fig
 
 
@@ -274,8 +284,17 @@ def examples_table(ref: Refresh, texts: dict[int, str] | None, n: int, best: boo
         idx = int(rec["index"])
         text = texts.get(idx) if texts is not None else None
         cell = f"<pre>{html.escape(text[:600])}</pre>" if text is not None else '<span class="muted">(no text)</span>'
-        rows.append([rank, idx, _fmt(rec["score"]), _fmt(rec["weight"]), _fmt(rec.get("grad_norm", np.nan)),
-                     _fmt(rec.get("loss", np.nan)), cell])
+        rows.append(
+            [
+                rank,
+                idx,
+                _fmt(rec["score"]),
+                _fmt(rec["weight"]),
+                _fmt(rec.get("grad_norm", np.nan)),
+                _fmt(rec.get("loss", np.nan)),
+                cell,
+            ]
+        )
     return _table(["#", "index", "score", "weight", "grad norm", "loss", "text"], rows, "examples")
 
 
@@ -288,8 +307,7 @@ def timings_table(refreshes: list[Refresh]) -> str:
     rows = []
     for r in refreshes:
         t = r.summary.get("timings", {})
-        rows.append([r.step] + [_fmt(float(t[s])) if s in t else "" for s in stages]
-                    + [_fmt(float(sum(t.values())))])
+        rows.append([r.step] + [_fmt(float(t[s])) if s in t else "" for s in stages] + [_fmt(float(sum(t.values())))])
     return _table(["step"] + [f"{s} (s)" for s in stages] + ["total (s)"], rows, "timings")
 
 
@@ -328,12 +346,32 @@ def write_report(run_dir: str, out_dir: str | None = None, train_file: str | Non
     m = s.get("metrics", {})
     kind = "refine output" if s.get("kind") == "refine" else "training run"
     overview = _table(
-        ["source", "refreshes", "latest step", "examples", "scored", "rollouts", "rollout accuracy", "ESS",
-         "positive share", "max weight"],
-        [[html.escape(f"{kind}: {os.path.abspath(run_dir)}"), len(refreshes), latest.step, s.get("num_examples", ""),
-          s.get("num_scored", ""), s.get("num_rollouts", ""), _fmt(m.get("drift/rollout_accuracy", np.nan)),
-          _fmt(m.get("drift/ess", np.nan)), _fmt(m.get("drift/frac_positive", np.nan)),
-          _fmt(m.get("drift/weight_max", np.nan))]],
+        [
+            "source",
+            "refreshes",
+            "latest step",
+            "examples",
+            "scored",
+            "rollouts",
+            "rollout accuracy",
+            "ESS",
+            "positive share",
+            "max weight",
+        ],
+        [
+            [
+                html.escape(f"{kind}: {os.path.abspath(run_dir)}"),
+                len(refreshes),
+                latest.step,
+                s.get("num_examples", ""),
+                s.get("num_scored", ""),
+                s.get("num_rollouts", ""),
+                _fmt(m.get("drift/rollout_accuracy", np.nan)),
+                _fmt(m.get("drift/ess", np.nan)),
+                _fmt(m.get("drift/frac_positive", np.nan)),
+                _fmt(m.get("drift/weight_max", np.nan)),
+            ]
+        ],
     )
     skipped = [r.step for r in refreshes if not r.summary.get("contrast", True)]
     notes = []

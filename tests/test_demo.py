@@ -12,9 +12,32 @@ from drift_trainer import cli
 
 def test_demo_writes_table_plot_and_artifacts(tmp_path, capsys):
     out = tmp_path / "demo"
-    argv = ["demo", "--output-dir", str(out), "--steps", "24", "--warmup", "8", "--refresh", "8",
-            "--num-train", "96", "--num-test", "16", "--num-queries", "8", "--hidden-size", "32", "--num-layers", "1",
-            "--batch-size", "16", "--curve-every", "12", "--quiet"]
+    argv = [
+        "demo",
+        "--output-dir",
+        str(out),
+        "--steps",
+        "24",
+        "--warmup",
+        "8",
+        "--refresh",
+        "8",
+        "--num-train",
+        "96",
+        "--num-test",
+        "16",
+        "--num-queries",
+        "8",
+        "--hidden-size",
+        "32",
+        "--num-layers",
+        "1",
+        "--batch-size",
+        "16",
+        "--curve-every",
+        "12",
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "| plain SFT |" in printed and "| DRIFT |" in printed

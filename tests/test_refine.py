@@ -22,9 +22,24 @@ from drift_trainer.toy import (
 offline_env()
 N_TRAIN = 20
 FAST = [
-    "--drift_num_queries", "4", "--drift_num_rollouts", "4", "--drift_max_new_tokens", "3",
-    "--drift_projection_dim", "4", "--drift_feature_batch_size", "8", "--drift_rollout_batch_size", "16",
-    "--drift_progress", "false", "--shard_size", "8", "--seed", "3",
+    "--drift_num_queries",
+    "4",
+    "--drift_num_rollouts",
+    "4",
+    "--drift_max_new_tokens",
+    "3",
+    "--drift_projection_dim",
+    "4",
+    "--drift_feature_batch_size",
+    "8",
+    "--drift_rollout_batch_size",
+    "16",
+    "--drift_progress",
+    "false",
+    "--shard_size",
+    "8",
+    "--seed",
+    "3",
 ]
 REWARD = f"{__name__}:digit_first"
 
@@ -52,13 +67,32 @@ def data(tmp_path_factory):
     train.to_json(str(root / "train.jsonl"))
     queries = addition_dataset(6, seed=1).select_columns(["prompt", "answer"]).rename_column("answer", "target")
     queries.to_json(str(root / "queries.jsonl"))
-    return {"root": root, "model": model_dir, "train": str(root / "train.jsonl"), "queries": str(root / "queries.jsonl"),
-            "tokenizer": tok}
+    return {
+        "root": root,
+        "model": model_dir,
+        "train": str(root / "train.jsonl"),
+        "queries": str(root / "queries.jsonl"),
+        "tokenizer": tok,
+    }
 
 
 def _args(data, out, train=None, *extra, reward=REWARD):
-    return ["--model", data["model"], "--train_file", train or data["train"], "--query_file", data["queries"],
-            "--answer_column", "target", "--reward", reward, "--output_dir", str(out), *FAST, *extra]
+    return [
+        "--model",
+        data["model"],
+        "--train_file",
+        train or data["train"],
+        "--query_file",
+        data["queries"],
+        "--answer_column",
+        "target",
+        "--reward",
+        reward,
+        "--output_dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def _run(argv):
@@ -124,9 +158,18 @@ def test_matches_run_refresh(data, base_run):
     rows, index = tokenize_rows(table, tok, train_kind(table.columns, data["train"]))
     queries = refine.load_queries(ra)
     proj = ProjectedGradients(select_target_modules(model, "auto"), da.drift_projection_dim, da.drift_projection_seed)
-    result = run_refresh(args=da, step=0, model=model, tokenizer=tok, view=TrainView(rows, index, len(table.rows)),
-                         query_dataset=Dataset.from_list(queries.to_list()), reward_funcs=resolve_reward_funcs(REWARD),
-                         projector=proj, seed=ra.seed, progress=False)
+    result = run_refresh(
+        args=da,
+        step=0,
+        model=model,
+        tokenizer=tok,
+        view=TrainView(rows, index, len(table.rows)),
+        query_dataset=Dataset.from_list(queries.to_list()),
+        reward_funcs=resolve_reward_funcs(REWARD),
+        projector=proj,
+        seed=ra.seed,
+        progress=False,
+    )
     scores = pd.read_parquet(base_run / "scores.parquet")
     np.testing.assert_allclose(scores["score"], result.scores, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(scores["grad_norm"], result.grad_norm, rtol=1e-4)
@@ -150,8 +193,9 @@ def test_tokenization_matches_sft_trainer(data):
         "text": [{"text": r["prompt"] + r["completion"]} for r in plain.to_list()],
     }
     for name, rows in cases.items():
-        args = SFTConfig(output_dir=str(data["root"] / "sft"), report_to=[], use_cpu=True, bf16=False,
-                         dataset_num_proc=None)
+        args = SFTConfig(
+            output_dir=str(data["root"] / "sft"), report_to=[], use_cpu=True, bf16=False, dataset_num_proc=None
+        )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
         expected = trainer.train_dataset
         table = TableFile(name, "jsonl", rows)
@@ -175,8 +219,14 @@ def test_resume_after_interruption(data, base_run, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         refine.main(_args(data, out))
     work = out / "work"
-    assert sorted(os.listdir(work)) == ["meta.json", "rollouts.json", "shard-00000.npz", "shard-00001.npz",
-                                        "target.npz", "timings.json"]
+    assert sorted(os.listdir(work)) == [
+        "meta.json",
+        "rollouts.json",
+        "shard-00000.npz",
+        "shard-00001.npz",
+        "target.npz",
+        "timings.json",
+    ]
     assert not (out / "scores.parquet").exists() and not (out / "summary.json").exists()
 
     def no_generation(*a, **k):
@@ -245,8 +295,9 @@ def test_disk_format_and_peft_adapter(data):
     adapter = str(data["root"] / "adapter")
     lora.save_pretrained(adapter)
     assert os.path.exists(os.path.join(adapter, "adapter_config.json"))
-    text = Dataset.from_list([{"text": r["prompt"] + r["completion"], "id": i}
-                              for i, r in enumerate(addition_dataset(10, seed=4).to_list())])
+    text = Dataset.from_list(
+        [{"text": r["prompt"] + r["completion"], "id": i} for i, r in enumerate(addition_dataset(10, seed=4).to_list())]
+    )
     disk = str(data["root"] / "text_ds")
     text.save_to_disk(disk)
     out = data["root"] / "peft"
@@ -281,8 +332,12 @@ def test_clear_errors(data, capsys, tmp_path, change, message):
     (root / "badmodel" / "config.json").write_text("{not json")
     (root / "badcols.jsonl").write_text('{"question": "1+1=", "response": "2"}\n')
     (root / "train.txt").write_text("1+1=2\n")
-    special = {"__empty__": str(root / "empty"), "__badmodel__": str(root / "badmodel"), "__badcols__": str(root / "badcols.jsonl"),
-               "__txt__": str(root / "train.txt")}
+    special = {
+        "__empty__": str(root / "empty"),
+        "__badmodel__": str(root / "badmodel"),
+        "__badcols__": str(root / "badcols.jsonl"),
+        "__txt__": str(root / "train.txt"),
+    }
     argv = _args(data, tmp_path / "out")
     for flag, value in change.items():
         argv[argv.index(flag) + 1] = special.get(value, value)
@@ -315,8 +370,9 @@ def test_select_rows_rules():
     scores = np.array([0.5, -1.0, 0.0, 2.0, 1.0])
     weights = np.array([1.2, 0.3, 1.0, 2.0, 0.9])
     scored = np.array([True, True, False, True, True])  # row 2 has no trained token: always kept
-    ra = refine.RefineArguments(model="m", train_file="t", query_file="q", output_dir="o", mode="filter",
-                                keep_fraction=0.5)
+    ra = refine.RefineArguments(
+        model="m", train_file="t", query_file="q", output_dir="o", mode="filter", keep_fraction=0.5
+    )
     assert refine.select_rows(ra, scores, weights, scored).tolist() == [False, False, True, True, True]
     ra.keep_fraction, ra.min_weight = None, 1.0
     assert refine.select_rows(ra, scores, weights, scored).tolist() == [True, False, True, True, False]

@@ -22,10 +22,23 @@ from drift_trainer.toy import (
 )
 
 offline_env()
-HEADINGS = ["Score distribution", "Gradient norm vs score", "Weights across refreshes", "Rollout accuracy and reward",
-            "Effective sample size", "Top 20 examples", "Bottom 20 examples", "Timings per refresh stage"]
-PNGS = ["scores_histogram.png", "grad_norm_vs_score.png", "weights_across_refreshes.png", "rollouts.png",
-        "effective_sample_size.png"]
+HEADINGS = [
+    "Score distribution",
+    "Gradient norm vs score",
+    "Weights across refreshes",
+    "Rollout accuracy and reward",
+    "Effective sample size",
+    "Top 20 examples",
+    "Bottom 20 examples",
+    "Timings per refresh stage",
+]
+PNGS = [
+    "scores_histogram.png",
+    "grad_norm_vs_score.png",
+    "weights_across_refreshes.png",
+    "rollouts.png",
+    "effective_sample_size.png",
+]
 
 
 def digit_first(prompts, completions, **kwargs):
@@ -39,16 +52,35 @@ def _synthetic_run(root, n=50, steps=(10, 20, 30), no_contrast_step=30):
         norm = rng.uniform(0.5, 3.0, n)
         score = rng.normal(size=n)
         contrast = step != no_contrast_step
-        columns = {"index": np.arange(n), "score": score if contrast else np.zeros(n),
-                   "weight": np.exp(score) / np.exp(score).mean(), "grad_norm": norm, "raw_score": score * norm,
-                   "loss": rng.uniform(1, 3, n), "scored": np.ones(n, dtype=bool)}
-        summary = {"step": step, "refresh": k, "contrast": contrast,
-                   "metrics": {"drift/rollout_accuracy": 0.2 * (k + 1), "drift/reward_mean": 0.1 * (k + 1),
-                               "drift/ess": 0.9 - 0.1 * k},
-                   "timings": {"rollouts": 1.0 + k, "features": 2.0, "influence": 0.01},
-                   "num_examples": n, "num_scored": n, "num_rollouts": 8}
-        write_refresh_artifacts(str(drift / f"refresh-{step:06d}"), columns,
-                                [{"query": "1+1=", "completion": "2", "reward": 1.0, "sign": 1.0}], summary)
+        columns = {
+            "index": np.arange(n),
+            "score": score if contrast else np.zeros(n),
+            "weight": np.exp(score) / np.exp(score).mean(),
+            "grad_norm": norm,
+            "raw_score": score * norm,
+            "loss": rng.uniform(1, 3, n),
+            "scored": np.ones(n, dtype=bool),
+        }
+        summary = {
+            "step": step,
+            "refresh": k,
+            "contrast": contrast,
+            "metrics": {
+                "drift/rollout_accuracy": 0.2 * (k + 1),
+                "drift/reward_mean": 0.1 * (k + 1),
+                "drift/ess": 0.9 - 0.1 * k,
+            },
+            "timings": {"rollouts": 1.0 + k, "features": 2.0, "influence": 0.01},
+            "num_examples": n,
+            "num_scored": n,
+            "num_rollouts": 8,
+        }
+        write_refresh_artifacts(
+            str(drift / f"refresh-{step:06d}"),
+            columns,
+            [{"query": "1+1=", "completion": "2", "reward": 1.0, "sign": 1.0}],
+            summary,
+        )
     return drift
 
 
@@ -104,12 +136,31 @@ def test_training_run_artifacts(tmp_path):
     tok = build_char_tokenizer()
     model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2)
     train = addition_dataset(24, seed=0, corruption=Corruption("random", 0.3))
-    args = DriftConfig(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=8,
-                       learning_rate=3e-3, drift_refresh_steps=2, drift_num_queries=4, drift_num_rollouts=4,
-                       drift_max_new_tokens=3, drift_projection_dim=4, report_to=[], save_strategy="no", use_cpu=True,
-                       bf16=False, drift_progress=False, disable_tqdm=True)
-    trainer = DriftSFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
-                              query_dataset=query_dataset_from(addition_dataset(8, seed=1)), reward_funcs=digit_first)
+    args = DriftConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        drift_refresh_steps=2,
+        drift_num_queries=4,
+        drift_num_rollouts=4,
+        drift_max_new_tokens=3,
+        drift_projection_dim=4,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        drift_progress=False,
+        disable_tqdm=True,
+    )
+    trainer = DriftSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+        query_dataset=query_dataset_from(addition_dataset(8, seed=1)),
+        reward_funcs=digit_first,
+    )
     trainer.train()
     train_file = tmp_path / "train.jsonl"
     train.to_json(str(train_file))

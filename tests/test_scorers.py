@@ -24,8 +24,14 @@ def tok():
 
 
 def args_for(scorer, **kw):
-    base = dict(drift_scorer=scorer, drift_num_queries=4, drift_num_rollouts=2, drift_max_new_tokens=4,
-                drift_progress=False, drift_score_ema=0.0)
+    base = dict(
+        drift_scorer=scorer,
+        drift_num_queries=4,
+        drift_num_rollouts=2,
+        drift_max_new_tokens=4,
+        drift_progress=False,
+        drift_score_ema=0.0,
+    )
     a = DriftArguments(**{**base, **kw})
     a.validate_drift()
     return a
@@ -79,8 +85,17 @@ def test_scores_per_scorer():
 
 def test_uniform_keeps_weights_at_one_and_prune_would_not():
     scores = np.zeros(10)
-    result = RefreshResult(step=1, scores=scores, raw_scores=scores, grad_norm=np.ones(10), loss=np.ones(10),
-                           scored=np.ones(10, bool), rollouts=Rollouts(), signs=np.zeros(0), contrast=True)
+    result = RefreshResult(
+        step=1,
+        scores=scores,
+        raw_scores=scores,
+        grad_norm=np.ones(10),
+        loss=np.ones(10),
+        scored=np.ones(10, bool),
+        rollouts=Rollouts(),
+        signs=np.zeros(0),
+        contrast=True,
+    )
     _, w = new_weights(result, None, None, args_for("uniform", drift_weighting="prune"))
     np.testing.assert_array_equal(w, np.ones(10))
     _, w = new_weights(result, None, None, args_for("random", drift_weighting="prune"))
@@ -135,8 +150,17 @@ def setup(tok):
 def test_run_refresh_each_scorer(tok, setup, scorer):
     model, view, query, projector = setup
     args = args_for(scorer)
-    result = run_refresh(args=args, step=1, model=model, tokenizer=tok, view=view, query_dataset=query,
-                         reward_funcs=[exact_match], projector=projector, progress=False)
+    result = run_refresh(
+        args=args,
+        step=1,
+        model=model,
+        tokenizer=tok,
+        view=view,
+        query_dataset=query,
+        reward_funcs=[exact_match],
+        projector=projector,
+        progress=False,
+    )
     assert result.scores.shape == (len(view),) and np.isfinite(result.scores).all()
     assert len(result.rollouts) == 2  # every scorer still samples (and logs) rollouts
     _, weights = new_weights(result, None, None, args)
@@ -159,8 +183,16 @@ def test_run_refresh_each_scorer(tok, setup, scorer):
 
 def test_off_policy_is_not_cosine_without_normalisation(tok, setup):
     model, view, query, projector = setup
-    kw = dict(model=model, tokenizer=tok, view=view, query_dataset=query, reward_funcs=[exact_match],
-              projector=projector, progress=False, step=1)
+    kw = dict(
+        model=model,
+        tokenizer=tok,
+        view=view,
+        query_dataset=query,
+        reward_funcs=[exact_match],
+        projector=projector,
+        progress=False,
+        step=1,
+    )
     off = run_refresh(args=args_for("off_policy"), **kw)  # default drift_debias='normalize' does not apply
     cos = run_refresh(args=args_for("cosine"), **kw)
     assert not np.allclose(off.scores, cos.scores)
@@ -184,8 +216,16 @@ def _parity_reward(prompts, completions, **kw):
 
 def test_drift_ablations_share_rollouts_and_differ_as_documented(tok, setup):
     model, view, query, projector = setup
-    kw = dict(model=model, tokenizer=tok, view=view, query_dataset=query, reward_funcs=[_parity_reward],
-              projector=projector, progress=False, step=1)
+    kw = dict(
+        model=model,
+        tokenizer=tok,
+        view=view,
+        query_dataset=query,
+        reward_funcs=[_parity_reward],
+        projector=projector,
+        progress=False,
+        step=1,
+    )
     many = dict(drift_num_rollouts=8, drift_max_new_tokens=6)
     drift = run_refresh(args=args_for("drift", **many), **kw)
     raw = run_refresh(args=args_for("drift_raw", **many), **kw)

@@ -124,6 +124,8 @@ def test_all_zero_weights_are_refused_naming_the_options():
 
 
 def test_prune_breaks_ties_at_random_not_by_row_order():
-    w = scores_to_weights(np.zeros(100), _args(drift_weighting="prune", drift_prune_fraction=0.3, drift_uniform_mix=0.0))
+    w = scores_to_weights(
+        np.zeros(100), _args(drift_weighting="prune", drift_prune_fraction=0.3, drift_uniform_mix=0.0)
+    )
     dropped = np.flatnonzero(w == 0)
     assert len(dropped) == 30 and dropped.max() > 50  # not simply the first 30 rows

@@ -69,8 +69,17 @@ def _refresh(toy, args, refresh_index=0):
     view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
     torch.manual_seed(0)
     return run_refresh(
-        args=args, step=1, model=model, tokenizer=tok, view=view, query_dataset=queries,
-        reward_funcs=[alternating_reward], projector=projector, refresh_index=refresh_index, seed=0, progress=False,
+        args=args,
+        step=1,
+        model=model,
+        tokenizer=tok,
+        view=view,
+        query_dataset=queries,
+        reward_funcs=[alternating_reward],
+        projector=projector,
+        refresh_index=refresh_index,
+        seed=0,
+        progress=False,
     )
 
 
@@ -85,8 +94,14 @@ def test_options_validate_and_parse(tmp_path):
     with pytest.raises(ValueError, match="drift_max_train_examples"):
         DriftConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, drift_max_train_examples=-3)
     (parsed,) = HfArgumentParser(DriftArguments).parse_args_into_dataclasses(
-        ["--drift_max_train_examples", "100", "--drift_feature_memmap_dir", str(tmp_path),
-         "--drift_feature_memory_mb", "12.5"]
+        [
+            "--drift_max_train_examples",
+            "100",
+            "--drift_feature_memmap_dir",
+            str(tmp_path),
+            "--drift_feature_memory_mb",
+            "12.5",
+        ]
     )
     assert parsed.drift_max_train_examples == 100
     assert parsed.drift_feature_memmap_dir == str(tmp_path)
@@ -123,9 +138,15 @@ def test_block_refresh_scores_only_its_block_and_matches_full_scores(toy):
 
 def _result(scores, scored):
     return RefreshResult(
-        step=1, scores=np.asarray(scores, float), raw_scores=np.asarray(scores, float), grad_norm=np.ones(len(scores)),
-        loss=np.zeros(len(scores)), scored=np.asarray(scored, bool), rollouts=Rollouts.__new__(Rollouts),
-        signs=np.zeros(0), contrast=True,
+        step=1,
+        scores=np.asarray(scores, float),
+        raw_scores=np.asarray(scores, float),
+        grad_norm=np.ones(len(scores)),
+        loss=np.zeros(len(scores)),
+        scored=np.asarray(scored, bool),
+        rollouts=Rollouts.__new__(Rollouts),
+        signs=np.zeros(0),
+        contrast=True,
     )
 
 
