@@ -19,14 +19,16 @@ Sections (targets in brackets):
    same projection) and against ``torch.func`` (``functional_call`` + ``grad`` + ``vmap``)  [>= 10x faster; same
    scores: max relative error reported].
 3. ``e2e``: wall time of ``DriftSFTTrainer.train()`` at the default schedule over the same run with
-   ``drift_enabled=False``  [<= 1.15], and how it moves with ``drift_refresh_steps``, the train-set size and
-   ``drift_max_train_examples``.
+   ``drift_enabled=False``  [<= 1.15], and how it moves with ``drift_refresh_steps``, the train-set size,
+   ``drift_rescore_budget``, ``drift_capture_features=False`` (full rescoring) and ``drift_max_train_examples``.
+   ``capture``: the per-step cost of capturing features in the training backward, on three model sizes.
 4. ``memory``: feature bytes per example; peak memory of a training step, a feature pass, and a feature pass spilling
    to a memory-mapped file, each in a fresh subprocess (peak anonymous RSS above the pre-op baseline, sampled every
    millisecond from /proc/self/status, plus the ru_maxrss increase).
 5. ``growth``: time of one refresh against train-set size, projection size and model size, with fitted slopes.
-6. ``block``: the block-rescoring speed-up (``drift_max_train_examples``): time per refresh, and the correlation of
-   its smoothed scores and weights with full rescoring along one training trajectory.
+6. ``block``: the fast paths against full rescoring along one training trajectory: captured features (the default)
+   and block rescoring (``drift_max_train_examples``): time per refresh, and the correlation of their scores,
+   smoothed scores and weights with full rescoring (for captured features, split by the age of the feature).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from drift_trainer.capture import FeatureCache, TrainCapture
 from drift_trainer.features import ProjectedGradients, collate_right, per_example_loss, select_target_modules
 from drift_trainer.refresh import FeaturePass, TrainView, new_weights, run_refresh
 from drift_trainer.toy import (
@@ -286,6 +289,8 @@ def _score_errors(fast: np.ndarray, exact: np.ndarray, direction: np.ndarray) ->
 
 
 def bench_exact(cfg) -> list[dict]:
+    from trl.trainer.utils import add_fused_lm_head
+
     out = []
     cases = [("tiny", "addition", 0), ("small", "text", 64)]
     for model_name, data, length in cases:
@@ -300,9 +305,36 @@ def bench_exact(cfg) -> list[dict]:
         projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
         projector.compute(model, batches[0])
         direction = np.random.default_rng(0).standard_normal(projector.dim)
-        t = {"hook": [], "loop": [], "vmap": []}
+        add_fused_lm_head(model)  # for the training passes below (the other paths call the model's own forward)
+        capture = TrainCapture(projector, FeatureCache(n, projector.dim))
+        starts = np.cumsum([0] + [len(b["input_ids"]) for b in batches])
+
+        def training_pass(use, batches=batches, capture=capture, starts=starts, model=model):
+            # forward + backward of the SFT loss on every batch, no optimizer step (the model stays the one scored)
+            for bi, b in enumerate(batches):
+                idx = np.arange(starts[bi], starts[bi + 1])  # cache rows in batch order, as the other paths
+                if use:
+                    capture.arm(idx, 0, b["input_ids"].device)
+                o = model(**b, fused_lm_head=True, use_cache=False)
+                if use:
+                    capture.watch(o)
+                model.zero_grad(set_to_none=True)
+                (-o.log_probs.sum() / o.label_mask.sum().clamp(min=1)).backward()
+                if use:
+                    capture.flush()
+
+        training_pass(True)
+        training_pass(False)
+        t = {"hook": [], "loop": [], "vmap": [], "train": [], "train_capture": []}
         feats = {}
         for _ in range(cfg.repeats):
+            s = time.perf_counter()
+            training_pass(False)
+            t["train"].append(time.perf_counter() - s)
+            s = time.perf_counter()
+            training_pass(True)
+            t["train_capture"].append(time.perf_counter() - s)
+            feats["capture"] = np.asarray(capture.cache.features, dtype=np.float32).copy()
             s = time.perf_counter()
             feats["hook"] = torch.cat([projector.compute(model, b).features for b in batches]).numpy()
             t["hook"].append(time.perf_counter() - s)
@@ -321,6 +353,13 @@ def bench_exact(cfg) -> list[dict]:
         }
         for k in t:
             row[f"{k}_ex_per_s"] = n / median(t[k])
+        # captured in training: the marginal cost over the training step that runs anyway
+        marginal = [c - p for c, p in zip(t["train_capture"], t["train"])]
+        row["capture_marginal_ms_per_example"] = 1000 * median(marginal) / n
+        row["capture_speedup_vs_loop"] = median([lp / max(m, 1e-9) for lp, m in zip(t["loop"], marginal)])
+        row["capture_speedup_vs_vmap"] = median([v / max(m, 1e-9) for v, m in zip(t["vmap"], marginal)])
+        row["capture_vs_loop"] = _score_errors(feats["capture"], feats["loop"], direction)
+        capture.remove()
         row["speedup_vs_loop"] = median([a / b for a, b in zip(t["loop"], t["hook"])])
         row["speedup_vs_vmap"] = median([a / b for a, b in zip(t["vmap"], t["hook"])])
         row["vs_loop"] = _score_errors(feats["hook"], feats["loop"], direction)
@@ -331,7 +370,10 @@ def bench_exact(cfg) -> list[dict]:
             f"  exact {model_name:6s}: hook {row['hook_ex_per_s']:.0f} ex/s, loop {row['loop_ex_per_s']:.0f}, "
             f"vmap {row['vmap_ex_per_s']:.0f}; x{row['speedup_vs_loop']:.1f} vs loop, "
             f"x{row['speedup_vs_vmap']:.1f} vs vmap; max rel feature err {row['vs_loop']['max_rel_feature_error']:.1e}"
-            f" / score err {row['vs_loop']['max_rel_score_error']:.1e}",
+            f" / score err {row['vs_loop']['max_rel_score_error']:.1e}; captured in training: "
+            f"{row['capture_marginal_ms_per_example']:.3f} ms/example marginal, x{row['capture_speedup_vs_loop']:.1f} "
+            f"vs loop, x{row['capture_speedup_vs_vmap']:.1f} vs vmap, max rel feature err "
+            f"{row['capture_vs_loop']['max_rel_feature_error']:.1e}",
             flush=True,
         )
     return out
@@ -340,7 +382,7 @@ def bench_exact(cfg) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------- 3
 
 
-def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0) -> dict:
+def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0, lr: float = 3e-3) -> dict:
     """One ``DriftSFTTrainer`` run; returns the wall time of ``train()`` and the refresh timings."""
     from transformers import PrinterCallback
 
@@ -356,7 +398,7 @@ def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0) -> dict:
             output_dir=out_dir,
             max_steps=cfg.e2e_steps,
             per_device_train_batch_size=cfg.e2e_batch_size,
-            learning_rate=3e-3,
+            learning_rate=lr,
             lr_scheduler_type="constant",
             report_to=[],
             logging_steps=10_000,
@@ -393,6 +435,8 @@ def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0) -> dict:
         "refresh_s": sum(timings.values()),
         "timings": timings,
         "recomputed": [h.get("num_recomputed") for h in history],
+        "agreement": [h.get("capture_agreement") for h in history],
+        "full": [h.get("capture_full_rescoring") for h in history],
         "rollout_accuracy": [h["metrics"]["drift/rollout_accuracy"] for h in history],
         "contrast": [h["contrast"] for h in history],
     }
@@ -402,39 +446,46 @@ def bench_e2e(cfg) -> dict:
     steps = cfg.e2e_steps
     n0 = cfg.e2e_train
     full = {"drift_capture_features": False}  # every refresh recomputes every row (the pre-capture default)
-    variants = {  # name: (train size, drift options or None for plain SFT)
-        "plain": (n0, None),
-        "default": (n0, {}),
-        "budget_0": (n0, {"drift_rescore_budget": 0.0}),
-        "budget_0.5": (n0, {"drift_rescore_budget": 0.5}),
-        "full_rescoring": (n0, full),
-        "refresh_50": (n0, {"drift_refresh_steps": 50}),
-        "refresh_25": (n0, {"drift_refresh_steps": 25}),
-        "refresh_25_full": (n0, {"drift_refresh_steps": 25, **full}),
-        f"train_{4 * n0}": (4 * n0, {}),
-        f"train_{4 * n0}_full": (4 * n0, full),
-        f"train_{4 * n0}_full_block_{n0}": (4 * n0, {"drift_max_train_examples": n0, **full}),
+    hi, lo = 3e-3, 2e-4  # the toy's usual rate (the model moves ~10% per step) and a gentler one
+    variants = {  # name: (train size, drift options or None for plain SFT, learning rate)
+        "plain": (n0, None, hi),
+        "default": (n0, {}, hi),
+        "full_rescoring": (n0, full, hi),
+        "refresh_25": (n0, {"drift_refresh_steps": 25}, hi),
+        "refresh_25_full": (n0, {"drift_refresh_steps": 25, **full}, hi),
+        f"train_{4 * n0}_full": (4 * n0, full, hi),
+        f"train_{4 * n0}_full_block_{n0}": (4 * n0, {"drift_max_train_examples": n0, **full}, hi),
+        "plain_lr2e-4": (n0, None, lo),
+        "default_lr2e-4": (n0, {}, lo),
+        "budget_0_lr2e-4": (n0, {"drift_rescore_budget": 0.0}, lo),
+        "budget_0.5_lr2e-4": (n0, {"drift_rescore_budget": 0.5}, lo),
+        "full_rescoring_lr2e-4": (n0, full, lo),
+        "refresh_50_lr2e-4": (n0, {"drift_refresh_steps": 50}, lo),
+        "refresh_25_lr2e-4": (n0, {"drift_refresh_steps": 25}, lo),
+        f"train_{4 * n0}_lr2e-4": (4 * n0, {}, lo),
     }
     if cfg.quick:
-        variants = {k: variants[k] for k in ("plain", "default", "full_rescoring", "refresh_25")}
+        variants = {k: variants[k] for k in ("plain", "default", "plain_lr2e-4", "default_lr2e-4")}
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     e2e_run(cfg, 64, None)  # warm-up: imports, first-call costs
     for rep in range(cfg.e2e_repeats):
-        for name, (n, drift) in variants.items():
-            runs[name].append(e2e_run(cfg, n, drift, seed=0))
+        for name, (n, drift, lr) in variants.items():
+            runs[name].append(e2e_run(cfg, n, drift, seed=0, lr=lr))
             r = runs[name][-1]
             print(
                 f"  e2e rep {rep} {name:22s}: {r['wall_s']:.1f} s, {r['refreshes']} refreshes, "
-                f"{r['refresh_s']:.1f} s in refreshes { ({k: round(v, 2) for k, v in r['timings'].items()}) }",
+                f"{r['refresh_s']:.1f} s in refreshes { ({k: round(v, 2) for k, v in r['timings'].items()}) }, "
+                f"recomputed {r['recomputed']}, agreement {[None if a is None else round(a, 3) for a in r['agreement']]}",
                 flush=True,
             )
-    plain = [r["wall_s"] for r in runs["plain"]]
     table = []
-    for name, (n, drift) in variants.items():
+    for name, (n, drift, lr) in variants.items():
         walls = [r["wall_s"] for r in runs[name]]
+        plain = [r["wall_s"] for r in runs["plain" if lr == hi else "plain_lr2e-4"]]
         table.append(
             {
                 "variant": name,
+                "learning_rate": lr,
                 "train_examples": n,
                 "steps": steps,
                 "drift_refresh_steps": (drift or {}).get("drift_refresh_steps", 100) if drift is not None else None,
@@ -442,6 +493,8 @@ def bench_e2e(cfg) -> dict:
                 "capture": None if drift is None else drift.get("drift_capture_features", True),
                 "rescore_budget": None if drift is None else drift.get("drift_rescore_budget", 0.1),
                 "recomputed_per_refresh": runs[name][-1]["recomputed"],
+                "agreement": runs[name][-1]["agreement"],
+                "full_fallback": runs[name][-1]["full"],
                 "wall_s": median(walls),
                 "ratio_vs_plain": median([w / p for w, p in zip(walls, plain)]),
                 # within one run: its wall time over its wall time minus the refreshes (immune to load between runs)
@@ -456,6 +509,82 @@ def bench_e2e(cfg) -> dict:
             }
         )
     return {"steps": steps, "batch_size": cfg.e2e_batch_size, "repeats": cfg.e2e_repeats, "table": table}
+
+
+def _sft_step(model, opt, batch, capture=None, idx=None, step: int = 0) -> None:
+    """One SFT step as SFTTrainer computes it (token-mean NLL from the fused LM head), features captured by
+    ``capture`` (one ``TrainCapture``, a list of them, or None)."""
+    captures = [] if capture is None else capture if isinstance(capture, list) else [capture]
+    for c in captures:
+        c.arm(idx, step, batch["input_ids"].device)
+    out = model(**batch, fused_lm_head=True, use_cache=False)
+    for c in captures:
+        c.watch(out)
+    loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    for c in captures:
+        c.flush()
+
+
+def bench_capture(cfg) -> list[dict]:
+    """Cost of capturing features in the training backward: a training step (SFT token-mean loss through TRL's fused
+    LM head, as SFTTrainer computes it) with and without the capture hooks, interleaved batch by batch."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    out = []
+    cases = [("tiny", "addition", 0), ("small", "text", 64), ("medium", "text", 128)]
+    if cfg.quick:
+        cases = cases[:2]
+    pad = tokenizer().pad_token_id
+    for model_name, data, length in cases:
+        torch.manual_seed(0)
+        model = model_of(model_name)
+        add_fused_lm_head(model)
+        rows = addition_rows(cfg.tp_examples) if data == "addition" else text_rows(cfg.tp_examples, length)
+        projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
+        capture = TrainCapture(projector, FeatureCache(len(rows), projector.dim))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        rng = np.random.default_rng(0)
+        batches = [rng.integers(0, len(rows), cfg.e2e_batch_size) for _ in range(cfg.capture_steps)]
+        model.train()
+
+        def step(idx, use, model=model, opt=opt, capture=capture, rows=rows):
+            _sft_step(model, opt, collate_right([rows[i] for i in idx], pad), capture if use else None, idx)
+
+        for idx in batches[:5]:  # warm-up
+            step(idx, True)
+            step(idx, False)
+        times = {True: [], False: []}
+        for _ in range(cfg.repeats):
+            for use in (False, True):
+                s = time.perf_counter()
+                for idx in batches:
+                    step(idx, use)
+                times[use].append(time.perf_counter() - s)
+        capture.remove()
+        ratios = [c / p for c, p in zip(times[True], times[False])]
+        out.append(
+            {
+                "model": model_name,
+                "params": n_params(model),
+                "data": data if data == "addition" else f"text<= {length}",
+                "batch_size": cfg.e2e_batch_size,
+                "steps": len(batches),
+                "target_modules": len(projector.modules),
+                "plain_ms_per_step": 1000 * median(times[False]) / len(batches),
+                "capture_ms_per_step": 1000 * median(times[True]) / len(batches),
+                "ratio": median(ratios),
+                "ratio_per_repeat": [round(r, 3) for r in ratios],
+            }
+        )
+        print(
+            f"  capture {model_name:6s}: plain {out[-1]['plain_ms_per_step']:.2f} ms/step, with capture "
+            f"{out[-1]['capture_ms_per_step']:.2f} ms/step, ratio {out[-1]['ratio']:.3f}",
+            flush=True,
+        )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------- 4
@@ -697,12 +826,17 @@ def bench_growth(cfg) -> dict:
 
 
 def bench_block(cfg) -> dict:
-    """Fast paths vs full rescoring along one shared training trajectory (isolates staleness): block rescoring
-    (``drift_max_train_examples``) and captured features (``drift_capture_features``, the default)."""
+    """Fast paths vs full rescoring along shared training trajectories (one per learning rate; isolates staleness)."""
+    return {"trajectories": [_fast_path_trajectory(cfg, lr) for lr in cfg.block_lrs]}
+
+
+def _fast_path_trajectory(cfg, lr: float) -> dict:
+    """One training trajectory; at each refresh the full path and the fast paths score the same model with the same
+    rollouts: block rescoring (``drift_max_train_examples``), captured features as by default (budget 0.1, agreement
+    check at 0.9), and captured features with the check off (what the cache alone gives)."""
     from scipy.stats import spearmanr
     from trl.trainer.utils import add_fused_lm_head
 
-    from drift_trainer.capture import FeatureCache, TrainCapture
     from drift_trainer.config import DriftArguments
 
     tok = tokenizer()
@@ -716,7 +850,7 @@ def bench_block(cfg) -> dict:
         full = prompt + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         rows.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt) :]})
     queries = query_dataset_from(addition_dataset(64, seed=1))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
     rng = np.random.default_rng(0)
     block = len(rows) // cfg.block_fraction
     common = dict(drift_num_queries=32, drift_num_rollouts=4, drift_max_new_tokens=8, drift_progress=False)
@@ -724,9 +858,13 @@ def bench_block(cfg) -> dict:
         "full": DriftArguments(**common, drift_capture_features=False),
         "block": DriftArguments(**common, drift_capture_features=False, drift_max_train_examples=block),
         "capture": DriftArguments(**common),
+        "capture_unchecked": DriftArguments(**common, drift_capture_check_rows=0),
     }
     projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
-    capture = TrainCapture(projector, FeatureCache(len(rows), projector.dim))
+    # one cache per capture path (a refresh writes its recomputed rows into its own cache), both fed by the training
+    captures = {
+        name: TrainCapture(projector, FeatureCache(len(rows), projector.dim)) for name in paths if "capture" in name
+    }
     view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
     step = [0]
 
@@ -735,14 +873,7 @@ def bench_block(cfg) -> dict:
         for _ in range(steps):
             idx = rng.integers(0, len(rows), cfg.e2e_batch_size)
             batch = collate_right([rows[i] for i in idx], tok.pad_token_id)
-            capture.arm(idx, step[0], batch["input_ids"].device)
-            out = model(**batch, fused_lm_head=True, use_cache=False)
-            capture.watch(out)
-            loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            capture.flush()
+            _sft_step(model, opt, batch, list(captures.values()), idx, step[0])
             step[0] += 1
 
     state = {name: (None, None) for name in paths}
@@ -768,53 +899,64 @@ def bench_block(cfg) -> dict:
                 refresh_index=r,
                 seed=0,
                 progress=False,
-                capture=capture if name == "capture" else None,
+                capture=captures.get(name),
             )
             rec[f"{name}_s"] = time.perf_counter() - s
-            rec[f"{name}_features_s"] = res.timings["features"]
             rec["contrast"] = res.contrast
             rec["rollout_accuracy"] = res.rollout_accuracy
             scores[name] = (res.scores, res.scored)
-            if name == "capture":
-                rec["capture_scored"] = int(res.scored.sum())
-                rec["capture_recomputed"] = res.num_recomputed
-                age = step[0] - capture.cache.step[capture.cache.step >= 0]
-                rec["capture_median_age"] = float(np.median(age)) if len(age) else None
+            rec[f"{name}_scored"] = int(res.scored.sum())
+            rec[f"{name}_recomputed"] = res.num_recomputed if res.num_recomputed >= 0 else int(res.scored.sum())
+            if name in captures:
+                rec[f"{name}_agreement"] = res.capture_agreement
+                rec[f"{name}_fallback"] = res.capture_full
             if res.contrast:
                 state[name] = new_weights(res, *state[name], a)
         zf, wf = state["full"]
-        for name in ("block", "capture"):
-            z, w = state[name]
-            if zf is None or z is None:
-                continue
-            rec[f"pearson_smoothed_{name}"] = float(np.corrcoef(zf, z)[0, 1])
-            rec[f"spearman_smoothed_{name}"] = float(spearmanr(zf, z).statistic)
-            rec[f"pearson_weights_{name}"] = float(np.corrcoef(wf, w)[0, 1])
-            rec[f"corrupted_mean_weight_{name}"] = float(w[corrupted].mean())
         rec["corrupted_mean_weight_full"] = float(wf[corrupted].mean()) if wf is not None else None
-        # this refresh's own scores (before smoothing), over the rows both paths scored
-        (sf, okf), (sc, okc) = scores["full"], scores["capture"]
+        sf, okf = scores["full"]
+        for name in paths:
+            if name == "full":
+                continue
+            z, w = state[name]
+            if zf is not None and z is not None:
+                rec[f"{name}_pearson_smoothed"] = float(np.corrcoef(zf, z)[0, 1])
+                rec[f"{name}_spearman_smoothed"] = float(spearmanr(zf, z).statistic)
+                rec[f"{name}_pearson_weights"] = float(np.corrcoef(wf, w)[0, 1])
+                rec[f"{name}_corrupted_mean_weight"] = float(w[corrupted].mean())
+            sc, okc = scores[name]
+            both = okf & okc
+            if both.sum() > 2:  # this refresh's own scores (before smoothing), over the rows both paths scored
+                rec[f"{name}_pearson_scores"] = float(np.corrcoef(sf[both], sc[both])[0, 1])
+        # the cache alone, by the age of the feature: rows trained since the previous refresh vs older ones
+        cache = captures["capture_unchecked"].cache
+        age = step[0] - cache.step
+        sc, okc = scores["capture_unchecked"]
         both = okf & okc
-        if both.sum() > 2:
-            rec["pearson_raw_capture"] = float(np.corrcoef(sf[both], sc[both])[0, 1])
+        for label, sel in (("fresh", both & (age <= cfg.block_every)), ("old", both & (age > cfg.block_every))):
+            rec[f"n_{label}"] = int(sel.sum())
+            if sel.sum() > 2:
+                rec[f"pearson_scores_{label}"] = float(np.corrcoef(sf[sel], sc[sel])[0, 1])
         log.append(rec)
         print(
-            f"  fast paths refresh {r}: acc {rec['rollout_accuracy']:.2f}, full {rec['full_s']:.2f} s, "
-            f"block {rec['block_s']:.2f} s, capture {rec['capture_s']:.2f} s "
-            f"({rec['capture_scored']} scored, {rec['capture_recomputed']} recomputed); pearson(smoothed) block "
-            f"{rec.get('pearson_smoothed_block', float('nan')):.3f}, capture "
-            f"{rec.get('pearson_smoothed_capture', float('nan')):.3f}; this refresh's scores (capture vs full) "
-            f"{rec.get('pearson_raw_capture', float('nan')):.3f}",
+            f"  fast paths lr {lr:g} refresh {r}: acc {rec['rollout_accuracy']:.2f}; s full {rec['full_s']:.2f} block "
+            f"{rec['block_s']:.2f} capture {rec['capture_s']:.2f} (agreement {rec.get('capture_agreement')}, "
+            f"fallback {rec.get('capture_fallback')}) unchecked {rec['capture_unchecked_s']:.2f}; pearson of this "
+            f"refresh's scores vs full: block {rec.get('block_pearson_scores', float('nan')):.3f}, capture "
+            f"{rec.get('capture_pearson_scores', float('nan')):.3f}, unchecked "
+            f"{rec.get('capture_unchecked_pearson_scores', float('nan')):.3f} (fresh rows "
+            f"{rec.get('pearson_scores_fresh', float('nan')):.3f}, older {rec.get('pearson_scores_old', float('nan')):.3f})",
             flush=True,
         )
-    capture.remove()
+    for c in captures.values():
+        c.remove()
     return {
+        "learning_rate": lr,
         "train_examples": len(rows),
         "drift_max_train_examples": block,
         "warmup_steps": cfg.block_warmup,
         "steps_between": cfg.block_every,
         "batch_size": cfg.e2e_batch_size,
-        "rescore_budget": paths["capture"].drift_rescore_budget,
         "refreshes": log,
     }
 
@@ -881,28 +1023,54 @@ def markdown(res: dict, command: str) -> str:
             "exact for right padding under causal attention).",
             "",
         ]
+        if all("capture_marginal_ms_per_example" in r for r in res["exact"]):
+            L += [
+                "Captured in training (`drift_capture_features`): the same features filed by the capture hooks "
+                "during forward + backward passes of the SFT loss over the same batches (no optimizer step, so the "
+                "model is the one the other paths score). Its cost is the marginal time over those passes without "
+                "capture, which training pays anyway:",
+                "",
+                "| model | marginal ms / example | x vs loop | x vs vmap | max rel feature err vs loop | max rel score "
+                "err vs loop |",
+                "|---|---|---|---|---|---|",
+            ]
+            for r in res["exact"]:
+                c = r["capture_vs_loop"]
+                L.append(
+                    f"| {r['model']} | {r['capture_marginal_ms_per_example']:.3f} | "
+                    f"**{r['capture_speedup_vs_loop']:.1f}** | **{r['capture_speedup_vs_vmap']:.1f}** | "
+                    f"{c['max_rel_feature_error']:.1e} | {c['max_rel_score_error']:.1e} |"
+                )
+            L.append("")
     if "e2e" in res:
         e = res["e2e"]
         L += [
             "## 3. End to end: DriftSFTTrainer vs drift_enabled=False (target <= 1.15 at the default schedule)",
             "",
-            f"Tiny Llama, {e['steps']} steps, batch {e['batch_size']}, {e['repeats']} interleaved repeats; all "
-            "other options at their defaults (32 queries x 4 rollouts, max 64 new tokens, projection 16, "
-            "artifacts written).",
+            f"Tiny Llama, {e['steps']} steps, batch {e['batch_size']}, {e['repeats']} interleaved repeats, at two "
+            "constant learning rates (each DRIFT run paired with the plain run at its rate); all other options at "
+            "their defaults (32 queries x 4 rollouts, max 64 new tokens, projection 16, artifacts written, capture "
+            "with budget 0.1 and a 32-row agreement check at 0.9). The check's mean cosine per refresh is listed; "
+            "'(full)' marks a refresh where it fell below 0.9 and every row was recomputed.",
             "",
-            "| variant | train examples | refresh every | capture | rescore budget | max train ex. | refreshes | "
-            "rows recomputed per refresh | train() s | refresh s | ratio vs plain run | ratio within run | "
-            "stage seconds (last repeat) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| variant | lr | train examples | refresh every | capture | rescore budget | max train ex. | refreshes | "
+            "rows recomputed per refresh | check agreement per refresh | train() s | refresh s | ratio vs plain run | "
+            "ratio within run | stage seconds (last repeat) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in e["table"]:
             st = ", ".join(f"{k} {v:.2f}" for k, v in r["timings"].items())
             rec = r.get("recomputed_per_refresh") or []
+            agree = ", ".join(
+                "-" if a is None else f"{a:.2f}{' (full)' if f else ''}"
+                for a, f in zip(r.get("agreement") or [], r.get("full_fallback") or [])
+            )
             L.append(
-                f"| {r['variant']} | {r['train_examples']} | {fmt(r['drift_refresh_steps'])} | "
-                f"{fmt(r.get('capture'))} | {fmt(r.get('rescore_budget') if r.get('capture') else None)} | "
+                f"| {r['variant']} | {r.get('learning_rate', 3e-3):g} | {r['train_examples']} | "
+                f"{fmt(r['drift_refresh_steps'])} | {fmt(r.get('capture'))} | "
+                f"{fmt(r.get('rescore_budget') if r.get('capture') else None)} | "
                 f"{fmt(r['drift_max_train_examples'])} | {r['refreshes']} | "
-                f"{', '.join(str(x) for x in rec) or '-'} | {r['wall_s']:.1f} | "
+                f"{', '.join(str(x) for x in rec) or '-'} | {agree or '-'} | {r['wall_s']:.1f} | "
                 f"{r['refresh_s']:.1f} | **{r['ratio_vs_plain']:.3f}** | **{r['ratio_internal']:.3f}** | {st} |"
             )
         L += [
@@ -916,6 +1084,23 @@ def markdown(res: dict, command: str) -> str:
             "`drift_rescore_budget` x the rows trained since the previous refresh (stalest first); without capture "
             "every refresh recomputes every row (or a `drift_max_train_examples` block).",
         ]
+        L.append("")
+    if "capture" in res:
+        L += [
+            "## 3b. Capturing features in the training backward",
+            "",
+            "A training step (SFT token-mean loss through TRL's fused LM head, AdamW) with and without the capture "
+            "hooks (`drift_capture_features`), interleaved, same batches; batch "
+            f"{res['capture'][0]['batch_size']}.",
+            "",
+            "| model | params | data | target modules | plain ms/step | with capture ms/step | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in res["capture"]:
+            L.append(
+                f"| {r['model']} | {r['params']:,} | {r['data']} | {r['target_modules']} | "
+                f"{r['plain_ms_per_step']:.2f} | {r['capture_ms_per_step']:.2f} | **{r['ratio']:.3f}** |"
+            )
         L.append("")
     if "memory" in res:
         m = res["memory"]
@@ -979,46 +1164,61 @@ def markdown(res: dict, command: str) -> str:
             + f"; log-log exponent vs params {mm['fit_vs_params']['loglog_exponent']:.2f}.",
             "",
         ]
-    if "block" in res:
-        b = res["block"]
+    if "block" in res and "trajectories" in res["block"]:
         L += [
             "## 6. Fast paths vs full rescoring: captured features and block rescoring",
             "",
-            f"{b['train_examples']} train examples; one shared training trajectory ({b['warmup_steps']} warm-up "
-            f"steps, then {b['steps_between']} steps of batch {b.get('batch_size', 8)} between refreshes), trained "
-            "with the SFT token-mean loss while the capture hooks record each trained row's feature. At each "
-            "refresh three paths score the same model with the same rollouts, each keeping its own smoothed scores "
-            "and weights: **full** (every row recomputed), **block** (`drift_max_train_examples`="
-            f"{b['drift_max_train_examples']}, no capture) and **capture** (the default: captured features, "
-            f"`drift_rescore_budget`={b.get('rescore_budget', 0.1)} x rows trained since the previous refresh "
-            "recomputed, stalest first). Correlations are against the full path.",
+            "One shared training trajectory per learning rate (the SFT token-mean loss through the fused LM head, "
+            "AdamW, constant rate, capture hooks recording each trained row's feature). At each refresh four paths "
+            "score the same model with the same rollouts, each keeping its own smoothed scores and weights: **full** "
+            "(every row recomputed: the reference), **block** (`drift_max_train_examples`, no capture), "
+            "**capture** (the default: cached features, stale rows within `drift_rescore_budget`=0.1 x rows "
+            "trained since the previous refresh, and the 32-row agreement check that falls back to full rescoring "
+            "below a mean cosine of 0.9) and **unchecked** (the same cache with the check off: what cached features "
+            "alone give). Pearson/Spearman are against the full path; 'scores' are this refresh's own scores over "
+            "the rows both paths scored, 'smoothed' and 'weights' what each path's weights come from.",
             "",
-            "| refresh | step | rollout acc. | full s | block s | capture s | capture: rows scored / recomputed / "
-            "median feature age (steps) | this refresh's scores, pearson capture vs full | smoothed pearson "
-            "(block / capture) | smoothed spearman (block / capture) | weights pearson (block / capture) | mean "
-            "weight of corrupted (full / block / capture) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in b["refreshes"]:
-            L.append(
-                f"| {r['refresh']} | {r.get('step', '-')} | {r['rollout_accuracy']:.2f} | {r['full_s']:.2f} | "
-                f"{r['block_s']:.2f} | {fmt(r.get('capture_s'))} | {fmt(r.get('capture_scored'))} / "
-                f"{fmt(r.get('capture_recomputed'))} / {fmt(r.get('capture_median_age'), 0)} | "
-                f"{fmt(r.get('pearson_raw_capture'), 3)} | "
-                f"{fmt(r.get('pearson_smoothed_block'), 3)} / {fmt(r.get('pearson_smoothed_capture'), 3)} | "
-                f"{fmt(r.get('spearman_smoothed_block'), 3)} / {fmt(r.get('spearman_smoothed_capture'), 3)} | "
-                f"{fmt(r.get('pearson_weights_block'), 3)} / {fmt(r.get('pearson_weights_capture'), 3)} | "
-                f"{fmt(r.get('corrupted_mean_weight_full'), 3)} / {fmt(r.get('corrupted_mean_weight_block'), 3)}"
-                f" / {fmt(r.get('corrupted_mean_weight_capture'), 3)} |"
-            )
-        L.append("")
+        for t in res["block"]["trajectories"]:
+            L += [
+                f"### learning rate {t['learning_rate']:g}",
+                "",
+                f"{t['train_examples']} train examples, {t['warmup_steps']} warm-up steps, then {t['steps_between']} "
+                f"steps of batch {t['batch_size']} between refreshes; blocks of {t['drift_max_train_examples']}.",
+                "",
+                "| refresh | step | rollout acc. | path | s | rows recomputed / scored | check agreement | pearson "
+                "scores | pearson smoothed | spearman smoothed | pearson weights | mean weight of corrupted (full: "
+                "this path) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in t["refreshes"]:
+                for name in ("full", "block", "capture", "capture_unchecked"):
+                    agree = r.get(f"{name}_agreement")
+                    agree_s = (
+                        "-" if agree is None else f"{agree:.3f}" + (" (full)" if r.get(f"{name}_fallback") else "")
+                    )
+                    scores_s = fmt(r.get(f"{name}_pearson_scores"), 3)
+                    if name == "capture_unchecked" and "pearson_scores_fresh" in r:
+                        scores_s += (
+                            f" (rows trained since the last refresh: {fmt(r.get('pearson_scores_fresh'), 3)}, n="
+                            f"{r['n_fresh']}; older: {fmt(r.get('pearson_scores_old'), 3)}, n={r['n_old']})"
+                        )
+                    L.append(
+                        f"| {r['refresh']} | {r['step']} | {r['rollout_accuracy']:.2f} | "
+                        f"{name.replace('capture_unchecked', 'unchecked')} | {r[f'{name}_s']:.2f} | "
+                        f"{r[f'{name}_recomputed']} / {r[f'{name}_scored']} | {agree_s} | "
+                        f"{'-' if name == 'full' else scores_s} | {fmt(r.get(f'{name}_pearson_smoothed'), 3)} | "
+                        f"{fmt(r.get(f'{name}_spearman_smoothed'), 3)} | {fmt(r.get(f'{name}_pearson_weights'), 3)} | "
+                        f"{fmt(r.get('corrupted_mean_weight_full') if name == 'full' else r.get(f'{name}_corrupted_mean_weight'), 3)} |"
+                    )
+            L.append("")
     return "\n".join(L)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes and fewer repeats (a smoke run)")
-    p.add_argument("--sections", default="throughput,exact,e2e,memory,growth,block")
+    p.add_argument("--sections", default="throughput,exact,capture,e2e,memory,growth,block")
     p.add_argument("--out", default=RESULTS, help="directory for overhead.json and overhead.md")
     p.add_argument(
         "--threads",
@@ -1055,6 +1255,8 @@ def main(argv=None):
         block_warmup=150 if q else 300,
         block_every=25,
         block_refreshes=3 if q else 6,
+        block_lrs=[3e-3, 2e-4],
+        capture_steps=40 if q else 100,
     )
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]
     command = "PYTHONPATH=. python " + " ".join(
@@ -1074,6 +1276,7 @@ def main(argv=None):
     fns = {
         "throughput": bench_throughput,
         "exact": bench_exact,
+        "capture": bench_capture,
         "e2e": bench_e2e,
         "memory": bench_memory,
         "growth": bench_growth,

@@ -355,6 +355,8 @@ class DriftCallback(TrainerCallback):
             "num_examples": int(result.scores.shape[0]),
             "num_scored": int(result.scored.sum()),
             "num_recomputed": int(result.num_recomputed if result.num_recomputed >= 0 else result.scored.sum()),
+            "capture_agreement": result.capture_agreement,
+            "capture_full_rescoring": result.capture_full,
             "num_masked": result.num_masked,
             "num_rollouts": len(result.rollouts),
             "contrast": result.contrast,

@@ -77,12 +77,12 @@ class _Record:
 
     rows: np.ndarray  # (B,) train-row positions
     step: int
-    blocks: list = field(default_factory=list)  # per module: (B, k, k) accumulated in its output-gradient hooks
+    inputs: dict = field(default_factory=dict)  # projected-input key -> (B, T, k) projected input (P_in a)
+    grads: list = field(default_factory=list)  # (module, input key, (B, T, k) projected output gradient P_out d)
     scale: torch.Tensor | None = None  # (B,) c_i n_i, set by the log-probability hook (runs first in the backward)
     valid: torch.Tensor | None = None  # (B,) rows whose gradient is a constant per token
     loss: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
-    hooks_fired: int = 0
 
 
 class TrainCapture:
@@ -102,7 +102,10 @@ class TrainCapture:
         self.last_refresh_step = 0  # features from before this step are stale
         self._pending: list[_Record] = []
         self._armed: _Record | None = None
-        self._projected: dict = {}
+        self._alive: list = []
+        self._device = None
+        self._p_in_t: dict = {}
+        self._p_out_t: list = []
         self.disabled = False  # the loss does not go through log-probabilities: nothing can be captured
         self._handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(projector.modules)]
 
@@ -114,28 +117,25 @@ class TrainCapture:
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, i: int):
+        p_in = self.projector.p_in[i]
+
         def hook(module, inputs, output):
             rec = self._armed
             if rec is None or not torch.is_grad_enabled() or not getattr(output, "requires_grad", False):
                 return
             if output.shape[0] != len(rec.rows):  # not the armed micro-batch's forward
                 return
-            x, p = inputs[0], self.projector.p_in[i]
-            key = (id(x), id(p))
-            if key not in self._projected:  # modules fed the same tensor (q/k/v) share one projection
-                self._projected[key] = (x, x.detach().float() @ p.T)
-            a = self._projected[key][1]
-            p_out = self.projector.p_out[i]
+            x = inputs[0]
+            key = (id(x), id(p_in))
+            if key not in rec.inputs:  # modules fed the same tensor (q/k/v) share one projection
+                rec.inputs[key] = torch.matmul(x.detach().float(), self._p_in_t[id(p_in)])
+                self._alive.append(x)  # hold x so its id is not reused while this record is open
+            p_out_t = self._p_out_t[i]
+            grads = rec.grads
 
-            def grad_hook(g, rec=rec, a=a, p_out=p_out, i=i):
-                rec.hooks_fired += 1
-                if rec.scale is None:
-                    return  # the loss does not go through the watched log-probabilities
-                block = torch.einsum("btk,btl->bkl", g.float() @ p_out.T, a)
-                if rec.blocks[i] is None:
-                    rec.blocks[i] = block
-                else:
-                    rec.blocks[i] = rec.blocks[i] + block
+            def grad_hook(g):
+                if rec.scale is not None:  # else the loss does not go through the watched log-probabilities
+                    grads.append((i, key, torch.matmul(g.float(), p_out_t)))
 
             output.register_hook(grad_hook)
 
@@ -147,11 +147,17 @@ class TrainCapture:
         self.flush()
         if self.disabled:
             return
-        self.projector._to(device)
-        self._projected = {}
+        self._transposed(device)
         rows = np.asarray(rows, dtype=np.int64)
-        self._armed = _Record(rows=rows, step=int(step), blocks=[None] * len(self.projector.modules))
+        self._armed = _Record(rows=rows, step=int(step))
         self._pending.append(self._armed)
+
+    def _transposed(self, device) -> None:
+        if self._device != device:
+            self.projector._to(device)
+            self._p_in_t = {id(p): p.T.contiguous() for p in self.projector.p_in}
+            self._p_out_t = [p.T.contiguous() for p in self.projector.p_out]
+            self._device = device
 
     def watch(self, outputs) -> None:
         """After the training forward: hook the log-probabilities the loss is built from (TRL's fused LM head)."""
@@ -189,29 +195,46 @@ class TrainCapture:
     def flush(self) -> None:
         """Write the features of every micro-batch whose backward has run into the cache."""
         self._armed = None
-        self._projected = {}
+        self._alive = []
         pending, self._pending = self._pending, []
         for rec in pending:
-            if rec.scale is None or rec.hooks_fired == 0:
+            if rec.scale is None or not rec.grads:
                 self.rows_skipped += len(rec.rows)
                 continue
-            bsz = len(rec.rows)
-            k = self.projector.k
-            device = rec.scale.device
-            blocks = [b if b is not None else torch.zeros(bsz, k, k, device=device) for b in rec.blocks]
-            feats = torch.cat([b.reshape(bsz, -1) for b in blocks], dim=1) / rec.scale[:, None]
+            feats = self._features(rec) / rec.scale[:, None]
             valid = rec.valid & torch.isfinite(feats).all(1)
             # fully masked rows (no labelled token) are stored as zero features: scored 0, counted as masked
-            masked = rec.num_tokens.to(device) == 0
+            masked = rec.num_tokens.to(feats.device) == 0
             keep = (valid | masked).cpu().numpy()
             feats = torch.where(masked[:, None], torch.zeros_like(feats), feats)
             self.rows_skipped += int((~keep).sum())
             if keep.any():
                 self.cache.put(
                     rec.rows[keep],
-                    feats.detach().cpu().numpy()[keep],
+                    feats.cpu().numpy()[keep],
                     rec.loss.numpy()[keep],
                     rec.num_tokens.numpy()[keep],
                     rec.step,
                 )
                 self.rows_captured += int(keep.sum())
+
+    def _features(self, rec: _Record) -> torch.Tensor:
+        """``(B, modules * k * k)``: each module's ``sum_t (P_out d_t)(P_in a_t)^T``, one batched matmul per shared
+        input (the projected output gradients of q/k/v side by side against their common projected input)."""
+        k = self.projector.k
+        n_mod = len(self.projector.modules)
+        by_input: dict = {}
+        for i, key, d in sorted(rec.grads, key=lambda item: item[0]):
+            by_input.setdefault(key, []).append((i, d))
+        bsz = len(rec.rows)
+        parts, order = [], []
+        for key, items in by_input.items():
+            d = torch.cat([g for _, g in items], dim=2) if len(items) > 1 else items[0][1]  # (B, T, m k)
+            parts.append(torch.bmm(d.transpose(1, 2), rec.inputs[key]).reshape(bsz, -1))
+            order.extend(i for i, _ in items)
+        if order == list(range(n_mod)):  # every module once, groups in module order: the usual case
+            return torch.cat(parts, dim=1)
+        blocks = torch.zeros(bsz, n_mod, k * k, device=parts[0].device)
+        index = torch.tensor(order, device=blocks.device)
+        blocks.index_add_(1, index, torch.cat(parts, dim=1).view(bsz, len(order), k * k))  # repeats add up
+        return blocks.reshape(bsz, -1)

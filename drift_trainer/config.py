@@ -168,6 +168,22 @@ class DriftArguments:
             "feature cost to about this fraction of the training time."
         ),
     )
+    drift_capture_check_rows: int = field(
+        default=32,
+        metadata=_help(
+            "With `drift_capture_features`: cached rows (a seeded sample) whose features each refresh recomputes to "
+            "check that the cache still agrees with the model (their mean cosine similarity is logged as "
+            "`drift/capture_agreement`). 0 skips the check."
+        ),
+    )
+    drift_capture_min_agreement: float = field(
+        default=0.9,
+        metadata=_help(
+            "With `drift_capture_features`: when the check's mean cosine between cached and recomputed features is "
+            "below this, cached features are too stale to trust (the model moves fast: high learning rate) and the "
+            "refresh recomputes every row, as without capture. In [0, 1]; 0 always trusts the cache."
+        ),
+    )
     drift_feature_memmap_dir: str | None = field(
         default=None,
         metadata=_help(
@@ -263,6 +279,9 @@ class DriftArguments:
             )
         _range(self, "drift_feature_memory_mb", 0.0, None, low_open=True)
         _range(self, "drift_rescore_budget", 0.0, None)
+        _range(self, "drift_capture_min_agreement", 0.0, 1.0)
+        if int(self.drift_capture_check_rows) < 0:
+            raise ValueError(f"drift_capture_check_rows must be >= 0, got {self.drift_capture_check_rows!r}.")
         if self.drift_first_refresh_step is not None and self.drift_first_refresh_step < 1:
             raise ValueError(
                 f"drift_first_refresh_step must be >= 1 (or None for drift_refresh_steps), got "

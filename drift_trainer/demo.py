@@ -241,7 +241,10 @@ def run_one(
             result.refresh_steps.append(int(summary["step"]))
             result.rollout_accuracy.append(float(summary["metrics"]["drift/rollout_accuracy"]))
             result.corrupted_weight_share.append(float(w[corrupted].sum() / w.sum()))
-            result.auroc.append(auroc(frame["score"].to_numpy(), ~corrupted) if corrupted.any() else float("nan"))
+            # over the rows this refresh scored (with captured features, rows not yet trained may have no score)
+            scored = frame["scored"].to_numpy(bool) if "scored" in frame else np.ones(len(frame), dtype=bool)
+            both = corrupted[scored].any() and (~corrupted[scored]).any()
+            result.auroc.append(auroc(frame["score"].to_numpy()[scored], ~corrupted[scored]) if both else float("nan"))
     with open(os.path.join(output_dir, "result.json"), "w") as f:
         json.dump(result.to_dict(), f, indent=2)
     return result

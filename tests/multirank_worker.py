@@ -30,6 +30,7 @@ def main():
         "resume": "0",
         "capture": "0",  # features captured in the training backward (the default) or a full rescoring per refresh
         "budget": "0.1",
+        "check": "32",
     }
     opt.update(kv.split("=", 1) for kv in sys.argv[2:])
     mode = opt["mode"]
@@ -103,6 +104,7 @@ def main():
         drift_feature_batch_size=4,
         drift_capture_features=opt["capture"] == "1",
         drift_rescore_budget=float(opt["budget"]),
+        drift_capture_check_rows=int(opt["check"]),
     )
     peft_config = None
     if opt["lora"] == "1":
@@ -152,6 +154,7 @@ def main():
         "scores": None if state.scores is None else np.asarray(state.scores).tolist(),
         "num_scored": [h.get("num_scored") for h in state.history],
         "num_recomputed": [h.get("num_recomputed") for h in state.history],
+        "agreement": [h.get("capture_agreement") for h in state.history],
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "num_refreshes": state.num_refreshes,
         "param_sums": param_sums,

@@ -77,12 +77,22 @@ def test_captured_features_equal_a_feature_pass(tmp_path, tokenizer, tiny_model,
 
 
 def test_refresh_recomputes_only_stale_rows_within_the_budget(tmp_path, tokenizer, tiny_model):
-    trainer = _trainer(tmp_path, tokenizer, tiny_model, n=200, max_steps=8, drift_rescore_budget=0.5)
+    # the agreement check off (min 0, no check rows): at this toy's learning rate cached features go stale fast
+    trainer = _trainer(
+        tmp_path,
+        tokenizer,
+        tiny_model,
+        n=200,
+        max_steps=8,
+        drift_rescore_budget=0.5,
+        drift_capture_check_rows=0,
+    )
     trainer.train()
     history = trainer.drift_state.history
     assert [h["step"] for h in history] == [4, 8]
     # 4 steps x 4 rows trained per interval -> ceil(0.5 x 16) = 8 rows recomputed
     assert [h["num_recomputed"] for h in history] == [8, 8]
+    assert all(h["capture_agreement"] is None and not h["capture_full_rescoring"] for h in history)
     first, second = history
     assert first["num_scored"] <= 16 + 8  # what was trained plus what was recomputed, nothing else
     assert second["num_scored"] > first["num_scored"]
@@ -95,13 +105,37 @@ def test_refresh_recomputes_only_stale_rows_within_the_budget(tmp_path, tokenize
 
 
 def test_budget_zero_scores_only_trained_rows(tmp_path, tokenizer, tiny_model):
-    trainer = _trainer(tmp_path, tokenizer, tiny_model, n=200, max_steps=4, drift_rescore_budget=0.0)
+    trainer = _trainer(
+        tmp_path, tokenizer, tiny_model, n=200, max_steps=4, drift_rescore_budget=0.0, drift_capture_check_rows=0
+    )
     trainer.train()
     (summary,) = trainer.drift_state.history
     cache = trainer.drift_callback.capture.cache
     assert summary["num_recomputed"] == 0
     assert summary["num_scored"] == int((cache.step >= 0).sum()) > 0
     assert "features" in summary["timings"]
+
+
+@pytest.mark.parametrize("learning_rate", [0.0, 3e-2])
+def test_agreement_check_falls_back_to_full_rescoring_when_the_cache_is_stale(
+    tmp_path, tokenizer, tiny_model, learning_rate
+):
+    trainer = _trainer(
+        tmp_path, tokenizer, tiny_model, n=200, max_steps=4, learning_rate=learning_rate, drift_capture_check_rows=8
+    )
+    trainer.train()
+    (summary,) = trainer.drift_state.history
+    agreement = summary["capture_agreement"]
+    logged = [h["drift/capture_agreement"] for h in trainer.state.log_history if "drift/capture_agreement" in h]
+    assert logged == [pytest.approx(agreement)]
+    if learning_rate == 0:  # the model never moved: cached features are exact, only the budget is recomputed
+        assert agreement == pytest.approx(1.0, abs=1e-5)
+        assert not summary["capture_full_rescoring"]
+        assert summary["num_recomputed"] == 8 + 2  # the check rows + ceil(0.1 x 16)
+    else:  # a large step every update: the cache no longer matches, every row is recomputed
+        assert agreement < 0.9
+        assert summary["capture_full_rescoring"]
+        assert summary["num_recomputed"] == summary["num_scored"] == 200
 
 
 def test_capture_off_rescores_every_row(tmp_path, tokenizer, tiny_model):
@@ -160,3 +194,7 @@ def test_feature_cache_round_trip_and_mismatch():
 def test_rescore_budget_is_validated(tmp_path):
     with pytest.raises(ValueError, match="drift_rescore_budget"):
         tiny_config(tmp_path, drift_rescore_budget=-0.5)
+    with pytest.raises(ValueError, match="drift_capture_min_agreement"):
+        tiny_config(tmp_path, drift_capture_min_agreement=1.5)
+    with pytest.raises(ValueError, match="drift_capture_check_rows"):
+        tiny_config(tmp_path, drift_capture_check_rows=-1)

@@ -91,13 +91,15 @@ def test_two_ranks_score_like_one(tmp_path, single, mode, lora, extra):
 def test_captured_features_score_like_a_full_rescoring(tmp_path, single, mode, extra):
     """Features captured in each rank's training backward, stale rows recomputed (budget large enough to cover
     them): the same scores as a single process recomputing every row, identical weights on both ranks."""
-    ranks = _launch(tmp_path, 2, mode=mode, lr=0, capture=1, budget=100, **extra)
+    ranks = _launch(tmp_path, 2, mode=mode, lr=0, capture=1, budget=100, check=4, **extra)
     ref = single(extra.get("lora", 0))
     for r in ranks:
         assert r["num_scored"] == [N_TRAIN, N_TRAIN]
         # 3 steps x global batch 4 between refreshes: the rows trained since the last refresh were captured, the
         # rest recomputed
         assert all(0 < n < N_TRAIN for n in r["num_recomputed"])
+        # the check recomputed 4 cached rows (each on the rank holding it): at learning rate 0 they agree exactly
+        assert r["agreement"] == [pytest.approx(1.0, abs=1e-5)] * 2
     assert ranks[0]["weights"] == ranks[1]["weights"]
     scores, expected = np.array(ranks[0]["scores"]), np.array(ref["scores"])
     assert np.abs(scores - expected).max() <= 1e-5 * np.abs(expected).max()
