@@ -9,7 +9,8 @@ on the corrupted SFT set for the same budget:
 - ``clean``: plain SFT on the clean rows of the set alone (the corrupted rows dropped),
 - one run per ``drift_scorer`` (drift, off_policy, cosine, loss, random, uniform, drift_unsigned, drift_raw), with
   the default captured features (``drift_capture_features``),
-- ``drift_full``: the drift scorer recomputing every row's feature at every refresh (no capture).
+- ``drift_full``: the drift scorer recomputing every row's feature at every refresh (no capture),
+- ``drift_unchecked``: the drift scorer on captured features with the agreement check off.
 
 Reported per kind and configuration: AUROC of the refresh's scores separating clean from corrupted rows at each
 refresh, final test accuracy (greedy, exact match, held-out prompts) mean and spread over seeds, and the share of the
@@ -37,8 +38,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 KINDS = ("random", "systematic", "format")
 SCORERS = ("drift", "off_policy", "cosine", "loss", "random", "uniform", "drift_unsigned", "drift_raw")
-# drift_full: the drift scorer with every refresh recomputing every row's feature (drift_capture_features=False)
-CONFIGS = ("plain", "clean") + SCORERS + ("drift_full",)
+# drift_full: the drift scorer with every refresh recomputing every row's feature (drift_capture_features=False);
+# drift_unchecked: captured features with the agreement check off (the cache is trusted however stale)
+CONFIGS = ("plain", "clean") + SCORERS + ("drift_full", "drift_unchecked")
 
 
 def parse(argv=None):
@@ -170,8 +172,9 @@ def run_job(ns, kind: str, seed: int, config: str) -> dict:
             config,
             train=train,
             drift=True,
-            drift_scorer="drift" if config == "drift_full" else config,
+            drift_scorer="drift" if config in ("drift_full", "drift_unchecked") else config,
             drift_capture_features=config != "drift_full",
+            drift_capture_check_rows=0 if config == "drift_unchecked" else 32,
             drift_first_refresh_step=ns.first_refresh,
             drift_refresh_steps=ns.refresh,
             drift_num_queries=ns.num_queries,

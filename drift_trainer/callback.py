@@ -344,6 +344,17 @@ class DriftCallback(TrainerCallback):
             smoothed, weights = new_weights(result, previous.smoothed, previous.weights, args)
             weights = dist.broadcast(weights)  # identical on every rank, bit for bit
             result.timings["weights"] = time.perf_counter() - weighting_started
+        if result.capture_full:
+            log = logger.info if getattr(self, "_warned_stale", False) else logger.warning
+            self._warned_stale = True
+            log(
+                "DRIFT refresh at step %d: cached features no longer agree with the model (mean cosine %.3f < "
+                "drift_capture_min_agreement=%.2f), so every row was recomputed. If this repeats (a fast-moving model, "
+                "e.g. a high learning rate), drift_capture_features=False saves the capture cost.",
+                step,
+                result.capture_agreement,
+                args.drift_capture_min_agreement,
+            )
         metrics = refresh_summary(result, weights, args)
         metrics["drift/refresh_seconds"] = time.perf_counter() - started
         self._apply(weights, changed=result.contrast)

@@ -104,8 +104,10 @@ class TrainCapture:
         self._armed: _Record | None = None
         self._alive: list = []
         self._device = None
-        self._p_in_t: dict = {}
-        self._p_out_t: list = []
+        shared = {}
+        self._group = [shared.setdefault(id(p), len(shared)) for p in projector.p_in]
+        self._p_in_t: list = []  # per group, (in, k), on the device of the last armed batch
+        self._p_out_t: list = []  # per module, (out, k)
         self.disabled = False  # the loss does not go through log-probabilities: nothing can be captured
         self._handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(projector.modules)]
 
@@ -117,7 +119,7 @@ class TrainCapture:
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, i: int):
-        p_in = self.projector.p_in[i]
+        group = self._group[i]  # modules sharing one P_in (one input width) share a group
 
         def hook(module, inputs, output):
             rec = self._armed
@@ -126,9 +128,9 @@ class TrainCapture:
             if output.shape[0] != len(rec.rows):  # not the armed micro-batch's forward
                 return
             x = inputs[0]
-            key = (id(x), id(p_in))
+            key = (id(x), group)
             if key not in rec.inputs:  # modules fed the same tensor (q/k/v) share one projection
-                rec.inputs[key] = torch.matmul(x.detach().float(), self._p_in_t[id(p_in)])
+                rec.inputs[key] = torch.matmul(x.detach().float(), self._p_in_t[group])
                 self._alive.append(x)  # hold x so its id is not reused while this record is open
             p_out_t = self._p_out_t[i]
             grads = rec.grads
@@ -155,7 +157,10 @@ class TrainCapture:
     def _transposed(self, device) -> None:
         if self._device != device:
             self.projector._to(device)
-            self._p_in_t = {id(p): p.T.contiguous() for p in self.projector.p_in}
+            first = {}
+            for g, p in zip(self._group, self.projector.p_in):
+                first.setdefault(g, p)
+            self._p_in_t = [first[g].T.contiguous() for g in range(len(first))]
             self._p_out_t = [p.T.contiguous() for p in self.projector.p_out]
             self._device = device
 

@@ -118,12 +118,13 @@ def test_budget_zero_scores_only_trained_rows(tmp_path, tokenizer, tiny_model):
 
 @pytest.mark.parametrize("learning_rate", [0.0, 3e-2])
 def test_agreement_check_falls_back_to_full_rescoring_when_the_cache_is_stale(
-    tmp_path, tokenizer, tiny_model, learning_rate
+    tmp_path, tokenizer, tiny_model, learning_rate, caplog
 ):
     trainer = _trainer(
         tmp_path, tokenizer, tiny_model, n=200, max_steps=4, learning_rate=learning_rate, drift_capture_check_rows=8
     )
-    trainer.train()
+    with caplog.at_level(logging.WARNING, logger="drift_trainer"):
+        trainer.train()
     (summary,) = trainer.drift_state.history
     agreement = summary["capture_agreement"]
     logged = [h["drift/capture_agreement"] for h in trainer.state.log_history if "drift/capture_agreement" in h]
@@ -136,6 +137,7 @@ def test_agreement_check_falls_back_to_full_rescoring_when_the_cache_is_stale(
         assert agreement < 0.9
         assert summary["capture_full_rescoring"]
         assert summary["num_recomputed"] == summary["num_scored"] == 200
+        assert "no longer agree" in caplog.text and "drift_capture_features=False" in caplog.text
 
 
 def test_capture_off_rescores_every_row(tmp_path, tokenizer, tiny_model):
