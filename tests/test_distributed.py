@@ -118,12 +118,17 @@ def test_scoring_without_reweighting_leaves_training_untouched(tmp_path, mode):
         assert drift[0]["param_sums"] == drift[1]["param_sums"]
 
 
-def test_two_rank_resume_in_a_later_epoch_replays_the_same_stream(tmp_path):
-    """accelerate does not reach the sampler's set_epoch on a resumed epoch with several ranks; DRIFT sets it."""
-    common = dict(mode="ddp", lr=1e-2, steps=12, save_steps=8, first=3, every=3)
+@pytest.mark.parametrize("capture", [0, 1])
+def test_two_rank_resume_in_a_later_epoch_replays_the_same_stream(tmp_path, capture):
+    """accelerate does not reach the sampler's set_epoch on a resumed epoch with several ranks; DRIFT sets it. With
+    captured features each rank saves and restores its own cache (drift_features.rank{r}.npz)."""
+    common = dict(mode="ddp", lr=1e-2, steps=12, save_steps=8, first=3, every=3, capture=capture)
     unbroken = _launch(tmp_path / "a", 2, **common)
     os.makedirs(tmp_path / "b" / "run")
     shutil.copytree(tmp_path / "a" / "run" / "checkpoint-8", tmp_path / "b" / "run" / "checkpoint-8")
+    if capture:
+        names = sorted(os.listdir(tmp_path / "a" / "run" / "checkpoint-8"))
+        assert "drift_features.rank0.npz" in names and "drift_features.rank1.npz" in names
     resumed = _launch(tmp_path / "b", 2, resume=1, **common)
     for before, after in zip(unbroken, resumed):
         assert after["num_refreshes"] == before["num_refreshes"] == 4
