@@ -36,6 +36,7 @@ logger = logging.getLogger("drift_trainer")
 INDEX_COLUMN = "drift_index"
 SAMPLER_FILE = "drift_sampler.json"
 FEATURES_FILE = "drift_features.npz"
+STALE_CHECKS_TO_STOP = 2  # consecutive failed agreement checks after which capture turns itself off
 
 
 def check_train_dataset(train_dataset) -> None:
@@ -265,6 +266,7 @@ class DriftCallback(TrainerCallback):
         arrays = self.capture.cache.state_arrays()
         arrays["rows_trained"] = np.asarray([self.capture.rows_captured + self.capture.rows_skipped])
         arrays["last_refresh_step"] = np.asarray([self.capture.last_refresh_step])
+        arrays["stale_checks"] = np.asarray([self.capture.stale_checks, int(self.capture.disabled)])
         size_mb = arrays["features"].nbytes / 2**20
         if size_mb > self.args.drift_feature_memory_mb:
             logger.warning(
@@ -299,6 +301,10 @@ class DriftCallback(TrainerCallback):
                 self.capture.cache.load_arrays(arrays)
                 self.capture.rows_captured, self.capture.rows_skipped = int(arrays["rows_trained"][0]), 0
                 self.capture.last_refresh_step = int(arrays["last_refresh_step"][0])
+                self.capture.stale_checks, disabled = (int(v) for v in arrays["stale_checks"])
+                if disabled:  # capture had turned itself off (or could not run) before the checkpoint
+                    self.capture.remove()
+                    self.capture.disabled = True
 
     # ------------------------------------------------------------------ the refresh
     def refresh(self, step: int, is_main: bool = True) -> None:
@@ -344,17 +350,25 @@ class DriftCallback(TrainerCallback):
             smoothed, weights = new_weights(result, previous.smoothed, previous.weights, args)
             weights = dist.broadcast(weights)  # identical on every rank, bit for bit
             result.timings["weights"] = time.perf_counter() - weighting_started
-        if result.capture_full:
-            log = logger.info if getattr(self, "_warned_stale", False) else logger.warning
-            self._warned_stale = True
-            log(
-                "DRIFT refresh at step %d: cached features no longer agree with the model (mean cosine %.3f < "
-                "drift_capture_min_agreement=%.2f), so every row was recomputed. If this repeats (a fast-moving model, "
-                "e.g. a high learning rate), drift_capture_features=False saves the capture cost.",
-                step,
-                result.capture_agreement,
-                args.drift_capture_min_agreement,
-            )
+        if self.capture is not None and result.capture_agreement is not None:
+            self.capture.stale_checks = self.capture.stale_checks + 1 if result.capture_full else 0
+            if result.capture_full:
+                logger.warning(
+                    "DRIFT refresh at step %d: cached features no longer agree with the model (mean cosine %.3f < "
+                    "drift_capture_min_agreement=%.2f), so every row was recomputed.",
+                    step,
+                    result.capture_agreement,
+                    args.drift_capture_min_agreement,
+                )
+            if self.capture.stale_checks >= STALE_CHECKS_TO_STOP:
+                # the model keeps moving too fast for the cache (e.g. a high learning rate): stop paying for capture
+                self.capture.remove()
+                self.capture.disabled = True
+                logger.warning(
+                    "DRIFT: %d refreshes in a row found the captured features stale; feature capture is off for the "
+                    "rest of this run and every refresh recomputes every row (as with drift_capture_features=False).",
+                    STALE_CHECKS_TO_STOP,
+                )
         metrics = refresh_summary(result, weights, args)
         metrics["drift/refresh_seconds"] = time.perf_counter() - started
         self._apply(weights, changed=result.contrast)
@@ -368,6 +382,7 @@ class DriftCallback(TrainerCallback):
             "num_recomputed": int(result.num_recomputed if result.num_recomputed >= 0 else result.scored.sum()),
             "capture_agreement": result.capture_agreement,
             "capture_full_rescoring": result.capture_full,
+            "capture_on": self.capture is not None and not self.capture.disabled,
             "num_masked": result.num_masked,
             "num_rollouts": len(result.rollouts),
             "contrast": result.contrast,

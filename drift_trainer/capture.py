@@ -100,6 +100,7 @@ class TrainCapture:
         self.rows_captured = 0  # rows written since the counter was last reset (a refresh resets it)
         self.rows_skipped = 0
         self.last_refresh_step = 0  # features from before this step are stale
+        self.stale_checks = 0  # consecutive refreshes whose agreement check failed
         self._pending: list[_Record] = []
         self._armed: _Record | None = None
         self._alive: list = []

@@ -137,7 +137,23 @@ def test_agreement_check_falls_back_to_full_rescoring_when_the_cache_is_stale(
         assert agreement < 0.9
         assert summary["capture_full_rescoring"]
         assert summary["num_recomputed"] == summary["num_scored"] == 200
-        assert "no longer agree" in caplog.text and "drift_capture_features=False" in caplog.text
+        assert "no longer agree" in caplog.text and "every row was recomputed" in caplog.text
+
+
+def test_capture_turns_itself_off_after_two_stale_checks(tmp_path, tokenizer, tiny_model, caplog):
+    trainer = _trainer(
+        tmp_path, tokenizer, tiny_model, n=200, max_steps=12, learning_rate=3e-2, drift_capture_check_rows=8
+    )
+    with caplog.at_level(logging.WARNING, logger="drift_trainer"):
+        trainer.train()
+    history = trainer.drift_state.history
+    checked = [h for h in history if h["contrast"]]
+    assert len(checked) >= 2 and checked[0]["capture_full_rescoring"] and checked[1]["capture_full_rescoring"]
+    assert not checked[1]["capture_on"] and trainer.drift_callback.capture.disabled
+    assert "feature capture is off for the rest of this run" in caplog.text
+    # afterwards: plain full rescoring, no check
+    for h in checked[2:]:
+        assert h["capture_agreement"] is None and h["num_recomputed"] == 200
 
 
 def test_capture_off_rescores_every_row(tmp_path, tokenizer, tiny_model):
