@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    PYTHONPATH=. python benchmarks/overhead.py            # full run (about 5-10 minutes on 2 CPU cores)
+    PYTHONPATH=. python benchmarks/overhead.py            # full run (about 15-20 minutes on 2 CPU cores)
     PYTHONPATH=. python benchmarks/overhead.py --quick    # smoke run (about 1-2 minutes)
     PYTHONPATH=. python benchmarks/overhead.py --sections throughput,exact
 
@@ -333,6 +333,7 @@ def bench_exact(cfg) -> list[dict]:
             t["train"].append(time.perf_counter() - s)
             s = time.perf_counter()
             training_pass(True)
+            capture.flush(write=True)
             t["train_capture"].append(time.perf_counter() - s)
             feats["capture"] = np.asarray(capture.cache.features, dtype=np.float32).copy()
             s = time.perf_counter()
@@ -383,21 +384,48 @@ def bench_exact(cfg) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------- 3
 
 
-def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0, lr: float = 3e-3) -> dict:
-    """One ``DriftSFTTrainer`` run; returns the wall time of ``train()`` and the refresh timings."""
+_WARM: dict = {}
+
+
+def warm_state(cfg, model: str = "tiny", seed: int = 0) -> dict:
+    """Weights of a toy model after ``cfg.warm_steps`` steps of plain SFT on clean addition (other rows than the
+    runs'), at lr 3e-3: a model that knows the task's format, to fine-tune from gently (computed once)."""
+    if (model, seed) not in _WARM:
+        train = addition_dataset(2000, seed=seed + 5000)
+        r = e2e_run(cfg, 0, None, seed=seed, steps=cfg.warm_steps, train=train, model=model)
+        _WARM[model, seed] = r["state"]
+    return _WARM[model, seed]
+
+
+def e2e_run(
+    cfg,
+    n_train: int,
+    drift: dict | None,
+    seed: int = 0,
+    lr: float = 3e-3,
+    init: dict | None = None,
+    steps: int | None = None,
+    train=None,
+    model: str = "tiny",
+) -> dict:
+    """One ``DriftSFTTrainer`` run; returns the wall time of ``train()`` and the refresh timings. ``init``: a state
+    dict to start from (default: random init)."""
     from transformers import PrinterCallback
 
     from drift_trainer import DriftConfig, DriftSFTTrainer
 
     tok = tokenizer()
     torch.manual_seed(seed)
-    model = build_tiny_llama(tok, seed=seed)
-    train = addition_dataset(n_train, seed=seed, corruption=Corruption("systematic", 0.3))
+    model = model_of(model, seed=seed)
+    if init is not None:
+        model.load_state_dict(init)
+    if train is None:
+        train = addition_dataset(n_train, seed=seed, corruption=Corruption("systematic", 0.3))
     queries = query_dataset_from(addition_dataset(64, seed=seed + 1))
     with tempfile.TemporaryDirectory() as out_dir:
         args = DriftConfig(
             output_dir=out_dir,
-            max_steps=cfg.e2e_steps,
+            max_steps=steps or cfg.e2e_steps,
             per_device_train_batch_size=cfg.e2e_batch_size,
             learning_rate=lr,
             lr_scheduler_type="constant",
@@ -426,11 +454,13 @@ def e2e_run(cfg, n_train: int, drift: dict | None, seed: int = 0, lr: float = 3e
         trainer.train()
         wall = time.perf_counter() - s
         history = trainer.drift_state.history if drift is not None else []
+        state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()} if init is None else None
     timings: dict[str, float] = {}
     for h in history:
         for k, v in h["timings"].items():
             timings[k] = timings.get(k, 0.0) + v
     return {
+        "state": state,
         "wall_s": wall,
         "refreshes": len(history),
         "refresh_s": sum(timings.values()),
@@ -466,14 +496,28 @@ def bench_e2e(cfg) -> dict:
         "default_lr2e-4": (n0, {}, lo),
         "full_rescoring_lr2e-4": (n0, full, lo),
         "unchecked_lr2e-4": (n0, unchecked, lo),
+        # from a model that already knows the format, fine-tuned gently (the regime of LLM fine-tuning: weights move
+        # ~0.1% per step): the agreement check passes and the cache is used
+        "warm_plain_lr2e-5": (n0, None, "warm"),
+        "warm_default_lr2e-5": (n0, {}, "warm"),
+        "warm_full_rescoring_lr2e-5": (n0, full, "warm"),
+        # the same on the 2.7M-parameter toy: more compute per hook call
+        "warm_medium_plain_lr2e-5": (n0, None, "warm_medium"),
+        "warm_medium_default_lr2e-5": (n0, {}, "warm_medium"),
+        "warm_medium_full_rescoring_lr2e-5": (n0, full, "warm_medium"),
     }
     if cfg.quick:
-        variants = {k: variants[k] for k in ("plain", "default", "unchecked", "plain_lr2e-4", "default_lr2e-4")}
+        variants = {
+            k: variants[k] for k in ("plain", "default", "unchecked", "warm_plain_lr2e-5", "warm_default_lr2e-5")
+        }
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     e2e_run(cfg, 64, None)  # warm-up: imports, first-call costs
     for rep in range(cfg.e2e_repeats):
         for name, (n, drift, lr) in variants.items():
-            runs[name].append(e2e_run(cfg, n, drift, seed=0, lr=lr))
+            warm = isinstance(lr, str)
+            model = "medium" if lr == "warm_medium" else "tiny"
+            init = warm_state(cfg, model) if warm else None
+            runs[name].append(e2e_run(cfg, n, drift, seed=0, lr=2e-5 if warm else lr, init=init, model=model))
             r = runs[name][-1]
             print(
                 f"  e2e rep {rep} {name:22s}: {r['wall_s']:.1f} s, {r['refreshes']} refreshes, "
@@ -484,11 +528,14 @@ def bench_e2e(cfg) -> dict:
     table = []
     for name, (n, drift, lr) in variants.items():
         walls = [r["wall_s"] for r in runs[name]]
-        plain = [r["wall_s"] for r in runs["plain" if lr == hi else "plain_lr2e-4"]]
+        ref = {hi: "plain", lo: "plain_lr2e-4", "warm": "warm_plain_lr2e-5", "warm_medium": "warm_medium_plain_lr2e-5"}
+        plain = [r["wall_s"] for r in runs[ref[lr]]]
         table.append(
             {
                 "variant": name,
-                "learning_rate": lr,
+                "learning_rate": 2e-5 if isinstance(lr, str) else lr,
+                "warm_start": isinstance(lr, str),
+                "model": "medium" if lr == "warm_medium" else "tiny",
                 "train_examples": n,
                 "steps": steps,
                 "drift_refresh_steps": (drift or {}).get("drift_refresh_steps", 100) if drift is not None else None,
@@ -1056,7 +1103,10 @@ def markdown(res: dict, command: str) -> str:
             "with budget 0.1 and a 32-row agreement check at 0.9). The check's mean cosine per refresh is listed; "
             "'(full)' marks a refresh where it fell below 0.9 and every row was recomputed. `unchecked`: the check "
             "off (`drift_capture_check_rows=0`), the cache trusted however stale: the speed of the fast path alone "
-            "(its fidelity is section 6).",
+            "(its fidelity is section 6). `warm_*`: from a model first trained "
+            f"{res['config'].get('warm_steps', 600)} steps (lr 3e-3) on other, clean addition rows, then fine-tuned "
+            "at lr 2e-5, where weights move about 0.1% per step as in LLM fine-tuning; `warm_medium_*` the same on the "
+            "2.7M-parameter `medium` toy.",
             "",
             "| variant | lr | train examples | refresh every | capture | rescore budget | max train ex. | refreshes | "
             "rows recomputed per refresh | check agreement per refresh | train() s | refresh s | ratio vs plain run | "
@@ -1261,6 +1311,7 @@ def main(argv=None):
         block_every=25,
         block_refreshes=3 if q else 6,
         block_lrs=[3e-3, 2e-4, 2e-5],
+        warm_steps=300 if q else 600,
         capture_steps=40 if q else 100,
     )
     sections = [s.strip() for s in a.sections.split(",") if s.strip()]

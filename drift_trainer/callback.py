@@ -208,7 +208,7 @@ class DriftCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.capture is not None:
-            self.capture.flush()
+            self.capture.flush(write=True)
             self.capture.remove()
 
     def capture_rows(self, user_index) -> np.ndarray | None:
@@ -262,7 +262,7 @@ class DriftCallback(TrainerCallback):
         ``drift_feature_memory_mb`` (then a resumed run recomputes them as stale rows)."""
         if self.capture is None:
             return
-        self.capture.flush()
+        self.capture.flush(write=True)
         arrays = self.capture.cache.state_arrays()
         arrays["rows_trained"] = np.asarray([self.capture.rows_captured + self.capture.rows_skipped])
         arrays["last_refresh_step"] = np.asarray([self.capture.last_refresh_step])

@@ -22,8 +22,10 @@ import numpy as np
 import torch
 
 from .features import ProjectedGradients
+from .refresh import feature_storage, progress_bar, shard
 
 logger = logging.getLogger("drift_trainer")
+WRITE_EVERY = 16  # captured micro-batches buffered before one bulk write into the cache
 
 
 class FeatureCache:
@@ -31,8 +33,6 @@ class FeatureCache:
     count. ``features`` comes from :func:`~drift_trainer.refresh.feature_storage` (memory-mapped when large)."""
 
     def __init__(self, num_rows: int, dim: int, memmap_dir: str | None = None, max_memory_mb: float | None = None):
-        from .refresh import feature_storage
-
         self.features = feature_storage(num_rows, dim, memmap_dir, max_memory_mb)
         self.step = np.full(num_rows, -1, dtype=np.int64)
         self.loss = np.full(num_rows, np.nan)
@@ -41,12 +41,13 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.step)
 
-    def put(self, rows: np.ndarray, features: np.ndarray, loss: np.ndarray, num_tokens: np.ndarray, step: int) -> None:
+    def put(self, rows: np.ndarray, features: np.ndarray, loss: np.ndarray, num_tokens: np.ndarray, step) -> None:
+        """Store rows' features (``step``: one global step, or one per row)."""
         rows = np.asarray(rows, dtype=np.int64)
         self.features[rows] = features
         self.loss[rows] = loss
         self.num_tokens[rows] = num_tokens
-        self.step[rows] = int(step)
+        self.step[rows] = np.asarray(step, dtype=np.int64)
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """The captured rows only (for a checkpoint)."""
@@ -71,6 +72,62 @@ class FeatureCache:
         self.step[rows] = arrays["step"]
 
 
+class _CachedRows:
+    """Rows ``index`` of a feature cache, read a slice at a time (``len`` and ``[slice]`` like an array)."""
+
+    def __init__(self, features, index: np.ndarray):
+        self.features, self.index = features, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, sl):
+        return self.features[self.index[sl]]
+
+
+def rescore_budget(rows_trained: int, budget: float) -> int:
+    """Rows a refresh recomputes under ``drift_rescore_budget``: ``ceil(budget x rows trained since the last
+    refresh)``."""
+    return int(np.ceil(float(budget) * max(int(rows_trained), 0) - 1e-9))
+
+
+def stale_order(step_of_row: np.ndarray, seed: int) -> np.ndarray:
+    """Rows stalest first: never captured (step -1) first, then by the step their feature is from; ties in a seeded
+    random order (the same on every rank)."""
+    tiebreak = np.random.default_rng([int(seed), 4099]).permutation(len(step_of_row))
+    return tiebreak[np.argsort(step_of_row[tiebreak], kind="stable")]
+
+
+@dataclass
+class CachedFeatures:
+    """What :meth:`TrainCapture.features_for_refresh` hands the influence step."""
+
+    rows: np.ndarray  # train rows this rank scores
+    features: object  # their features (``len`` and ``[slice]``)
+    loss: np.ndarray
+    num_tokens: np.ndarray
+    per_rank: int  # most rows any rank scores
+    subset: np.ndarray  # every row with a feature (all ranks)
+    num_recomputed: int
+    agreement: float | None  # mean cosine of cached vs recomputed features over the check sample
+    full: bool  # the check failed and every row was recomputed
+
+
+def _recompute(fp, model, view, dist, cache, mine: np.ndarray, spare: np.ndarray, step: int, desc: str, show: bool):
+    """Features of this rank's rows ``mine`` into ``cache`` (at ``step``); every rank runs the same number of forwards
+    (a rank with fewer rows repeats a spare one: forwards are collectives under ZeRO-3). Returns the features."""
+    per_rank = int(dist.all_reduce_max(np.asarray([float(len(mine))]))[0])
+    if per_rank == 0:
+        return np.zeros((0, cache.features.shape[1]), dtype=np.float32)
+    rows = view.fetch(mine if len(mine) else spare[:1])
+    with progress_bar(show, len(mine), desc) as bar:
+        phi, loss, ntok = fp.run(model, rows, num_batches=-(-per_rank // fp.batch_size), progress=bar)
+    phi = np.asarray(phi[: len(mine)])
+    if len(mine):
+        cache.put(mine, phi, loss[: len(mine)], ntok[: len(mine)], step)
+    return phi
+
+
 @dataclass
 class _Record:
     """One micro-batch being captured."""
@@ -89,9 +146,9 @@ class TrainCapture:
     """Forward hooks on the target modules that, while armed, project each trained row's gradient into ``cache``.
 
     Use: ``arm(rows, step)`` before the training forward of a micro-batch, ``watch(outputs)`` after it (registers the
-    log-probability hook that reads the per-row loss scale), and ``flush()`` once its backward has run
-    (``DriftSFTTrainer.training_step`` does; so do the next ``arm`` and every refresh). ``remove()`` takes the hooks
-    off.
+    log-probability hook that reads the per-row loss scale), ``flush()`` once its backward has run
+    (``DriftSFTTrainer.training_step`` does; so does the next ``arm``), and ``flush(write=True)`` before reading the
+    cache (every refresh and checkpoint does). ``remove()`` takes the hooks off.
     """
 
     def __init__(self, projector: ProjectedGradients, cache: FeatureCache):
@@ -102,6 +159,7 @@ class TrainCapture:
         self.last_refresh_step = 0  # features from before this step are stale
         self.stale_checks = 0  # consecutive refreshes whose agreement check failed
         self._pending: list[_Record] = []
+        self._ready: list = []  # (record, raw features) waiting to be written to the cache
         self._armed: _Record | None = None
         self._alive: list = []
         self._device = None
@@ -198,8 +256,9 @@ class TrainCapture:
 
         log_probs.register_hook(lp_hook)
 
-    def flush(self) -> None:
-        """Write the features of every micro-batch whose backward has run into the cache."""
+    def flush(self, write: bool = False) -> None:
+        """File every micro-batch whose backward has run: its features are computed now and reach the cache in bulk,
+        every ``WRITE_EVERY`` micro-batches and whenever ``write`` (a refresh, a checkpoint, the end of training)."""
         self._armed = None
         self._alive = []
         pending, self._pending = self._pending, []
@@ -207,22 +266,29 @@ class TrainCapture:
             if rec.scale is None or not rec.grads:
                 self.rows_skipped += len(rec.rows)
                 continue
-            feats = self._features(rec) / rec.scale[:, None]
-            valid = rec.valid & torch.isfinite(feats).all(1)
-            # fully masked rows (no labelled token) are stored as zero features: scored 0, counted as masked
-            masked = rec.num_tokens.to(feats.device) == 0
-            keep = (valid | masked).cpu().numpy()
-            feats = torch.where(masked[:, None], torch.zeros_like(feats), feats)
-            self.rows_skipped += int((~keep).sum())
-            if keep.any():
-                self.cache.put(
-                    rec.rows[keep],
-                    feats.cpu().numpy()[keep],
-                    rec.loss.numpy()[keep],
-                    rec.num_tokens.numpy()[keep],
-                    rec.step,
-                )
-                self.rows_captured += int(keep.sum())
+            self._ready.append((rec, self._features(rec)))
+        if self._ready and (write or len(self._ready) >= WRITE_EVERY):
+            self._write()
+
+    def _write(self) -> None:
+        ready, self._ready = self._ready, []
+        recs = [rec for rec, _ in ready]
+        feats = torch.cat([f for _, f in ready]) / torch.cat([rec.scale for rec in recs])[:, None]
+        valid = (torch.cat([rec.valid for rec in recs]) & torch.isfinite(feats).all(1)).cpu().numpy()
+        ntok = torch.cat([rec.num_tokens for rec in recs]).numpy()
+        # fully masked rows (no labelled token: no loss, no gradient) keep their zero feature: scored 0, counted masked
+        keep = valid | (ntok == 0)
+        self.rows_skipped += int((~keep).sum())
+        self.rows_captured += int(keep.sum())
+        if keep.any():
+            # in training order: a row trained twice in the buffer keeps its newest feature (the last write wins)
+            self.cache.put(
+                np.concatenate([rec.rows for rec in recs])[keep],
+                feats.cpu().numpy()[keep],
+                torch.cat([rec.loss for rec in recs]).numpy()[keep],
+                ntok[keep],
+                np.concatenate([np.full(len(rec.rows), rec.step) for rec in recs])[keep],
+            )
 
     def _features(self, rec: _Record) -> torch.Tensor:
         """``(B, modules * k * k)``: each module's ``sum_t (P_out d_t)(P_in a_t)^T``, one batched matmul per shared
@@ -244,3 +310,68 @@ class TrainCapture:
         index = torch.tensor(order, device=blocks.device)
         blocks.index_add_(1, index, torch.cat(parts, dim=1).view(bsz, len(order), k * k))  # repeats add up
         return blocks.reshape(bsz, -1)
+
+    # ------------------------------------------------------------------ at a refresh
+    def features_for_refresh(self, fp, model, view, args, dist, step, seed, show) -> CachedFeatures:
+        """Check that cached features still agree with the model; if so recompute the stalest rows within the budget,
+        else every row, into ``self.cache``; then hand each rank the rows whose latest feature it holds (a row trained
+        on several ranks is scored once, by the rank that saw it last)."""
+        cache = self.cache
+        self.flush(write=True)
+        trained = dist.all_reduce_sum(np.asarray([float(self.rows_captured + self.rows_skipped)]))[0]
+        self.rows_captured = self.rows_skipped = 0
+        ws, rank = dist.world_size, dist.rank
+
+        def latest() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            # (step, owner) of every row's newest feature across ranks in one all-reduce: step * ws + (ws - 1 - rank)
+            key = dist.all_reduce_max(
+                np.where(cache.step >= 0, cache.step.astype(np.float64) * ws + (ws - 1 - rank), -1.0)
+            )
+            step_of_row = np.where(key >= 0, np.floor(key / ws), -1).astype(np.int64)
+            owner = np.where(key >= 0, ws - 1 - np.mod(key, ws), -1).astype(np.int64)
+            return key, step_of_row, owner
+
+        key, step_of_row, owner = latest()
+        # 1. agreement: recompute a seeded sample of cached rows (on the rank holding each) and compare
+        agreement = None
+        cached = np.flatnonzero(step_of_row >= 0)
+        n_check = min(int(args.drift_capture_check_rows), len(cached))
+        sample = np.zeros(0, dtype=np.int64)
+        if n_check > 0:
+            sample = np.sort(np.random.default_rng([int(seed), 8191]).choice(cached, n_check, replace=False))
+            mine = sample[owner[sample] == rank]
+            before = np.asarray(cache.features[mine], dtype=np.float64)
+            after = _recompute(fp, model, view, dist, cache, mine, sample, step, "drift features (check)", show)
+            na, nb = np.linalg.norm(after, axis=1), np.linalg.norm(before, axis=1)
+            live = (na > 0) & (nb > 0)
+            cos = (after[live] * before[live]).sum(1) / (na[live] * nb[live])
+            total = dist.all_reduce_sum(np.asarray([cos.sum(), float(live.sum())]))
+            agreement = float(total[0] / total[1]) if total[1] > 0 else None
+            step_of_row[sample] = step
+        # 2. recompute: the stalest rows within the budget, or every other row when the cache no longer agrees
+        full = agreement is not None and agreement < args.drift_capture_min_agreement
+        if full:
+            recompute = np.setdiff1d(np.arange(len(cache)), sample)
+        else:
+            # stale: never captured, or captured before the previous refresh (rows trained since are fresh)
+            order = stale_order(step_of_row, seed)
+            order = order[step_of_row[order] < self.last_refresh_step]
+            recompute = np.sort(order[: rescore_budget(trained, args.drift_rescore_budget)])
+        mine_pos, _ = shard(len(recompute), rank, ws)
+        _recompute(
+            fp, model, view, dist, cache, recompute[mine_pos], recompute, step, "drift features (stale rows)", show
+        )
+        key, _, owner = latest()
+        owned = np.flatnonzero(owner == rank)
+        self.last_refresh_step = int(step)
+        return CachedFeatures(
+            rows=owned,
+            features=_CachedRows(cache.features, owned),
+            loss=cache.loss[owned],
+            num_tokens=cache.num_tokens[owned],
+            per_rank=int(dist.all_reduce_max(np.asarray([float(len(owned))]))[0]),
+            subset=np.flatnonzero(key >= 0),
+            num_recomputed=len(recompute) + len(sample),
+            agreement=agreement,
+            full=full,
+        )

@@ -372,8 +372,8 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
         Dist,
         FeaturePass,
         RefreshResult,
-        _progress,
         new_weights,
+        progress_bar,
     )
     from .rewards import resolve_reward_funcs
     from .rollouts import Rollouts, generate_rollouts, sample_queries
@@ -435,7 +435,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
             query_rows = sample_queries(queries, da.drift_num_queries, ra.seed + QUERY_SEED_STRIDE)
             n_calls = -(-len(query_rows) * da.drift_num_rollouts // da.drift_rollout_batch_size)
             t0 = time.perf_counter()
-            with _progress(show, n_calls, "drift rollouts") as bar:
+            with progress_bar(show, n_calls, "drift rollouts") as bar:
                 try:
                     rollouts = generate_rollouts(
                         model,
@@ -494,7 +494,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     keep_phi = da.drift_preconditioner == "fisher"
     rows_done = sum(min(ra.shard_size, n_rows - s * ra.shard_size) for s in done)
     t0 = time.perf_counter()
-    with _progress(show, sum(min(ra.shard_size, n_rows - s * ra.shard_size) for s in mine), "drift features") as bar:
+    with progress_bar(show, sum(min(ra.shard_size, n_rows - s * ra.shard_size) for s in mine), "drift features") as bar:
         bar.update(rows_done)
         for s in todo:
             ids = np.arange(s * ra.shard_size, min((s + 1) * ra.shard_size, n_rows))

@@ -113,7 +113,6 @@ class RefreshResult:
     contrast: bool
     timings: dict[str, float] = field(default_factory=dict)
     num_masked: int = 0
-    partial: bool = False  # some examples were not scored this time: they keep their previous smoothed score
     num_recomputed: int = -1  # rows whose features this refresh computed (-1: every scored row)
     capture_agreement: float | None = None  # captured features: mean cosine of cached vs recomputed check rows
     capture_full: bool = False  # captured features: the check failed, every row was recomputed
@@ -132,7 +131,7 @@ def _timed(timings: dict, name: str):
     timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
 
 
-def _progress(enabled: bool, total: int, desc: str):
+def progress_bar(enabled: bool, total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
@@ -267,7 +266,7 @@ def run_refresh(
     """
     dist = dist or Dist()
     if capture is not None:
-        capture.flush()  # file the last training backward's features and disarm before this refresh's own passes
+        capture.flush(write=True)  # file the last training backward's features, disarm before this refresh's passes
     reward_funcs = resolve_reward_funcs(reward_funcs)
     show = progress and dist.rank == 0
     timings: dict[str, float] = {}
@@ -275,7 +274,7 @@ def run_refresh(
     query_rows = sample_queries(query_dataset, args.drift_num_queries, seed + 7919 * (refresh_index + 1))
     n_batches = -(-len(query_rows) * args.drift_num_rollouts // args.drift_rollout_batch_size)
     n_calls = -(-n_batches // dist.world_size)  # generate calls per rank
-    with _timed(timings, "rollouts"), _progress(show, n_calls, "drift rollouts") as bar:
+    with _timed(timings, "rollouts"), progress_bar(show, n_calls, "drift rollouts") as bar:
         gen_ctx = generation_context() if generation_context is not None else nullcontext(model)
         with gen_ctx as gen_model:
             rollouts = generate_rollouts(
@@ -342,12 +341,12 @@ def run_refresh(
         mine = subset[mine_pos]
         rows = view.fetch(mine)
         n_batches = -(-per_rank // args.drift_feature_batch_size)
-        with _timed(timings, "features"), _progress(show, len(rows), "drift features") as bar:
+        with _timed(timings, "features"), progress_bar(show, len(rows), "drift features") as bar:
             phi, loss, ntok = fp.run(model, rows, num_batches=n_batches, progress=bar)
         num_recomputed, capture_agreement, capture_full = -1, None, False
     else:
         with _timed(timings, "features"):
-            cf = _cached_features(capture, fp, model, view, args, dist, step, seed + 7 * refresh_index, show)
+            cf = capture.features_for_refresh(fp, model, view, args, dist, step, seed + 7 * refresh_index, show)
         mine, phi, loss, ntok, per_rank, subset = cf.rows, cf.features, cf.loss, cf.num_tokens, cf.per_rank, cf.subset
         num_recomputed, capture_agreement, capture_full = cf.num_recomputed, cf.agreement, cf.full
     # 4. influence: preconditioner (all-reduced), raw scores and norms gathered
@@ -412,130 +411,12 @@ def run_refresh(
         contrast=contrast,
         timings=timings,
         num_masked=int((in_block & ~scored).sum() + dropped.sum()),
-        partial=capture is not None and len(subset) < n_rows,
         num_recomputed=num_recomputed,
         capture_agreement=capture_agreement,
         capture_full=capture_full,
     )
     result._threshold = args.drift_reward_threshold
     return result
-
-
-class _CachedRows:
-    """Rows ``index`` of a feature cache, read a slice at a time (``len`` and ``[slice]`` like an array)."""
-
-    def __init__(self, features, index: np.ndarray):
-        self.features, self.index = features, index
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, sl):
-        return self.features[self.index[sl]]
-
-
-def rescore_budget(rows_trained: int, budget: float) -> int:
-    """Rows a refresh recomputes under ``drift_rescore_budget``: ``ceil(budget x rows trained since the last
-    refresh)``."""
-    return int(np.ceil(float(budget) * max(int(rows_trained), 0) - 1e-9))
-
-
-def stale_order(step_of_row: np.ndarray, seed: int) -> np.ndarray:
-    """Rows stalest first: never captured (step -1) first, then by the step their feature is from; ties in a seeded
-    random order (the same on every rank)."""
-    tiebreak = np.random.default_rng([int(seed), 4099]).permutation(len(step_of_row))
-    return tiebreak[np.argsort(step_of_row[tiebreak], kind="stable")]
-
-
-@dataclass
-class CachedFeatures:
-    """What :func:`_cached_features` hands the influence step."""
-
-    rows: np.ndarray  # train rows this rank scores
-    features: object  # their features (``len`` and ``[slice]``)
-    loss: np.ndarray
-    num_tokens: np.ndarray
-    per_rank: int  # most rows any rank scores
-    subset: np.ndarray  # every row with a feature (all ranks)
-    num_recomputed: int
-    agreement: float | None  # mean cosine of cached vs recomputed features over the check sample
-    full: bool  # the check failed and every row was recomputed
-
-
-def _recompute(fp, model, view, dist, cache, mine: np.ndarray, spare: np.ndarray, step: int, desc: str, show: bool):
-    """Features of this rank's rows ``mine`` into ``cache`` (at ``step``); every rank runs the same number of forwards
-    (a rank with fewer rows repeats a spare one: forwards are collectives under ZeRO-3). Returns the features."""
-    per_rank = int(dist.all_reduce_max(np.asarray([float(len(mine))]))[0])
-    if per_rank == 0:
-        return np.zeros((0, cache.features.shape[1]), dtype=np.float32)
-    rows = view.fetch(mine if len(mine) else spare[:1])
-    with _progress(show, len(mine), desc) as bar:
-        phi, loss, ntok = fp.run(model, rows, num_batches=-(-per_rank // fp.batch_size), progress=bar)
-    phi = np.asarray(phi[: len(mine)])
-    if len(mine):
-        cache.put(mine, phi, loss[: len(mine)], ntok[: len(mine)], step)
-    return phi
-
-
-def _cached_features(capture, fp, model, view, args, dist, step, seed, show):
-    """Check that cached features still agree with the model; if so recompute the stalest rows within the budget,
-    else every row, into ``capture.cache``; then hand each rank the rows whose latest feature it holds (a row trained
-    on several ranks is scored once, by the rank that saw it last)."""
-    cache = capture.cache
-    capture.flush()
-    trained = dist.all_reduce_sum(np.asarray([float(capture.rows_captured + capture.rows_skipped)]))[0]
-    capture.rows_captured = capture.rows_skipped = 0
-    ws, rank = dist.world_size, dist.rank
-
-    def latest() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        # (step, owner) of every row's newest feature across ranks in one all-reduce: step * ws + (ws - 1 - rank)
-        key = dist.all_reduce_max(np.where(cache.step >= 0, cache.step.astype(np.float64) * ws + (ws - 1 - rank), -1.0))
-        step_of_row = np.where(key >= 0, np.floor(key / ws), -1).astype(np.int64)
-        owner = np.where(key >= 0, ws - 1 - np.mod(key, ws), -1).astype(np.int64)
-        return key, step_of_row, owner
-
-    key, step_of_row, owner = latest()
-    # 1. agreement: recompute a seeded sample of cached rows (on the rank holding each) and compare
-    agreement = None
-    cached = np.flatnonzero(step_of_row >= 0)
-    n_check = min(int(args.drift_capture_check_rows), len(cached))
-    sample = np.zeros(0, dtype=np.int64)
-    if n_check > 0:
-        sample = np.sort(np.random.default_rng([int(seed), 8191]).choice(cached, n_check, replace=False))
-        mine = sample[owner[sample] == rank]
-        before = np.asarray(cache.features[mine], dtype=np.float64)
-        after = _recompute(fp, model, view, dist, cache, mine, sample, step, "drift features (check)", show)
-        na, nb = np.linalg.norm(after, axis=1), np.linalg.norm(before, axis=1)
-        live = (na > 0) & (nb > 0)
-        cos = (after[live] * before[live]).sum(1) / (na[live] * nb[live])
-        total = dist.all_reduce_sum(np.asarray([cos.sum(), float(live.sum())]))
-        agreement = float(total[0] / total[1]) if total[1] > 0 else None
-        step_of_row[sample] = step
-    # 2. recompute: the stalest rows within the budget, or every other row when the cache no longer agrees
-    full = agreement is not None and agreement < args.drift_capture_min_agreement
-    if full:
-        recompute = np.setdiff1d(np.arange(len(cache)), sample)
-    else:
-        # stale: never captured, or captured before the previous refresh (rows trained since are fresh)
-        order = stale_order(step_of_row, seed)
-        order = order[step_of_row[order] < capture.last_refresh_step]
-        recompute = np.sort(order[: rescore_budget(trained, args.drift_rescore_budget)])
-    mine_pos, _ = shard(len(recompute), rank, ws)
-    _recompute(fp, model, view, dist, cache, recompute[mine_pos], recompute, step, "drift features (stale rows)", show)
-    key, _, owner = latest()
-    owned = np.flatnonzero(owner == rank)
-    capture.last_refresh_step = int(step)
-    return CachedFeatures(
-        rows=owned,
-        features=_CachedRows(cache.features, owned),
-        loss=cache.loss[owned],
-        num_tokens=cache.num_tokens[owned],
-        per_rank=int(dist.all_reduce_max(np.asarray([float(len(owned))]))[0]),
-        subset=np.flatnonzero(key >= 0),
-        num_recomputed=len(recompute) + len(sample),
-        agreement=agreement,
-        full=full,
-    )
 
 
 def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, previous_weights, args):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from drift_trainer import DriftSFTTrainer
-from drift_trainer.capture import FeatureCache
-from drift_trainer.refresh import FeaturePass, rescore_budget, stale_order
+from drift_trainer.capture import FeatureCache, rescore_budget, stale_order
+from drift_trainer.refresh import FeaturePass
 from drift_trainer.toy import Corruption, addition_dataset, query_dataset_from
 
 from .conftest import digit_start_reward, tiny_config
