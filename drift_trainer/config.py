@@ -145,7 +145,8 @@ class DriftArguments:
             "Score at most this many train examples per refresh (a speed-up for large train sets): the train set is "
             "split into seeded blocks of at most this size and each refresh rescores the next block, so every example "
             "is rescored once every ceil(n / drift_max_train_examples) refreshes; the others keep their previous "
-            "(smoothed) scores. Default: rescore every example at every refresh."
+            "(smoothed) scores. Default: rescore every example at every refresh. Setting it turns "
+            "`drift_capture_features` off."
         ),
     )
     drift_capture_features: bool = field(
@@ -155,7 +156,7 @@ class DriftArguments:
             "module; DriftSFTTrainer only), so a refresh scores every captured row against the new target and "
             "recomputes only the stalest rows within `drift_rescore_budget`. Features are then from the step each row "
             "was last trained at (or recomputed). False: every refresh recomputes every row's feature (or the "
-            "`drift_max_train_examples` block)."
+            "`drift_max_train_examples` block; setting `drift_max_train_examples` turns capture off)."
         ),
     )
     drift_rescore_budget: float = field(

@@ -93,7 +93,13 @@ class DriftSFTTrainer(SFTTrainer):
                     "label_smoothing_factor=0, or use drift_reweight_mode='sampler'."
                 )
         # the callback captures features in the training backward through compute_loss below (DRIFT refreshes only)
-        self._drift_can_capture = drift_args.drift_enabled and not self._ica and drift_args.drift_capture_features
+        # (block rescoring, drift_max_train_examples, is its own speed-up: asking for it turns capture off)
+        self._drift_can_capture = (
+            drift_args.drift_enabled
+            and not self._ica
+            and drift_args.drift_capture_features
+            and drift_args.drift_max_train_examples is None
+        )
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.drift_callback.fused_lm_head = True  # SFTTrainer patched the model with TRL's fused LM head
         self.drift_callback.attach(self)

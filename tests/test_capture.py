@@ -156,8 +156,9 @@ def test_capture_turns_itself_off_after_two_stale_checks(tmp_path, tokenizer, ti
         assert h["capture_agreement"] is None and h["num_recomputed"] == 200
 
 
-def test_capture_off_rescores_every_row(tmp_path, tokenizer, tiny_model):
-    trainer = _trainer(tmp_path, tokenizer, tiny_model, max_steps=4, drift_capture_features=False)
+@pytest.mark.parametrize("option", [{"drift_capture_features": False}, {"drift_max_train_examples": 1000}])
+def test_capture_off_rescores_every_row(tmp_path, tokenizer, tiny_model, option):
+    trainer = _trainer(tmp_path, tokenizer, tiny_model, max_steps=4, **option)
     trainer.train()
     assert trainer.drift_callback.capture is None
     assert trainer.drift_state.history[0]["num_recomputed"] == 40
