@@ -80,6 +80,7 @@ class DriftCallback(TrainerCallback):
         self.view: TrainView | None = None
         self.projector: ProjectedGradients | None = None
         self.capture: TrainCapture | None = None  # set when the trainer feeds it (DriftSFTTrainer)
+        self._row_of_user: np.ndarray | None = None  # user-dataset index -> train row, for the capture
         self.fused_lm_head = False
         self.loss_weights = None  # per user example, used by DriftSFTTrainer in `loss` mode
         self._loaded_checkpoint: str | None = None
@@ -177,6 +178,7 @@ class DriftCallback(TrainerCallback):
             return
         trainer = self.trainer
         self.view = self.build_view(trainer.train_dataset, getattr(trainer, "_drift_num_examples", None))
+        self._row_of_user = None
         if self.args.drift_reweight_mode == "sampler" and self.sampler is None:
             sampler = self.make_sampler(len(trainer.train_dataset), args)
             if train_dataloader is None or not hasattr(train_dataloader, "set_sampler"):
@@ -211,11 +213,9 @@ class DriftCallback(TrainerCallback):
             self.capture.flush(write=True)
             self.capture.remove()
 
-    def capture_rows(self, user_index) -> np.ndarray | None:
+    def capture_rows(self, user_index) -> np.ndarray:
         """Train-row positions of the user-dataset indices ``user_index`` (as the collator's ``drift_index``)."""
-        if self.view is None:
-            return None
-        if getattr(self, "_row_of_user", None) is None or len(self._row_of_user) != self.view.num_examples:
+        if self._row_of_user is None:
             self._row_of_user = np.full(self.view.num_examples, -1, dtype=np.int64)
             self._row_of_user[self.view.user_index] = np.arange(len(self.view))
         return self._row_of_user[np.asarray(user_index, dtype=np.int64)]
@@ -303,8 +303,7 @@ class DriftCallback(TrainerCallback):
                 self.capture.last_refresh_step = int(arrays["last_refresh_step"][0])
                 self.capture.stale_checks, disabled = (int(v) for v in arrays["stale_checks"])
                 if disabled:  # capture had turned itself off (or could not run) before the checkpoint
-                    self.capture.remove()
-                    self.capture.disabled = True
+                    self.capture.disable()
 
     # ------------------------------------------------------------------ the refresh
     def refresh(self, step: int, is_main: bool = True) -> None:
@@ -362,8 +361,7 @@ class DriftCallback(TrainerCallback):
                 )
             if self.capture.stale_checks >= STALE_CHECKS_TO_STOP:
                 # the model keeps moving too fast for the cache (e.g. a high learning rate): stop paying for capture
-                self.capture.remove()
-                self.capture.disabled = True
+                self.capture.disable()
                 logger.warning(
                     "DRIFT: %d refreshes in a row found the captured features stale; feature capture is off for the "
                     "rest of this run and every refresh recomputes every row (as with drift_capture_features=False).",

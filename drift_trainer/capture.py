@@ -176,6 +176,11 @@ class TrainCapture:
         self._handles = []
         self._armed = None
 
+    def disable(self) -> None:
+        """Stop capturing for good (hooks off); refreshes then recompute every row."""
+        self.remove()
+        self.disabled = True
+
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, i: int):
         group = self._group[i]  # modules sharing one P_in (one input width) share a group
@@ -232,8 +237,7 @@ class TrainCapture:
         mask = getattr(outputs, "label_mask", None)
         if log_probs is None or mask is None or not log_probs.requires_grad:
             self._pending.remove(rec)
-            self.remove()
-            self.disabled = True
+            self.disable()
             logger.warning(
                 "DRIFT cannot capture features during training: the loss does not use the model's fused "
                 "log-probabilities (e.g. compute_loss_func or label smoothing). Every refresh recomputes every row's "
