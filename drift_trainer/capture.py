@@ -68,8 +68,7 @@ class FeatureCache:
                 "delete drift_features.npz from the checkpoint to recompute the features."
             )
         self.step[:] = -1
-        self.put(rows, arrays["features"], arrays["loss"], arrays["num_tokens"], 0)
-        self.step[rows] = arrays["step"]
+        self.put(rows, arrays["features"], arrays["loss"], arrays["num_tokens"], arrays["step"])
 
 
 class _CachedRows:
@@ -246,8 +245,8 @@ class TrainCapture:
             return
         mask = mask.bool()
         ntok = mask.sum(1)
-        rec.num_tokens = ntok.detach().cpu()
-        rec.loss = (-(log_probs.detach().float() * mask).sum(1) / ntok.clamp(min=1)).cpu()
+        rec.num_tokens = ntok.detach()  # kept on the device: moved to the host once per bulk write
+        rec.loss = -(log_probs.detach().float() * mask).sum(1) / ntok.clamp(min=1)
 
         def lp_hook(g):
             c = -g.detach().float()
@@ -279,7 +278,7 @@ class TrainCapture:
         recs = [rec for rec, _ in ready]
         feats = torch.cat([f for _, f in ready]) / torch.cat([rec.scale for rec in recs])[:, None]
         valid = (torch.cat([rec.valid for rec in recs]) & torch.isfinite(feats).all(1)).cpu().numpy()
-        ntok = torch.cat([rec.num_tokens for rec in recs]).numpy()
+        ntok = torch.cat([rec.num_tokens for rec in recs]).cpu().numpy()
         # fully masked rows (no labelled token: no loss, no gradient) keep their zero feature: scored 0, counted masked
         keep = valid | (ntok == 0)
         self.rows_skipped += int((~keep).sum())
@@ -289,7 +288,7 @@ class TrainCapture:
             self.cache.put(
                 np.concatenate([rec.rows for rec in recs])[keep],
                 feats.cpu().numpy()[keep],
-                torch.cat([rec.loss for rec in recs]).numpy()[keep],
+                torch.cat([rec.loss for rec in recs]).cpu().numpy()[keep],
                 ntok[keep],
                 np.concatenate([np.full(len(rec.rows), rec.step) for rec in recs])[keep],
             )
