@@ -314,10 +314,10 @@ def bench_exact(cfg) -> list[dict]:
             for bi, b in enumerate(batches):
                 idx = np.arange(starts[bi], starts[bi + 1])  # cache rows in batch order, as the other paths
                 if use:
-                    capture.arm(idx, 0, b["input_ids"].device)
+                    capture.arm(idx, 0)
                 o = model(**b, fused_lm_head=True, use_cache=False)
                 if use:
-                    capture.watch(o)
+                    capture.watch(o.log_probs, o.label_mask)
                 model.zero_grad(set_to_none=True)
                 (-o.log_probs.sum() / o.label_mask.sum().clamp(min=1)).backward()
                 if use:
@@ -566,10 +566,10 @@ def _sft_step(model, opt, batch, capture=None, idx=None, step: int = 0) -> None:
     ``capture`` (one ``TrainCapture``, a list of them, or None)."""
     captures = [] if capture is None else capture if isinstance(capture, list) else [capture]
     for c in captures:
-        c.arm(idx, step, batch["input_ids"].device)
+        c.arm(idx, step)
     out = model(**batch, fused_lm_head=True, use_cache=False)
     for c in captures:
-        c.watch(out)
+        c.watch(out.log_probs, out.label_mask)
     loss = -out.log_probs.sum() / out.label_mask.sum().clamp(min=1)
     opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -26,8 +26,9 @@ from .config import DriftArguments, drift_arguments_from
 from .datafiles import example_text
 from .features import ProjectedGradients, select_target_modules
 from .refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh
-from .rewards import completion_text, resolve_reward_funcs
-from .rollouts import check_query_dataset, generation_context
+from .datafiles import load_dataset_from
+from .rewards import check_reward_funcs, completion_text, resolve_reward_funcs
+from .rollouts import check_query_dataset, check_query_format, dataset_format, generation_context
 from .sampler import DriftSampler
 from .scorers import check_scorer_inputs
 from .state import STATE_FILE, DriftState, atomic_path, atomic_write_text, write_refresh_artifacts
@@ -37,14 +38,41 @@ INDEX_COLUMN = "drift_index"
 SAMPLER_FILE = "drift_sampler.json"
 FEATURES_FILE = "drift_features.npz"
 STALE_CHECKS_TO_STOP = 2  # consecutive failed agreement checks after which capture turns itself off
+NO_CONTRAST_WARN_AFTER = 3  # refreshes in a row without contrast after which DRIFT warns that it is doing nothing
+
+
+def log_metrics(trainer, metrics: dict) -> None:
+    """Log ``metrics`` at the trainer's current step to every ``report_to`` integration and ``state.log_history``.
+
+    Goes through ``transformers.Trainer.log`` itself, not a subclass's override: TRL's trainers override ``log`` to
+    merge in (and clear) their buffered training metrics (``entropy``, ``mean_token_accuracy``, ``num_tokens``), which
+    would move those series' points onto DRIFT's row and leave the next loss row without them.
+    """
+    from transformers import Trainer
+
+    if isinstance(trainer, Trainer):
+        Trainer.log(trainer, dict(metrics))
+    elif hasattr(trainer, "log"):
+        trainer.log(dict(metrics))
 
 
 def check_train_dataset(train_dataset) -> None:
-    """Reject train sets DRIFT cannot index."""
-    from datasets import IterableDataset
+    """Reject train sets DRIFT cannot index; anything but a ``datasets.Dataset`` gets the ``TypeError`` plain
+    ``SFTTrainer`` raises for it (with the conversion to use)."""
+    from datasets import Dataset, IterableDataset
 
     if train_dataset is None:
         raise ValueError("DRIFT needs a train_dataset to score; got None.")
+    if not isinstance(train_dataset, (Dataset, IterableDataset)):
+        hint = {
+            "DataFrame": "datasets.Dataset.from_pandas(df)",
+            "list": "datasets.Dataset.from_list(rows)",
+            "dict": "datasets.Dataset.from_dict(columns)",
+        }.get(type(train_dataset).__name__, "datasets.Dataset.from_list / from_dict / from_pandas")
+        raise TypeError(
+            f"`train_dataset` must be a `Dataset` or `IterableDataset`, got `{type(train_dataset).__name__}`. "
+            f"Convert it with {hint}."
+        )
     if isinstance(train_dataset, IterableDataset) or not hasattr(train_dataset, "__len__"):
         raise ValueError(
             "DRIFT does not support an IterableDataset (streaming) train_dataset: it scores and reweights every "
@@ -84,6 +112,9 @@ class DriftCallback(TrainerCallback):
         self.fused_lm_head = False
         self.loss_weights = None  # per user example, used by DriftSFTTrainer in `loss` mode
         self._loaded_checkpoint: str | None = None
+        self._train_format: str | None = None  # "conversational", "text" or "tokenized" (see dataset_format)
+        self._no_contrast_run = 0  # refreshes in a row without contrast
+        self._warned_no_contrast = False
         if trainer is not None:
             self.attach(trainer)
 
@@ -94,18 +125,34 @@ class DriftCallback(TrainerCallback):
             source = trainer_args if hasattr(trainer_args, "drift_enabled") else DriftArguments()
         return drift_arguments_from(source)
 
+    def load_inputs(self, drift_args: DriftArguments) -> None:
+        """Fill in what the constructor was not given from ``drift_query_dataset`` / ``drift_query_split`` and
+        ``drift_reward_funcs`` (so a script gains DRIFT from flags or YAML alone). Objects passed in win."""
+        if self.query_dataset is None and drift_args.drift_query_dataset:
+            self.query_dataset = load_dataset_from(
+                drift_args.drift_query_dataset, drift_args.drift_query_split, what="drift_query_dataset"
+            )
+        if not self.reward_funcs and drift_args.drift_reward_funcs:
+            self.reward_funcs = resolve_reward_funcs(drift_args.drift_reward_funcs)
+
     def validate(self, drift_args: DriftArguments, train_dataset, trainer_args=None) -> None:
-        """Check every input DRIFT needs; raises before training starts."""
+        """Check every input DRIFT needs; raises before training starts (reward functions are called once on a
+        query row, see :func:`~drift_trainer.rewards.check_reward_funcs`)."""
         if not drift_args.drift_enabled:
             return
+        self.load_inputs(drift_args)
         check_query_dataset(self.query_dataset)
         check_scorer_inputs(drift_args, self.query_dataset)
         if not self.reward_funcs:
             raise ValueError(
                 "DRIFT is enabled but no reward function was given: pass reward_funcs=exact_match (or 'math_answer', "
-                "or your own f(prompts, completions, **columns) -> list[float]), or set drift_enabled=False."
+                "or your own f(prompts, completions, **columns) -> list[float]), or --drift_reward_funcs NAME, or set "
+                "drift_enabled=False."
             )
         check_train_dataset(train_dataset)
+        check_reward_funcs(self.reward_funcs, self.query_dataset)
+        if self._train_format is None:  # the user's rows (DriftSFTTrainer validates before TRL tokenizes them)
+            self._train_format = dataset_format(train_dataset)
         if trainer_args is not None:
             if getattr(trainer_args, "packing", False) or getattr(trainer_args, "padding_free", False):
                 raise ValueError(
@@ -128,6 +175,8 @@ class DriftCallback(TrainerCallback):
                     "DRIFT needs a tokenizer to sample rollouts: pass processing_class=tokenizer to the Trainer, or "
                     "DriftCallback(..., tokenizer=tokenizer)."
                 )
+        if self.args.drift_enabled:
+            check_query_format(self.query_dataset, self._train_format, self.tokenizer)
         if self.args.drift_enabled and self.args.drift_reweight_mode == "loss" and not hasattr(trainer, "drift_state"):
             raise ValueError(
                 "drift_reweight_mode='loss' needs DriftSFTTrainer (a plain Trainer's loss cannot be reweighted from a "
@@ -209,6 +258,10 @@ class DriftCallback(TrainerCallback):
                 self.load_checkpoint(candidate)
 
     def on_train_end(self, args, state, control, **kwargs):
+        history = self.drift_state.history
+        if self.enabled and history and not any(h.get("contrast") for h in history):
+            # fewer refreshes than NO_CONTRAST_WARN_AFTER, none with contrast: DRIFT did nothing this run
+            self._warn_no_contrast(float(self.drift_state.rollout_accuracy or 0.0))
         if self.capture is not None:
             self.capture.flush(write=True)
             self.capture.remove()
@@ -336,12 +389,15 @@ class DriftCallback(TrainerCallback):
             engine.empty_partition_cache()
         previous = self.drift_state
         reason = None
+        self._no_contrast_run = 0 if result.contrast else self._no_contrast_run + 1
         if not result.contrast:
             reason = (
                 "no contrast: every judged rollout got the same verdict "
                 f"(rollout accuracy {result.rollout_accuracy:.3f}); previous weights kept"
             )
             logger.warning("DRIFT refresh at step %d: %s", step, reason)
+            if self._no_contrast_run >= NO_CONTRAST_WARN_AFTER:
+                self._warn_no_contrast(result.rollout_accuracy)
             smoothed = previous.smoothed
             weights = previous.weights if previous.weights is not None else np.ones(result.scores.shape[0])
         else:
@@ -403,8 +459,38 @@ class DriftCallback(TrainerCallback):
             if previous.num_refreshes == 0:
                 self._write_examples()
             self._write_artifacts(step, result, weights, summary)
-        if hasattr(trainer, "log"):
-            trainer.log(dict(metrics))
+        log_metrics(trainer, metrics)
+
+    def _warn_no_contrast(self, accuracy: float) -> None:
+        """Warn once that DRIFT has kept uniform (or stale) weights for several refreshes, with the likely cause."""
+        if self._warned_no_contrast:
+            return
+        self._warned_no_contrast = True
+        args = self.args
+        if accuracy <= 0.0:
+            cause = (
+                "every rollout was judged wrong. Likely: the first refresh comes before the model can answer (raise "
+                f"drift_first_refresh_step, now {args.drift_first_step}); drift_max_new_tokens={args.drift_max_new_tokens} "
+                "cuts rollouts before the answer; the queries are formatted unlike the train rows (chat messages vs "
+                "plain text, a different prompt template); or the reward never matches (check drift/rollouts.jsonl "
+                "and the reward's reference column)"
+            )
+        elif accuracy >= 1.0:
+            cause = (
+                "every rollout was judged right: the model already solves these queries. Use harder or more varied "
+                "queries, raise drift_temperature, or turn DRIFT off for this task"
+            )
+        else:
+            cause = (
+                f"each query's rollouts agreed with each other (rollout accuracy {accuracy:.2f}): raise "
+                f"drift_num_rollouts (now {args.drift_num_rollouts}) or drift_temperature (now "
+                f"{args.drift_temperature}), or set drift_no_contrast='keep' to let all-right / all-wrong queries count"
+            )
+        logger.warning(
+            "DRIFT has changed no weights for %d refresh(es) in a row (the train data is drawn as in plain SFT): %s.",
+            self._no_contrast_run,
+            cause,
+        )
 
     def _apply(self, weights: np.ndarray, changed: bool) -> None:
         if not changed:

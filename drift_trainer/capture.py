@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .features import ProjectedGradients
+from .features import ProjectedGradients, float32_math
 from .refresh import feature_storage, progress_bar, shard
 
 logger = logging.getLogger("drift_trainer")
@@ -144,7 +144,7 @@ class _Record:
 class TrainCapture:
     """Forward hooks on the target modules that, while armed, project each trained row's gradient into ``cache``.
 
-    Use: ``arm(rows, step)`` before the training forward of a micro-batch, ``watch(outputs)`` after it (registers the
+    Use: ``arm(rows, step)`` before the training forward of a micro-batch, ``watch(log_probs, mask)`` after it (registers the
     log-probability hook that reads the per-row loss scale), ``flush()`` once its backward has run
     (``DriftSFTTrainer.training_step`` does; so does the next ``arm``), and ``flush(write=True)`` before reading the
     cache (every refresh and checkpoint does). ``remove()`` takes the hooks off.
@@ -161,11 +161,6 @@ class TrainCapture:
         self._ready: list = []  # (record, raw features) waiting to be written to the cache
         self._armed: _Record | None = None
         self._alive: list = []
-        self._device = None
-        shared = {}
-        self._group = [shared.setdefault(id(p), len(shared)) for p in projector.p_in]
-        self._p_in_t: list = []  # per group, (in, k), on the device of the last armed batch
-        self._p_out_t: list = []  # per module, (out, k)
         self.disabled = False  # the loss does not go through log-probabilities: nothing can be captured
         self._handles = [m.register_forward_hook(self._forward_hook(i)) for i, m in enumerate(projector.modules)]
 
@@ -182,7 +177,8 @@ class TrainCapture:
 
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, i: int):
-        group = self._group[i]  # modules sharing one P_in (one input width) share a group
+        projector = self.projector
+        group = projector.input_group(i)  # modules sharing one P_in (one input width) share a group
 
         def hook(module, inputs, output):
             rec = self._armed
@@ -193,47 +189,34 @@ class TrainCapture:
             x = inputs[0]
             key = (id(x), group)
             if key not in rec.inputs:  # modules fed the same tensor (q/k/v) share one projection
-                rec.inputs[key] = torch.matmul(x.detach().float(), self._p_in_t[group])
+                rec.inputs[key] = projector.project_input(x, i)  # (B, T, k) float32, whatever the autocast
                 self._alive.append(x)  # hold x so its id is not reused while this record is open
-            p_out_t = self._p_out_t[i]
             grads = rec.grads
 
             def grad_hook(g):
                 if rec.scale is not None:  # else the loss does not go through the watched log-probabilities
-                    grads.append((i, key, torch.matmul(g.float(), p_out_t)))
+                    grads.append((i, key, projector.project_output_grad(g, i)))
 
             output.register_hook(grad_hook)
 
         return hook
 
     # ------------------------------------------------------------------ per micro-batch
-    def arm(self, rows, step: int, device) -> None:
+    def arm(self, rows, step: int) -> None:
         """Capture the next training forward/backward of the train rows ``rows`` (positions in the train set)."""
         self.flush()
         if self.disabled:
             return
-        self._transposed(device)
         rows = np.asarray(rows, dtype=np.int64)
         self._armed = _Record(rows=rows, step=int(step))
         self._pending.append(self._armed)
 
-    def _transposed(self, device) -> None:
-        if self._device != device:
-            self.projector._to(device)
-            first = {}
-            for g, p in zip(self._group, self.projector.p_in):
-                first.setdefault(g, p)
-            self._p_in_t = [first[g].T.contiguous() for g in range(len(first))]
-            self._p_out_t = [p.T.contiguous() for p in self.projector.p_out]
-            self._device = device
-
-    def watch(self, outputs) -> None:
-        """After the training forward: hook the log-probabilities the loss is built from (TRL's fused LM head)."""
+    def watch(self, log_probs: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        """After the training forward: hook the per-token log-probabilities ``(B, T)`` the loss is built from (TRL's
+        fused LM head) and their ``label_mask``; None when the loss did not use them (capture then turns off)."""
         rec = self._armed
         if rec is None:
             return
-        log_probs = getattr(outputs, "log_probs", None)
-        mask = getattr(outputs, "label_mask", None)
         if log_probs is None or mask is None or not log_probs.requires_grad:
             self._pending.remove(rec)
             self.disable()
@@ -305,7 +288,8 @@ class TrainCapture:
         parts, order = [], []
         for key, items in by_input.items():
             d = torch.cat([g for _, g in items], dim=2) if len(items) > 1 else items[0][1]  # (B, T, m k)
-            parts.append(torch.bmm(d.transpose(1, 2), rec.inputs[key]).reshape(bsz, -1))
+            with float32_math(d.device):  # both operands are float32 projections: keep the product float32
+                parts.append(torch.bmm(d.transpose(1, 2), rec.inputs[key]).reshape(bsz, -1))
             order.extend(i for i, _ in items)
         if order == list(range(n_mod)):  # every module once, groups in module order: the usual case
             return torch.cat(parts, dim=1)

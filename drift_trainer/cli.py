@@ -1,4 +1,4 @@
-"""The ``drift-trainer`` command: ``demo``, ``refine`` and ``report``."""
+"""The ``drift-trainer`` command: ``sft``, ``demo``, ``refine`` and ``report``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "sft": ("drift_trainer.sft", "TRL's `trl sft` with DRIFT: TRL's SFT script arguments plus every --drift_* flag."),
     "demo": ("drift_trainer.demo", "Train a tiny model twice (plain SFT and DRIFT) on a synthetic task and compare."),
     "refine": ("drift_trainer.refine", "Score a dataset once with a checkpoint and write a refined copy."),
     "report": ("drift_trainer.report", "Plots and an HTML page from a run's DRIFT artifacts."),

@@ -38,6 +38,28 @@ class DriftArguments:
         default=True,
         metadata=_help("Turn DRIFT on. When False the run is plain SFT: no rollouts, no scoring, the default sampler."),
     )
+    drift_query_dataset: str | None = field(
+        default=None,
+        metadata=_help(
+            "Validation queries, when the trainer or callback is given no `query_dataset`: a local `.jsonl`, `.json` "
+            "or `.parquet` file, a `Dataset.save_to_disk` directory, or a hub dataset id (split `drift_query_split`). "
+            "It needs a `prompt` column (text or chat messages) plus the columns the reward functions read (e.g. "
+            "`answer`). A `query_dataset` passed in Python wins."
+        ),
+    )
+    drift_query_split: str = field(
+        default="train",
+        metadata=_help("Split of `drift_query_dataset` to use (for a hub id or a saved DatasetDict)."),
+    )
+    drift_reward_funcs: list[str] | None = field(
+        default=None,
+        metadata=_help(
+            "Reward functions, when the trainer or callback is given no `reward_funcs`: built-in names (`exact_match`, "
+            "`math_answer`) or `package.module:function`; several (space- or comma-separated) are summed. Each is "
+            "called as f(prompts, completions, **columns) -> list[float], TRL's convention. `reward_funcs` passed in "
+            "Python win."
+        ),
+    )
     drift_refresh_steps: int = field(
         default=100,
         metadata=_help("Optimizer steps between two refreshes (rollouts, features, influence, new weights)."),

@@ -274,3 +274,40 @@ def example_text(row: dict, text_field: str = "text") -> str:
         if key in row and row[key] is not None:
             return render(row[key])
     return json.dumps(row, ensure_ascii=False, default=str)[:2000]
+
+
+def load_dataset_from(spec: str, split: str = "train", name: str | None = None, what: str = "dataset"):
+    """A ``datasets.Dataset`` from a local file (``.jsonl``, ``.json`` as JSON lines or one JSON array,
+    ``.parquet``), a ``save_to_disk`` directory (a ``DatasetDict`` one: its ``split``), or else a hub dataset id
+    (``load_dataset(spec, name, split=split)``). ``what`` names the option in error messages."""
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    if os.path.isdir(spec):
+        if not os.path.exists(os.path.join(spec, "dataset_dict.json")):
+            detect_format(spec)  # raises a clear error for a directory that is no saved dataset
+            return load_from_disk(spec)
+        loaded = load_from_disk(spec)
+        if isinstance(loaded, DatasetDict) and split not in loaded:
+            raise ValueError(f"{what}: {spec} has no split {split!r} (splits: {sorted(loaded)}). Pick one of them.")
+        return loaded[split]
+    if os.path.isfile(spec):
+        if spec.lower().endswith(".json"):
+            with open(spec, encoding="utf-8") as f:
+                head = f.read(4096).lstrip()[:1]
+            if head == "[":
+                with open(spec, encoding="utf-8") as f:
+                    rows = json.load(f)
+                if not all(isinstance(r, dict) for r in rows):
+                    raise ValueError(f"{what}: {spec} must hold a JSON array of objects (one per row).")
+                return Dataset.from_list(rows)
+        return Dataset.from_list(read_table(spec).rows)
+    if spec.lower().endswith((".jsonl", ".json", ".ndjson", ".parquet")):
+        raise FileNotFoundError(f"{what}: file not found: {spec}. Check the path.")
+    try:
+        return load_dataset(spec, name, split=split)
+    except Exception as exc:
+        raise ValueError(
+            f"{what}: {spec!r} is neither a local file or directory nor a dataset the hub could serve "
+            f"(load_dataset raised {type(exc).__name__}: {exc}). Pass a .jsonl / .json / .parquet file, a "
+            "save_to_disk directory, or a hub dataset id (with network access)."
+        ) from exc

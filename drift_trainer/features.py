@@ -22,6 +22,15 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
+@contextlib.contextmanager
+def float32_math(device: torch.device | str):
+    """Run the enclosed products as written, in the dtype of their operands: turns off any enclosing autocast (which
+    would otherwise recast float32 projections to bf16 / fp16, e.g. inside a mixed-precision model's forward)."""
+    device_type = torch.device(device).type
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
 def _is_lora_layer(module: nn.Module) -> bool:
     try:
         from peft.tuners.lora import LoraLayer
@@ -113,18 +122,41 @@ class ProjectedGradients:
         }
         self.p_in = [shared[m.in_features] for m in self.modules]
         self.p_out = [torch.randn(self.k, m.out_features, generator=gen) / self.k**0.5 for m in self.modules]
-        self._device = None
+        groups: dict[int, int] = {}
+        self._group = [groups.setdefault(m.in_features, len(groups)) for m in self.modules]
+        self._on_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     @property
     def dim(self) -> int:
         return len(self.modules) * self.k * self.k
 
-    def _to(self, device: torch.device) -> None:
-        if self._device != device:
-            moved = {id(p): p.to(device) for p in self.p_in}  # keep the sharing
-            self.p_in = [moved[id(p)] for p in self.p_in]
-            self.p_out = [p.to(device) for p in self.p_out]
-            self._device = device
+    def input_group(self, i: int) -> int:
+        """Index of module ``i``'s input projection among the distinct ``P_in`` (modules of one input width share
+        one): modules fed the same tensor with the same group project it once."""
+        return self._group[i]
+
+    def _transposed(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(P_in^T per group, P_out^T per module)`` on ``device``, contiguous (moved once per device)."""
+        device = torch.device(device)
+        if device not in self._on_device:
+            first: dict[int, torch.Tensor] = {}
+            for g, p in zip(self._group, self.p_in):
+                first.setdefault(g, p)
+            self._on_device[device] = (
+                [first[g].T.contiguous().to(device) for g in range(len(first))],
+                [p.T.contiguous().to(device) for p in self.p_out],
+            )
+        return self._on_device[device]
+
+    def project_input(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """``P_in a``: module ``i``'s input ``x (..., in)`` projected to ``(..., k)`` in float32."""
+        with float32_math(x.device):
+            return torch.matmul(x.detach().float(), self._transposed(x.device)[0][self._group[i]])
+
+    def project_output_grad(self, g: torch.Tensor, i: int) -> torch.Tensor:
+        """``P_out d``: module ``i``'s output gradient ``g (..., out)`` projected to ``(..., k)`` in float32."""
+        with float32_math(g.device):
+            return torch.matmul(g.detach().float(), self._transposed(g.device)[1][i])
 
     @contextlib.contextmanager
     def capture(self):
@@ -135,10 +167,10 @@ class ProjectedGradients:
 
         def make_hook(i):
             def hook(module, inputs, output):
-                x, p = inputs[0], self.p_in[i]
-                key = (id(x), id(p))
+                x = inputs[0]
+                key = (id(x), self._group[i])
                 if key not in projected:
-                    projected[key] = (x, x.detach().float() @ p.T)  # (B, T, k)
+                    projected[key] = (x, self.project_input(x, i))  # (B, T, k) float32
                 records[i].append((projected[key][1], output))
 
             return hook
@@ -163,17 +195,17 @@ class ProjectedGradients:
         of row terms).
         """
         device = batch["input_ids"].device
-        self._to(device)
         with torch.enable_grad(), self.capture() as records:
             loss, ntok = (loss_fn or per_example_loss)(model, batch, fused_lm_head)
             pairs = [(i, a, out) for i, rec in enumerate(records) for a, out in rec if out.requires_grad]
             grads = torch.autograd.grad(loss.sum(), [o for _, _, o in pairs], allow_unused=True) if pairs else []
             bsz = batch["input_ids"].shape[0]
             blocks = [torch.zeros(bsz, self.k, self.k, device=device) for _ in self.modules]
-            for (i, a, _), g in zip(pairs, grads):
-                if g is not None:
-                    d = g.float() @ self.p_out[i].T  # (B, T, k)
-                    blocks[i] += torch.einsum("btk,btl->bkl", d, a)
+            with float32_math(device):  # an enclosing autocast would run these products in bf16/fp16
+                for (i, a, _), g in zip(pairs, grads):
+                    if g is not None:
+                        d = self.project_output_grad(g, i)  # (B, T, k)
+                        blocks[i] += torch.einsum("btk,btl->bkl", d, a)
             feats = torch.cat([b.reshape(bsz, -1) for b in blocks], dim=1)
             group = batch.get("row_group")
             if group is not None:

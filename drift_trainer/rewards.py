@@ -119,8 +119,15 @@ def resolve_reward_funcs(reward_funcs) -> list[RewardFunc]:
         return []
     if callable(reward_funcs) or isinstance(reward_funcs, str):
         reward_funcs = [reward_funcs]
+    # names may also come comma-separated in one string (a YAML scalar, `--drift_reward_funcs a,b`)
+    items = []
+    for f in reward_funcs:
+        items.extend(part.strip() for part in f.split(",")) if isinstance(f, str) else items.append(f)
+    reward_funcs = items
     out = []
     for f in reward_funcs:
+        if isinstance(f, str) and not f:
+            continue
         if isinstance(f, str):
             f = load_reward(f)
         if not callable(f):
@@ -151,32 +158,100 @@ def _name(f) -> str:
     return getattr(f, "__name__", None) or type(f).__name__
 
 
+def _call_error(f, exc: Exception, columns: dict) -> str:
+    """What a reward function's exception means for the user, with the fix."""
+    name, text = _name(f), str(exc)
+    unexpected = re.search(r"unexpected keyword argument '([^']+)'", text)
+    if isinstance(exc, TypeError) and unexpected:
+        return (
+            f"Reward function {name!r} does not accept the query column {unexpected.group(1)!r}: rewards are called "
+            f"as f(prompts=..., completions=..., **columns) with every other column of the query dataset "
+            f"({sorted(columns)}). Add **kwargs to its signature: def {name}(prompts, completions, **kwargs)."
+        )
+    if isinstance(exc, TypeError) and ("positional argument" in text or "keyword argument" in text):
+        return (
+            f"Reward function {name!r} has a signature DRIFT cannot call ({text}). Rewards follow TRL's convention: "
+            f"def {name}(prompts, completions, **kwargs) -> list[float], the query dataset's other columns "
+            f"({sorted(columns)}) arriving by name in kwargs."
+        )
+    key = exc.args[0] if isinstance(exc, KeyError) and exc.args else None
+    if isinstance(key, str) and key not in columns:
+        return (
+            f"Reward function {name!r} raised KeyError {key!r}: if it reads a column {key!r}, the query dataset does "
+            f"not have one (columns besides `prompt`: {sorted(columns)}). Add that column to the query dataset, or "
+            "read one it has."
+        )
+    return f"Reward function {name!r} raised {type(exc).__name__}: {text}"
+
+
+def call_reward(f: RewardFunc, prompts: list, completions: list, columns: dict[str, list]) -> list[float]:
+    """One reward function's values (``None`` -> 0.0), checked: raises ``RuntimeError`` naming the function and the
+    fix if it raises, returns the wrong number of values, or returns NaN."""
+    try:
+        values = f(prompts=prompts, completions=completions, **columns)
+    except Exception as exc:  # re-raised with the function's name and the fix
+        raise RuntimeError(_call_error(f, exc, columns)) from exc
+    values = list(values) if values is not None and not isinstance(values, (str, bytes)) else None
+    if values is None or len(values) != len(completions):
+        got = "None" if values is None else f"{len(values)} values"
+        raise RuntimeError(
+            f"Reward function {_name(f)!r} returned {got} for {len(completions)} completions; it must return a list "
+            "with one float per completion."
+        )
+    out = []
+    for i, v in enumerate(values):
+        try:
+            v = 0.0 if v is None else float(v)
+        except (TypeError, ValueError) as exc:
+            raise RuntimeError(
+                f"Reward function {_name(f)!r} returned {v!r} for completion {i}, which is not a number; it must "
+                "return one float (or None) per completion."
+            ) from exc
+        if math.isnan(v):
+            raise RuntimeError(
+                f"Reward function {_name(f)!r} returned NaN for completion {i} ({completion_text(completions[i])!r})."
+            )
+        out.append(v)
+    return out
+
+
 def compute_rewards(
     reward_funcs: Sequence[RewardFunc], prompts: list, completions: list, columns: dict[str, list]
 ) -> list[float]:
-    """Sum the rewards of every function for each completion, checking what they return.
+    """Sum the rewards of every function for each completion, each checked by :func:`call_reward`.
 
-    Raises ``RuntimeError`` naming the function if one raises, returns the wrong number of values, or returns NaN.
     ``None`` (TRL's "not applicable") counts as 0.
     """
     total = [0.0] * len(completions)
     for f in reward_funcs:
-        try:
-            values = f(prompts=prompts, completions=completions, **columns)
-        except Exception as exc:  # re-raised with the function's name
-            raise RuntimeError(f"Reward function {_name(f)!r} raised {type(exc).__name__}: {exc}") from exc
-        values = list(values) if values is not None else None
-        if values is None or len(values) != len(completions):
-            got = "None" if values is None else f"{len(values)} values"
-            raise RuntimeError(
-                f"Reward function {_name(f)!r} returned {got} for {len(completions)} completions; it must return "
-                "one float per completion."
-            )
-        for i, v in enumerate(values):
-            v = 0.0 if v is None else float(v)
-            if math.isnan(v):
-                raise RuntimeError(
-                    f"Reward function {_name(f)!r} returned NaN for completion {i} ({completion_text(completions[i])!r})."
-                )
+        for i, v in enumerate(call_reward(f, prompts, completions, columns)):
             total[i] += v
     return total
+
+
+PLACEHOLDER_COMPLETION = ""
+
+
+def check_reward_funcs(reward_funcs: Sequence[RewardFunc], query_dataset) -> None:
+    """Call every reward function once, before training, on the first query row with a placeholder (empty)
+    completion in the query's format and all of the row's columns, so a wrong signature, a missing column, a wrong
+    number of values or a NaN fails now rather than at the first refresh. Raises ``RuntimeError`` naming the
+    function, the column and the fix."""
+    from .rollouts import is_conversational_prompt
+
+    row = query_dataset[0]
+    prompt = row["prompt"]
+    completion = (
+        [{"role": "assistant", "content": PLACEHOLDER_COMPLETION}]
+        if is_conversational_prompt(prompt)
+        else PLACEHOLDER_COMPLETION
+    )
+    columns = {c: [row[c]] for c in query_dataset.column_names if c != "prompt"}
+    for f in reward_funcs:
+        try:
+            call_reward(f, [prompt], [completion], columns)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"{exc} (found before training: each reward function is called once on the first query row, "
+                f"with a placeholder completion)"
+            ) from exc.__cause__

@@ -56,7 +56,8 @@ def check_query_dataset(query_dataset) -> None:
     if query_dataset is None:
         raise ValueError(
             "DRIFT is enabled but no query_dataset was given: pass query_dataset=Dataset with a `prompt` column "
-            "(and the columns your reward functions need), or set drift_enabled=False."
+            "(and the columns your reward functions need), or --drift_query_dataset FILE_OR_HUB_ID, or set "
+            "drift_enabled=False."
         )
     if not isinstance(query_dataset, Dataset):
         raise TypeError(
@@ -70,6 +71,43 @@ def check_query_dataset(query_dataset) -> None:
         )
     if len(query_dataset) == 0:
         raise ValueError("query_dataset is empty: DRIFT needs at least one validation query.")
+
+
+def dataset_format(dataset) -> str | None:
+    """``"conversational"`` (chat messages), ``"text"`` (plain strings), ``"tokenized"`` (``input_ids`` only) or None
+    (unknown), judged from the first row as TRL's ``is_conversational`` does."""
+    columns = set(getattr(dataset, "column_names", None) or [])
+    if not columns or len(dataset) == 0:
+        return None
+    row = dataset[0]
+    for key in ("messages", "prompt", "completion"):
+        if key in columns and is_conversational_prompt(row[key]):
+            return "conversational"
+    if columns & {"prompt", "text", "completion"}:
+        return "text"
+    return "tokenized" if "input_ids" in columns else None
+
+
+def check_query_format(query_dataset, train_format: str | None, tokenizer) -> None:
+    """Before training: conversational queries need a chat template (else raise ``ValueError``); queries formatted
+    unlike the train rows (chat messages vs plain text) are warned about, since the model's rollouts on them are
+    unlikely to contrast."""
+    import logging
+
+    query_format = dataset_format(query_dataset)
+    if query_format == "conversational" and getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            "query_dataset's prompts are chat messages, but the tokenizer has no chat template to render them. Set "
+            "tokenizer.chat_template, or give the queries plain-text prompts formatted as the train rows are."
+        )
+    if train_format in ("conversational", "text") and query_format != train_format:
+        logging.getLogger("drift_trainer").warning(
+            "DRIFT: the query prompts are %s but the train rows are %s. Rollouts on queries formatted unlike the "
+            "train data rarely get a mix of right and wrong answers, so refreshes may find no contrast and change "
+            "nothing. Format the queries as the train rows are (the same chat template or prompt text).",
+            "chat messages" if query_format == "conversational" else "plain text",
+            "chat messages" if train_format == "conversational" else "plain text",
+        )
 
 
 def sample_queries(query_dataset: Dataset, num: int, seed: int) -> list[int]:

@@ -8,18 +8,23 @@ import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from .callback import INDEX_COLUMN, DriftCallback
+from .callback import INDEX_COLUMN, DriftCallback, check_train_dataset
 from .config import DriftConfig, coerce_config
 from .ica import ICACallback
 
 
 class _IndexCollator:
-    """Wrap a collator so each batch also carries the user-dataset index of its rows (``drift_index``)."""
+    """Wrap a collator so each batch of train rows also carries the user-dataset index of its rows (``drift_index``).
+
+    Rows without the column (an eval set, a prediction set: only the train set is indexed) pass through unchanged.
+    """
 
     def __init__(self, inner):
         self.inner = inner
 
     def __call__(self, examples):
+        if not examples or INDEX_COLUMN not in examples[0]:
+            return self.inner(examples)
         index = [int(ex[INDEX_COLUMN]) for ex in examples]
         batch = self.inner([{k: v for k, v in ex.items() if k != INDEX_COLUMN} for ex in examples])
         batch[INDEX_COLUMN] = torch.tensor(index, dtype=torch.long)
@@ -74,6 +79,7 @@ class DriftSFTTrainer(SFTTrainer):
                 f"ranks); this run has {args.world_size} processes. Launch one process, or use drift_method='drift'."
             )
         if self._ica:  # ICA replaces the DRIFT refreshes: an inert DriftCallback, the index column, loss weights
+            check_train_dataset(train_dataset)
             self.drift_callback = DriftCallback(args=dataclasses.replace(drift_args, drift_enabled=False))
             self._drift_num_examples = len(train_dataset)
             if INDEX_COLUMN not in train_dataset.column_names:
@@ -103,6 +109,11 @@ class DriftSFTTrainer(SFTTrainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
         self.drift_callback.fused_lm_head = True  # SFTTrainer patched the model with TRL's fused LM head
         self.drift_callback.attach(self)
+        if self._drift_loss_mode and self.compute_loss_func is not None:
+            raise ValueError(
+                "Per-example loss weights (drift_reweight_mode='loss', drift_method='ica') reweight TRL's default NLL "
+                "loss, which compute_loss_func replaces. Drop compute_loss_func, or use drift_reweight_mode='sampler'."
+            )
         self.ica_callback = None
         if self._ica:
             self.ica_callback = ICACallback(self, user_train, holdout_dataset, args, embedding_fn)
@@ -160,36 +171,43 @@ class DriftSFTTrainer(SFTTrainer):
                 self.drift_callback.capture.flush()  # the backward has run: file the features, disarm the hooks
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        index = inputs.pop(INDEX_COLUMN, None)
-        capture = self.drift_callback.capture
-        if capture is None or index is None or not model.training or not torch.is_grad_enabled():
-            return self._drift_loss(model, inputs, index, return_outputs, num_items_in_batch)
-        # capture this micro-batch's features in its backward: arm the module hooks, and read the fused LM head's
-        # output (its log-probabilities carry each row's loss scale) from a hook on whatever module runs the forward
-        capture.arm(self.drift_callback.capture_rows(index.cpu().numpy()), self.state.global_step, index.device)
-        seen = []
-        handle = model.register_forward_hook(lambda module, args, out: seen.append(out))
-        try:
-            result = self._drift_loss(model, inputs, index, return_outputs, num_items_in_batch)
-        finally:
-            handle.remove()
-        fused = [o for o in seen if getattr(getattr(o, "log_probs", None), "requires_grad", False)]
-        capture.watch(fused[0] if fused else None)  # the features are filed once this micro-batch's backward has run
-        return result
+        """TRL's own ``compute_loss`` (its loss, its metrics), with DRIFT's two additions on train batches: each
+        row's loss weight (``drift_reweight_mode="loss"``, ICA) and the capture of its feature in the backward.
 
-    def _drift_loss(self, model, inputs, index, return_outputs, num_items_in_batch):
-        weights = self._drift_loss_weights()
-        if index is None or weights is None or not model.training:
+        Both go through one forward hook on whatever module runs the forward (DDP, a DeepSpeed engine or the model):
+        it files the fused LM head's per-token log-probabilities for the capture (their gradient carries each row's
+        loss scale) and scales them by the rows' weights, so TRL's NLL becomes ``sum_i w_i sum_t l_it / N``.
+        """
+        index = inputs.pop(INDEX_COLUMN, None)
+        training = index is not None and model.training  # train rows (only they carry an index), in a train step
+        weights = self._drift_loss_weights() if training else None
+        capture = self.drift_callback.capture if training and torch.is_grad_enabled() else None
+        if weights is None and capture is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        # per-example loss weights: the default SFT NLL path with each row's tokens scaled by its weight
-        inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
-        w = torch.as_tensor(np.asarray(weights)[index.cpu().numpy()], dtype=outputs.log_probs.dtype)
-        per_token = -outputs.log_probs * w.to(outputs.log_probs.device)[:, None]
-        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / torch.as_tensor(num_tokens).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        return (loss, outputs) if return_outputs else loss
+        rows = index.cpu().numpy()
+        row_weights = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float64)[rows])
+        if capture is not None:
+            capture.arm(self.drift_callback.capture_rows(rows), self.state.global_step)
+        fused = []
+
+        def hook(module, args, output):
+            log_probs = getattr(output, "log_probs", None)
+            if log_probs is None or fused:  # not the fused head's output, or a later forward (TRL's metrics pass)
+                return None
+            fused.append((log_probs, getattr(output, "label_mask", None)))
+            if row_weights is not None:
+                output.log_probs = log_probs * row_weights.to(log_probs.device, log_probs.dtype)[:, None]
+            return output
+
+        handle = model.register_forward_hook(hook)
+        try:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            handle.remove()
+        if capture is not None:  # the features are filed once this micro-batch's backward has run
+            capture.watch(*(fused[0] if fused else (None, None)))
+        return result

@@ -30,7 +30,11 @@ def digit_start_reward(prompts, completions, **kwargs):
 
 
 def tiny_config(output_dir, **overrides):
-    """A DriftConfig sized for CPU tests: tiny batches, short rollouts, no bf16, no progress bars, no reporting."""
+    """A DriftConfig sized for CPU tests: tiny batches, short rollouts, no progress bars, no reporting.
+
+    Everything else is TRL's default, as users run it: bf16 autocast (``use_cpu`` makes it CPU autocast) and TRL's
+    gradient checkpointing. A test about one of those options overrides it and says why.
+    """
     from drift_trainer import DriftConfig
 
     base = dict(
@@ -42,8 +46,6 @@ def tiny_config(output_dir, **overrides):
         report_to=[],
         save_strategy="no",
         use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
         drift_refresh_steps=4,
         drift_num_queries=4,
         drift_num_rollouts=4,

@@ -47,8 +47,8 @@ def test_command_line_flags_parse(tmp_path):
         [
             "--output_dir",
             str(tmp_path),
-            "--bf16",
-            "false",
+            "--use_cpu",  # TRL's bf16 default needs it on a machine without a GPU
+            "true",
             "--drift_refresh_steps",
             "50",
             "--drift_signing",
@@ -67,7 +67,7 @@ def test_command_line_flags_parse(tmp_path):
     assert targs.drift_weighting == "prune" and targs.drift_first_step == targs.drift_refresh_steps
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(
-            ["--output_dir", str(tmp_path), "--bf16", "false", "--drift_debias", "bogus"]
+            ["--output_dir", str(tmp_path), "--use_cpu", "true", "--drift_debias", "bogus"]
         )
 
 
@@ -75,6 +75,6 @@ def test_trl_parser(tmp_path):
     from trl import TrlParser
 
     (cfg,) = TrlParser(DriftConfig).parse_args_and_config(
-        ["--output_dir", str(tmp_path), "--bf16", "false", "--drift_num_queries", "7"]
+        ["--output_dir", str(tmp_path), "--use_cpu", "true", "--drift_num_queries", "7"]
     )
     assert cfg.drift_num_queries == 7

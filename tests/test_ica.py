@@ -90,9 +90,9 @@ def test_config_rejects_bad_method():
     from drift_trainer import DriftConfig
 
     with pytest.raises(ValueError, match="drift_method"):
-        DriftConfig(output_dir="x", use_cpu=True, bf16=False, drift_method="lossdiff")
+        DriftConfig(output_dir="x", use_cpu=True, drift_method="lossdiff")
     with pytest.raises(ValueError, match="drift_ica_weighting"):
-        DriftConfig(output_dir="x", use_cpu=True, bf16=False, drift_method="ica", drift_ica_weighting="exp")
+        DriftConfig(output_dir="x", use_cpu=True, drift_method="ica", drift_ica_weighting="exp")
 
 
 def test_sft_trainer_ica_weights_the_loss(tokenizer, tiny_model, tmp_path):
@@ -102,7 +102,6 @@ def test_sft_trainer_ica_weights_the_loss(tokenizer, tiny_model, tmp_path):
     args = DriftConfig(
         output_dir=str(tmp_path),
         use_cpu=True,
-        bf16=False,
         max_steps=2,
         per_device_train_batch_size=8,
         report_to=[],

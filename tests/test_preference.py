@@ -33,7 +33,6 @@ def make_args(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path),
         use_cpu=True,
-        bf16=False,
         num_train_epochs=2,
         per_device_train_batch_size=8,
         report_to=[],
@@ -143,7 +142,6 @@ def test_uniform_is_plain_dpo(tokenizer, tmp_path):
         common = dict(
             output_dir=str(tmp_path / cls),
             use_cpu=True,
-            bf16=False,
             max_steps=3,
             per_device_train_batch_size=4,
             report_to=[],
@@ -275,6 +273,6 @@ def test_scorers_refuse_several_processes_with_a_clear_error(tokenizer, tiny_mod
     with pytest.raises(ValueError, match="single process"):
         make_trainer(tokenizer, tiny_model, make_args(tmp_path, drift_method="ica"))
     monkeypatch.setattr(DriftConfig, "world_size", property(lambda self: 2))
-    args = DriftConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], drift_method="ica")
+    args = DriftConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], drift_method="ica")
     with pytest.raises(ValueError, match="single process"):
         DriftSFTTrainer(model=tiny_model, args=args, train_dataset=pairs(4, 0), processing_class=tokenizer)

@@ -194,7 +194,7 @@ def test_tokenization_matches_sft_trainer(data):
     }
     for name, rows in cases.items():
         args = SFTConfig(
-            output_dir=str(data["root"] / "sft"), report_to=[], use_cpu=True, bf16=False, dataset_num_proc=None
+            output_dir=str(data["root"] / "sft"), report_to=[], use_cpu=True, dataset_num_proc=None
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
         expected = trainer.train_dataset

@@ -149,7 +149,6 @@ def test_training_run_artifacts(tmp_path):
         report_to=[],
         save_strategy="no",
         use_cpu=True,
-        bf16=False,
         drift_progress=False,
         disable_tqdm=True,
     )

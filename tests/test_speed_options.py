@@ -92,7 +92,7 @@ def test_options_validate_and_parse(tmp_path):
     with pytest.raises(ValueError, match="drift_feature_memory_mb"):
         DriftArguments(drift_feature_memory_mb=0).validate_drift()
     with pytest.raises(ValueError, match="drift_max_train_examples"):
-        DriftConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, drift_max_train_examples=-3)
+        DriftConfig(output_dir=str(tmp_path), use_cpu=True, drift_max_train_examples=-3)
     (parsed,) = HfArgumentParser(DriftArguments).parse_args_into_dataclasses(
         [
             "--drift_max_train_examples",

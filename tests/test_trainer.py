@@ -270,13 +270,13 @@ def test_reward_errors_surface_with_the_function_name(tmp_path, tokenizer, tiny_
     def broken_reward(prompts, completions, **kw):
         return [float("nan")] * len(completions)
 
-    trainer = DriftSFTTrainer(
-        model=tiny_model,
-        args=_config(tmp_path, max_steps=4),
-        train_dataset=train,
-        query_dataset=queries,
-        reward_funcs=broken_reward,
-        processing_class=tokenizer,
-    )
+    # found at construction (each reward is called once on a query row), not after the warm-up steps
     with pytest.raises(RuntimeError, match="'broken_reward' returned NaN"):
-        trainer.train()
+        DriftSFTTrainer(
+            model=tiny_model,
+            args=_config(tmp_path, max_steps=4),
+            train_dataset=train,
+            query_dataset=queries,
+            reward_funcs=broken_reward,
+            processing_class=tokenizer,
+        )
