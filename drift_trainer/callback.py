@@ -23,10 +23,9 @@ from transformers import TrainerCallback
 
 from .capture import FeatureCache, TrainCapture
 from .config import DriftArguments, drift_arguments_from
-from .datafiles import example_text
+from .datafiles import example_text, load_dataset_from
 from .features import ProjectedGradients, select_target_modules
 from .refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh
-from .datafiles import load_dataset_from
 from .rewards import check_reward_funcs, completion_text, resolve_reward_funcs
 from .rollouts import check_query_dataset, check_query_format, dataset_format, generation_context
 from .sampler import DriftSampler

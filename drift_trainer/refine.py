@@ -251,14 +251,10 @@ def load_queries(ra: RefineArguments):
 
 def probe_rewards(ra: RefineArguments, reward_funcs, queries) -> None:
     """Call the rewards once on the first query (empty completion) so a broken reward fails before any sampling."""
-    from .rewards import compute_rewards
-    from .rollouts import is_conversational_prompt
+    from .rewards import check_reward_funcs
 
-    row = queries[0]
-    completion = [{"role": "assistant", "content": ""}] if is_conversational_prompt(row["prompt"]) else ""
-    columns = {c: [row[c]] for c in queries.column_names if c != "prompt"}
     try:
-        compute_rewards(reward_funcs, [row["prompt"]], [completion], columns)
+        check_reward_funcs(reward_funcs, queries)
     except Exception as exc:
         raise RuntimeError(reward_error(ra, queries, exc)) from exc
 

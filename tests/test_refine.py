@@ -378,3 +378,14 @@ def test_select_rows_rules():
     assert refine.select_rows(ra, scores, weights, scored).tolist() == [True, False, True, True, False]
     ra.mode, ra.min_weight = "weight", None
     assert refine.select_rows(ra, scores, weights, scored).all()
+
+
+def test_bf16_model(data, base_run):
+    """A model loaded in bfloat16 (`--dtype bfloat16`): features are still projected and stored in float32, and the
+    per-example gradient norms and losses stay within bf16 rounding of the float32 run's."""
+    out = data["root"] / "bf16"
+    _run(_args(data, out, None, "--dtype", "bfloat16"))
+    got, ref = pd.read_parquet(out / "scores.parquet"), pd.read_parquet(base_run / "scores.parquet")
+    assert got["scored"].all() and np.isfinite(got["score"]).all()
+    np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=5e-2)
+    np.testing.assert_allclose(got["loss"], ref["loss"], rtol=2e-2)
