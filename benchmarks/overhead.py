@@ -51,10 +51,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from drift_trainer.capture import FeatureCache, TrainCapture
-from drift_trainer.features import ProjectedGradients, collate_right, per_example_loss, select_target_modules
-from drift_trainer.refresh import FeaturePass, TrainView, new_weights, run_refresh
-from drift_trainer.toy import (
+from drift_trainer.cli.toy import (
     ALPHABET,
     Corruption,
     addition_dataset,
@@ -63,6 +60,9 @@ from drift_trainer.toy import (
     offline_env,
     query_dataset_from,
 )
+from drift_trainer.core.capture import FeatureCache, TrainCapture
+from drift_trainer.core.features import ProjectedGradients, collate_right, per_example_loss, select_target_modules
+from drift_trainer.core.refresh import FeaturePass, TrainView, new_weights, run_refresh
 
 offline_env()
 warnings.filterwarnings("ignore")
@@ -781,7 +781,7 @@ def _alternating_reward(prompts, completions, **kwargs) -> list[float]:
 
 
 def _refresh_once(model, rows, k, queries, args_over=None, refresh_index=0):
-    from drift_trainer.config import DriftArguments
+    from drift_trainer.hf.config import DriftArguments
 
     args = DriftArguments(
         drift_num_queries=8,
@@ -898,7 +898,7 @@ def _fast_path_trajectory(cfg, lr: float) -> dict:
     check at 0.9), and captured features with the check off (what the cache alone gives)."""
     from trl.trainer.utils import add_fused_lm_head
 
-    from drift_trainer.config import DriftArguments
+    from drift_trainer.hf.config import DriftArguments
 
     tok = tokenizer()
     torch.manual_seed(0)

@@ -22,11 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from drift_trainer import DriftConfig, DriftSFTTrainer  # noqa: E402
-from drift_trainer.features import ProjectedGradients, select_target_modules  # noqa: E402
-from drift_trainer.ica import ica_scores  # noqa: E402
-from drift_trainer.pairs import pair_feature_batch, pair_nll_loss  # noqa: E402
-from drift_trainer.refresh import FeaturePass  # noqa: E402
-from drift_trainer.toy import (  # noqa: E402
+from drift_trainer.cli.toy import (  # noqa: E402
     Corruption,
     addition_dataset,
     build_char_tokenizer,
@@ -34,6 +30,10 @@ from drift_trainer.toy import (  # noqa: E402
     offline_env,
     query_dataset_from,
 )
+from drift_trainer.core.features import ProjectedGradients, select_target_modules  # noqa: E402
+from drift_trainer.core.refresh import FeaturePass  # noqa: E402
+from drift_trainer.methods.ica import ica_scores  # noqa: E402
+from drift_trainer.methods.pairs import pair_feature_batch, pair_nll_loss  # noqa: E402
 
 K = 16
 SEED = 0

@@ -74,8 +74,8 @@ def auroc(score: np.ndarray, positive: np.ndarray) -> float:
 
 def sft_start(tok, seed: int, steps: int):
     """A tiny Llama briefly fine-tuned on clean one-digit sums (a plain loop; the start every method shares)."""
-    from drift_trainer.features import collate_right, per_example_loss
-    from drift_trainer.toy import build_tiny_llama
+    from drift_trainer.cli.toy import build_tiny_llama
+    from drift_trainer.core.features import collate_right, per_example_loss
 
     torch.manual_seed(seed)
     model = build_tiny_llama(tok, seed=seed)
@@ -99,7 +99,7 @@ def sft_start(tok, seed: int, steps: int):
 
 @torch.no_grad()
 def evaluate(model, ref, tok, test, beta: float) -> dict:
-    from drift_trainer.pairs import pair_logps
+    from drift_trainer.methods.pairs import pair_logps
 
     rows = []
     for p, c, r in zip(test["prompt"], test["chosen"], test["rejected"]):
@@ -198,7 +198,7 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="suffix of the result files (preference{tag}.json / .md)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from drift_trainer.toy import build_char_tokenizer, offline_env
+    from drift_trainer.cli.toy import build_char_tokenizer, offline_env
 
     offline_env()
     os.environ["TQDM_DISABLE"] = "1"

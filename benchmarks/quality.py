@@ -75,7 +75,7 @@ def parse(argv=None):
 
 
 def _setup():
-    from drift_trainer.toy import offline_env
+    from drift_trainer.cli.toy import offline_env
 
     offline_env()
     import logging
@@ -97,8 +97,8 @@ def _model_kwargs(ns):
 def base_job(ns, seed: int) -> str:
     """Train (or reuse) the clean base model of ``seed``; returns its directory."""
     _setup()
-    from drift_trainer.demo import evaluate_accuracy, make_data, run_one
-    from drift_trainer.toy import addition_dataset, build_char_tokenizer
+    from drift_trainer.cli.demo import evaluate_accuracy, make_data, run_one
+    from drift_trainer.cli.toy import addition_dataset, build_char_tokenizer
 
     path = os.path.join(ns.out, "base", f"seed{seed}")
     if os.path.exists(os.path.join(path, "model", "config.json")):
@@ -139,8 +139,8 @@ def base_job(ns, seed: int) -> str:
 
 def run_job(ns, kind: str, seed: int, config: str) -> dict:
     _setup()
-    from drift_trainer.demo import make_data, run_one
-    from drift_trainer.toy import build_char_tokenizer
+    from drift_trainer.cli.demo import make_data, run_one
+    from drift_trainer.cli.toy import build_char_tokenizer
 
     out_file = os.path.join(ns.out, "runs", f"{kind}-seed{seed}-{config}.json")
     if os.path.exists(out_file):

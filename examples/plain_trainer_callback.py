@@ -6,7 +6,13 @@
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser, Trainer
 
 from drift_trainer import DriftCallback, DriftTrainingArguments, exact_match
-from drift_trainer.toy import Corruption, addition_dataset, build_char_tokenizer, build_tiny_llama, query_dataset_from
+from drift_trainer.cli.toy import (
+    Corruption,
+    addition_dataset,
+    build_char_tokenizer,
+    build_tiny_llama,
+    query_dataset_from,
+)
 
 
 def main():

@@ -17,7 +17,7 @@ from peft import LoraConfig
 from trl import TrlParser
 
 from drift_trainer import DriftConfig, DriftSFTTrainer, math_answer
-from drift_trainer.datafiles import load_dataset_from
+from drift_trainer.cli.datafiles import load_dataset_from
 
 
 @dataclass

@@ -10,21 +10,21 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 @pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
-    from drift_trainer.toy import build_char_tokenizer
+    from drift_trainer.cli.toy import build_char_tokenizer
 
     return build_char_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture
 def tiny_model(tokenizer):
-    from drift_trainer.toy import build_tiny_llama
+    from drift_trainer.cli.toy import build_tiny_llama
 
     return build_tiny_llama(tokenizer, seed=0)
 
 
 def digit_start_reward(prompts, completions, **kwargs):
     """1.0 when the completion starts with a digit: gives a random tiny model a mix of right and wrong rollouts."""
-    from drift_trainer.rewards import completion_text
+    from drift_trainer.core.rewards import completion_text
 
     return [float(completion_text(c)[:1].isdigit()) for c in completions]
 

@@ -56,14 +56,14 @@ def main():
     import numpy as np
 
     from drift_trainer import DriftConfig, DriftSFTTrainer
-    from drift_trainer.sampler import DriftSampler
-    from drift_trainer.toy import (
+    from drift_trainer.cli.toy import (
         Corruption,
         addition_dataset,
         build_char_tokenizer,
         build_tiny_llama,
         query_dataset_from,
     )
+    from drift_trainer.core.sampler import DriftSampler
 
     rank = int(os.environ.get("RANK", "0"))
     tok = build_char_tokenizer(os.path.join(out_dir, f"tok{rank}"))

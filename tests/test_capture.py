@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from drift_trainer import DriftSFTTrainer
-from drift_trainer.capture import FeatureCache, rescore_budget, stale_order
-from drift_trainer.features import ProjectedGradients, select_target_modules
-from drift_trainer.refresh import FeaturePass
-from drift_trainer.toy import Corruption, addition_dataset, query_dataset_from
+from drift_trainer.cli.toy import Corruption, addition_dataset, query_dataset_from
+from drift_trainer.core.capture import FeatureCache, rescore_budget, stale_order
+from drift_trainer.core.features import ProjectedGradients, select_target_modules
+from drift_trainer.core.refresh import FeaturePass
 
 from .conftest import digit_start_reward, tiny_config
 
@@ -68,7 +68,7 @@ FP32 = {"bf16": False}
 )
 def test_captured_features_equal_a_feature_pass(tmp_path, tokenizer, tiny_model, overrides, lora, tol):
     """At learning rate 0 the model never changes, so every captured feature must equal a fresh feature pass."""
-    from drift_trainer.toy import build_tiny_llama
+    from drift_trainer.cli.toy import build_tiny_llama
 
     opts = {"learning_rate": 0.0, "max_steps": 6, "drift_refresh_steps": 100, **overrides}
     trainer = _trainer(tmp_path, tokenizer, tiny_model, peft_config=_lora() if lora else None, **opts)
@@ -200,7 +200,7 @@ def test_a_loss_without_log_probs_falls_back_to_full_rescoring(tmp_path, tokeniz
 
 
 def test_checkpoint_keeps_the_captured_features(tmp_path, tokenizer, tiny_model):
-    from drift_trainer.toy import build_tiny_llama
+    from drift_trainer.cli.toy import build_tiny_llama
 
     opts = dict(max_steps=9, save_strategy="steps", save_steps=6, drift_refresh_steps=3)
     unbroken = _trainer(tmp_path / "a", tokenizer, tiny_model, **opts)

@@ -13,9 +13,9 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from drift_trainer import DriftCallback, DriftSFTTrainer, DriftTrainingArguments, exact_match
-from drift_trainer.datafiles import load_dataset_from
-from drift_trainer.features import ProjectedGradients, collate_right, select_target_modules
-from drift_trainer.toy import Corruption, addition_dataset, build_tiny_llama, query_dataset_from
+from drift_trainer.cli.datafiles import load_dataset_from
+from drift_trainer.cli.toy import Corruption, addition_dataset, build_tiny_llama, query_dataset_from
+from drift_trainer.core.features import ProjectedGradients, collate_right, select_target_modules
 
 from .conftest import digit_start_reward, tiny_config
 

@@ -10,7 +10,13 @@ import sys
 
 import pytest
 
-from drift_trainer.toy import Corruption, addition_dataset, build_char_tokenizer, build_tiny_llama, query_dataset_from
+from drift_trainer.cli.toy import (
+    Corruption,
+    addition_dataset,
+    build_char_tokenizer,
+    build_tiny_llama,
+    query_dataset_from,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")

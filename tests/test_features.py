@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from drift_trainer.features import (
+from drift_trainer.core.features import (
     ProjectedGradients,
     collate_right,
     example_labels,

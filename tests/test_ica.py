@@ -5,7 +5,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from drift_trainer.ica import (
+from drift_trainer.cli.toy import addition_dataset
+from drift_trainer.methods.ica import (
     ica_rows,
     ica_scores,
     ica_weights,
@@ -13,7 +14,6 @@ from drift_trainer.ica import (
     retrieve,
     sequence_logps,
 )
-from drift_trainer.toy import addition_dataset
 
 
 def test_ica_rows_share_response_tokens_and_prepend_demos(tokenizer):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from drift_trainer.lossdiff import band_mask, lossdiff_irm_scores, select_pairs
-from drift_trainer.pairs import PairLogps, pair_feature_batch, pair_losses, pair_nll_loss
+from drift_trainer.methods.lossdiff import band_mask, lossdiff_irm_scores, select_pairs
+from drift_trainer.methods.pairs import PairLogps, pair_feature_batch, pair_losses, pair_nll_loss
 from tests.conftest import digit_start_reward
 
 
@@ -111,8 +111,8 @@ def test_pair_losses_match_formulas():
 
 
 def test_pair_features_are_chosen_minus_rejected(tokenizer, tiny_model):
-    from drift_trainer.features import ProjectedGradients, collate_right, select_target_modules
-    from drift_trainer.pairs import pair_rows
+    from drift_trainer.core.features import ProjectedGradients, collate_right, select_target_modules
+    from drift_trainer.methods.pairs import pair_rows
 
     proj = ProjectedGradients(select_target_modules(tiny_model), 4, seed=0)
     ids = lambda s: tokenizer(text=s, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -134,7 +134,7 @@ def test_pair_features_are_chosen_minus_rejected(tokenizer, tiny_model):
 def test_uniform_is_plain_dpo(tokenizer, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
-    from drift_trainer.toy import build_tiny_llama
+    from drift_trainer.cli.toy import build_tiny_llama
 
     losses = []
     for cls in ("plain", "drift"):

@@ -9,9 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from drift_trainer import refine
-from drift_trainer.cli import main as cli_main
-from drift_trainer.toy import (
+from drift_trainer.cli import main as cli_main, refine
+from drift_trainer.cli.toy import (
     Corruption,
     addition_dataset,
     build_char_tokenizer,
@@ -147,10 +146,10 @@ def test_matches_run_refresh(data, base_run):
     """refine is one refresh: same scores as refresh.run_refresh on the same model, rows and seed."""
     from datasets import Dataset
 
-    from drift_trainer.datafiles import read_table, tokenize_rows, train_kind
-    from drift_trainer.features import ProjectedGradients, select_target_modules
-    from drift_trainer.refresh import TrainView, run_refresh
-    from drift_trainer.rewards import resolve_reward_funcs
+    from drift_trainer.cli.datafiles import read_table, tokenize_rows, train_kind
+    from drift_trainer.core.features import ProjectedGradients, select_target_modules
+    from drift_trainer.core.refresh import TrainView, run_refresh
+    from drift_trainer.core.rewards import resolve_reward_funcs
 
     ra, da = refine.parse_args(_args(data, data["root"] / "unused"))
     model, tok = refine.load_model_and_tokenizer(ra, __import__("torch").device("cpu"))
@@ -180,7 +179,7 @@ def test_tokenization_matches_sft_trainer(data):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from drift_trainer.datafiles import TableFile, tokenize_rows, train_kind
+    from drift_trainer.cli.datafiles import TableFile, tokenize_rows, train_kind
 
     tok = data["tokenizer"]
     model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2)
@@ -193,9 +192,7 @@ def test_tokenization_matches_sft_trainer(data):
         "text": [{"text": r["prompt"] + r["completion"]} for r in plain.to_list()],
     }
     for name, rows in cases.items():
-        args = SFTConfig(
-            output_dir=str(data["root"] / "sft"), report_to=[], use_cpu=True, dataset_num_proc=None
-        )
+        args = SFTConfig(output_dir=str(data["root"] / "sft"), report_to=[], use_cpu=True, dataset_num_proc=None)
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
         expected = trainer.train_dataset
         table = TableFile(name, "jsonl", rows)
@@ -234,7 +231,7 @@ def test_resume_after_interruption(data, base_run, monkeypatch):
 
     written.clear()
     monkeypatch.setattr(refine, "_after_shard", written.append)
-    monkeypatch.setattr("drift_trainer.rollouts.generate_rollouts", no_generation)
+    monkeypatch.setattr("drift_trainer.core.rollouts.generate_rollouts", no_generation)
     _run(_args(data, out))
     assert written == [2]  # only the missing shard was computed
     summary = json.loads((out / "summary.json").read_text())
@@ -288,7 +285,7 @@ def test_disk_format_and_peft_adapter(data):
 
     base = AutoModelForCausalLM.from_pretrained(data["model"])
     lora = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
-    from drift_trainer.features import select_target_modules
+    from drift_trainer.core.features import select_target_modules
 
     names = [n for n, _ in select_target_modules(lora, "auto")]  # regression: lora_A is a ModuleDict (no .get)
     assert len(names) == 4 and all(".lora_A.default" in n or ".lora_B.default" in n for n in names)
@@ -357,7 +354,7 @@ def test_filter_needs_a_rule(data, capsys):
 def test_cli_dispatch_and_flags_in_sync(data, capsys):
     from dataclasses import fields
 
-    from drift_trainer.config import DriftArguments
+    from drift_trainer.hf.config import DriftArguments
 
     with pytest.raises(SystemExit):
         cli_main(["refine", "--help"])

@@ -4,10 +4,10 @@ import copy
 
 import numpy as np
 
-from drift_trainer.config import DriftArguments
-from drift_trainer.features import ProjectedGradients, select_target_modules
-from drift_trainer.refresh import TrainView, run_refresh
-from drift_trainer.toy import addition_dataset, query_dataset_from
+from drift_trainer.cli.toy import addition_dataset, query_dataset_from
+from drift_trainer.core.features import ProjectedGradients, select_target_modules
+from drift_trainer.core.refresh import TrainView, run_refresh
+from drift_trainer.hf.config import DriftArguments
 
 from .conftest import digit_start_reward
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from drift_trainer import report
-from drift_trainer.state import write_refresh_artifacts
-from drift_trainer.toy import (
+from drift_trainer.cli import report
+from drift_trainer.cli.toy import (
     Corruption,
     addition_dataset,
     build_char_tokenizer,
     build_tiny_llama,
     offline_env,
 )
+from drift_trainer.core.state import write_refresh_artifacts
 
 offline_env()
 HEADINGS = [
@@ -131,7 +131,7 @@ def test_synthetic_artifacts(tmp_path):
 def test_training_run_artifacts(tmp_path):
     """A real DriftSFTTrainer run's artifacts, with the text from --train_file."""
     from drift_trainer import DriftConfig, DriftSFTTrainer
-    from drift_trainer.toy import query_dataset_from
+    from drift_trainer.cli.toy import query_dataset_from
 
     tok = build_char_tokenizer()
     model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2)

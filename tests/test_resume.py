@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 
 from drift_trainer import DriftSFTTrainer
-from drift_trainer.sampler import DriftSampler
-from drift_trainer.toy import Corruption, addition_dataset, build_tiny_llama, query_dataset_from
+from drift_trainer.cli.toy import Corruption, addition_dataset, build_tiny_llama, query_dataset_from
+from drift_trainer.core.sampler import DriftSampler
 
 from .conftest import digit_start_reward, tiny_config
 

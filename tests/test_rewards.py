@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from drift_trainer.rewards import (
+from drift_trainer.core.rewards import (
     compute_rewards,
     exact_match,
     extract_final_answer,
@@ -67,7 +67,7 @@ def test_compute_rewards_sums_and_names_bad_functions():
 def test_resolve_and_load():
     assert resolve_reward_funcs("exact_match") == [exact_match]
     assert resolve_reward_funcs([exact_match, "math_answer"]) == [exact_match, math_answer]
-    assert load_reward("drift_trainer.rewards:exact_match") is exact_match
+    assert load_reward("drift_trainer.core.rewards:exact_match") is exact_match
     with pytest.raises(ValueError, match="Unknown reward"):
         load_reward("nope")
     with pytest.raises(ValueError, match="Cannot import"):

@@ -3,9 +3,9 @@ import pytest
 import torch
 from datasets import Dataset
 
-from drift_trainer.config import DriftArguments
-from drift_trainer.rollouts import check_query_dataset, generate_rollouts, generation_config, sample_queries
-from drift_trainer.toy import addition_dataset, query_dataset_from
+from drift_trainer.cli.toy import addition_dataset, query_dataset_from
+from drift_trainer.core.rollouts import check_query_dataset, generate_rollouts, generation_config, sample_queries
+from drift_trainer.hf.config import DriftArguments
 
 from .conftest import digit_start_reward
 

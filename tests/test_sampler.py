@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from drift_trainer.sampler import DriftSampler
+from drift_trainer.core.sampler import DriftSampler
 
 
 def test_uniform_is_a_seeded_permutation_and_len_is_fixed():

@@ -6,14 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from drift_trainer.config import SCORERS, DriftArguments
-from drift_trainer.demo import auroc
-from drift_trainer.features import IGNORE_INDEX, ProjectedGradients, select_target_modules
-from drift_trainer.refresh import RefreshResult, TrainView, new_weights, run_refresh
-from drift_trainer.rewards import exact_match
-from drift_trainer.rollouts import Rollouts
-from drift_trainer.scorers import check_scorer_inputs, reference_rows, scorer_scores, scorer_signs
-from drift_trainer.toy import addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env, query_dataset_from
+from drift_trainer.cli.demo import auroc
+from drift_trainer.cli.toy import (
+    addition_dataset,
+    build_char_tokenizer,
+    build_tiny_llama,
+    offline_env,
+    query_dataset_from,
+)
+from drift_trainer.core.features import IGNORE_INDEX, ProjectedGradients, select_target_modules
+from drift_trainer.core.refresh import RefreshResult, TrainView, new_weights, run_refresh
+from drift_trainer.core.rewards import exact_match
+from drift_trainer.core.rollouts import Rollouts
+from drift_trainer.hf.config import SCORERS, DriftArguments
+from drift_trainer.methods.scorers import check_scorer_inputs, reference_rows, scorer_scores, scorer_signs
 
 offline_env()
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from drift_trainer.config import DriftArguments
-from drift_trainer.influence import debias_raw, fisher, influence_scores, precondition, signed_target
-from drift_trainer.signing import has_contrast, rollout_signs
-from drift_trainer.weighting import clip_mean_one, effective_sample_size, scores_to_weights, standardize
+from drift_trainer.core.influence import debias_raw, fisher, influence_scores, precondition, signed_target
+from drift_trainer.core.signing import has_contrast, rollout_signs
+from drift_trainer.core.weighting import clip_mean_one, effective_sample_size, scores_to_weights, standardize
+from drift_trainer.hf.config import DriftArguments
 
 
 def test_correctness_signs_balance_classes_and_skip_no_contrast_queries():

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import HfArgumentParser
 
-from drift_trainer.config import DriftArguments, DriftConfig
-from drift_trainer.features import ProjectedGradients, select_target_modules
-from drift_trainer.refresh import (
+from drift_trainer.cli.toy import addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env
+from drift_trainer.core.features import ProjectedGradients, select_target_modules
+from drift_trainer.core.refresh import (
     FeaturePass,
     RefreshResult,
     TrainView,
@@ -23,8 +23,8 @@ from drift_trainer.refresh import (
     refresh_subset,
     run_refresh,
 )
-from drift_trainer.rollouts import Rollouts
-from drift_trainer.toy import addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env
+from drift_trainer.core.rollouts import Rollouts
+from drift_trainer.hf.config import DriftArguments, DriftConfig
 
 offline_env()
 

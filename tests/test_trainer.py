@@ -9,7 +9,7 @@ import pytest
 from datasets import Dataset, IterableDataset
 
 from drift_trainer import DriftCallback, DriftSFTTrainer, DriftTrainingArguments, exact_match
-from drift_trainer.toy import Corruption, addition_dataset, query_dataset_from
+from drift_trainer.cli.toy import Corruption, addition_dataset, query_dataset_from
 
 from .conftest import digit_start_reward, tiny_config
 
@@ -36,7 +36,7 @@ def _data(n=40, conversational=False):
 
 @pytest.mark.parametrize("conversational", [False, True])
 def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational, monkeypatch):
-    from drift_trainer.sampler import DriftSampler
+    from drift_trainer.core.sampler import DriftSampler
 
     calls = []  # (epoch being drawn or None, draw position) at each weight update
     original_update = DriftSampler.update

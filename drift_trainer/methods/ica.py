@@ -24,9 +24,9 @@ import torch
 from transformers import TrainerCallback
 from trl.data_utils import common_prefix_length
 
-from .features import IGNORE_INDEX, collate_right, summed_logps
-from .rollouts import is_conversational_prompt
-from .weighting import scores_to_weights
+from drift_trainer.core.features import IGNORE_INDEX, collate_right, summed_logps
+from drift_trainer.core.rollouts import is_conversational_prompt
+from drift_trainer.core.weighting import scores_to_weights
 
 logger = logging.getLogger("drift_trainer")
 

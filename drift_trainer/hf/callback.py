@@ -21,16 +21,16 @@ import time
 import numpy as np
 from transformers import TrainerCallback
 
-from .capture import FeatureCache, TrainCapture
-from .config import DriftArguments, drift_arguments_from
-from .datafiles import example_text, load_dataset_from
-from .features import ProjectedGradients, select_target_modules
-from .refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh
-from .rewards import check_reward_funcs, completion_text, resolve_reward_funcs
-from .rollouts import check_query_dataset, check_query_format, dataset_format, generation_context
-from .sampler import DriftSampler
-from .scorers import check_scorer_inputs
-from .state import STATE_FILE, DriftState, atomic_path, atomic_write_text, write_refresh_artifacts
+from drift_trainer.cli.datafiles import example_text, load_dataset_from
+from drift_trainer.core.capture import FeatureCache, TrainCapture
+from drift_trainer.core.features import ProjectedGradients, select_target_modules
+from drift_trainer.core.refresh import Dist, TrainView, new_weights, refresh_summary, run_refresh
+from drift_trainer.core.rewards import check_reward_funcs, completion_text, resolve_reward_funcs
+from drift_trainer.core.rollouts import check_query_dataset, check_query_format, dataset_format, generation_context
+from drift_trainer.core.sampler import DriftSampler
+from drift_trainer.core.state import STATE_FILE, DriftState, atomic_path, atomic_write_text, write_refresh_artifacts
+from drift_trainer.hf.config import DriftArguments, drift_arguments_from
+from drift_trainer.methods.scorers import check_scorer_inputs
 
 logger = logging.getLogger("drift_trainer")
 INDEX_COLUMN = "drift_index"

@@ -46,8 +46,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .config import DriftArguments
-from .datafiles import (
+from drift_trainer.cli.datafiles import (
     example_text,
     read_table,
     refined_name,
@@ -55,7 +54,8 @@ from .datafiles import (
     train_kind,
     write_table,
 )
-from .state import _json_default, atomic_path, atomic_write_text
+from drift_trainer.core.state import _json_default, atomic_path, atomic_write_text
+from drift_trainer.hf.config import DriftArguments
 
 logger = logging.getLogger("drift_trainer.refine")
 WORK_DIR = "work"
@@ -251,7 +251,7 @@ def load_queries(ra: RefineArguments):
 
 def probe_rewards(ra: RefineArguments, reward_funcs, queries) -> None:
     """Call the rewards once on the first query (empty completion) so a broken reward fails before any sampling."""
-    from .rewards import check_reward_funcs
+    from drift_trainer.core.rewards import check_reward_funcs
 
     try:
         check_reward_funcs(reward_funcs, queries)
@@ -363,17 +363,17 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     """Score ``ra.train_file`` and write the outputs; returns the summary (on every rank)."""
     import torch
 
-    from .features import ProjectedGradients, select_target_modules
-    from .refresh import (
+    from drift_trainer.core.features import ProjectedGradients, select_target_modules
+    from drift_trainer.core.refresh import (
         Dist,
         FeaturePass,
         RefreshResult,
         new_weights,
         progress_bar,
     )
-    from .rewards import resolve_reward_funcs
-    from .rollouts import Rollouts, generate_rollouts, sample_queries
-    from .signing import sign_rollouts
+    from drift_trainer.core.rewards import resolve_reward_funcs
+    from drift_trainer.core.rollouts import Rollouts, generate_rollouts, sample_queries
+    from drift_trainer.core.signing import sign_rollouts
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -457,7 +457,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
             if contrast and len(live):
                 r_rows = rollouts.training_rows()
                 rfeat, _, _ = fpass.run(model, [r_rows[j] for j in live])
-                from .influence import signed_target
+                from drift_trainer.core.influence import signed_target
 
                 target = signed_target(rfeat, signs[live])
             timings["rollout_features"] = time.perf_counter() - t0
@@ -514,7 +514,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
         return {}
 
     # 3. influence over all shards (rank 0)
-    from .influence import debias_raw, precondition
+    from drift_trainer.core.influence import debias_raw, precondition
 
     t0 = time.perf_counter()
     raw, norms, losses, tokens = np.zeros(n_rows), np.zeros(n_rows), np.full(n_rows, np.nan), np.zeros(n_rows)
@@ -566,7 +566,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     summary["metrics"]["drift/refresh_seconds"] = time.perf_counter() - started
     atomic_write_text(os.path.join(ra.output_dir, "summary.json"), json.dumps(summary, indent=2, default=_json_default))
     if ra.report:
-        from .report import write_report
+        from drift_trainer.cli.report import write_report
 
         write_report(ra.output_dir, os.path.join(ra.output_dir, "report"))
     if not ra.keep_work:
@@ -592,8 +592,8 @@ def select_rows(ra: RefineArguments, scores: np.ndarray, weights: np.ndarray, sc
 def write_outputs(ra, da, table, kind, result, weights, keep, fp, timings, n_shards, n_resumed) -> dict:
     import pandas as pd
 
-    from .refresh import refresh_summary
-    from .rewards import completion_text
+    from drift_trainer.core.refresh import refresh_summary
+    from drift_trainer.core.rewards import completion_text
 
     out = ra.output_dir
     n = len(table.rows)

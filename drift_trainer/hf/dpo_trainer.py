@@ -26,13 +26,19 @@ import torch
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from .callback import INDEX_COLUMN
-from .config import DriftArguments, _choice, _help, coerce_config
-from .features import ProjectedGradients, select_target_modules
-from .ica import ICAArguments, ICACallback
-from .influence import debias_raw, precondition, signed_target
-from .lossdiff import LOSSDIFF_SCORES, band_mask, score_and_select, train_validation_model
-from .pairs import (
+from drift_trainer.core.features import ProjectedGradients, select_target_modules
+from drift_trainer.core.influence import debias_raw, precondition, signed_target
+from drift_trainer.core.refresh import FeaturePass
+from drift_trainer.core.rewards import resolve_reward_funcs
+from drift_trainer.core.rollouts import check_query_dataset, generate_rollouts, generation_context, sample_queries
+from drift_trainer.core.signing import sign_rollouts
+from drift_trainer.core.weighting import scores_to_weights, standardize
+from drift_trainer.hf.callback import INDEX_COLUMN
+from drift_trainer.hf.config import DriftArguments, _choice, _help, coerce_config
+from drift_trainer.hf.sft_trainer import _IndexCollator
+from drift_trainer.methods.ica import ICAArguments, ICACallback
+from drift_trainer.methods.lossdiff import LOSSDIFF_SCORES, band_mask, score_and_select, train_validation_model
+from drift_trainer.methods.pairs import (
     PAIR_LOSSES,
     REFERENCE_FREE,
     PairLogps,
@@ -42,12 +48,6 @@ from .pairs import (
     pair_losses,
     pair_nll_loss,
 )
-from .refresh import FeaturePass
-from .rewards import resolve_reward_funcs
-from .rollouts import check_query_dataset, generate_rollouts, generation_context, sample_queries
-from .signing import sign_rollouts
-from .trainer import _IndexCollator
-from .weighting import scores_to_weights, standardize
 
 logger = logging.getLogger("drift_trainer")
 PREFERENCE_METHODS = ("uniform", "ica", "lossdiff_irm", "drift")

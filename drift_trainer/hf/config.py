@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .ica import ICAArguments
+from drift_trainer.methods.ica import ICAArguments
 
 SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")

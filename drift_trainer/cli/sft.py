@@ -21,7 +21,7 @@ def make_parser(prog: str = "drift-trainer sft"):
     """TRL's SFT parser with ``DriftConfig`` as the training config."""
     from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments, TrlParser
 
-    from .config import DriftConfig
+    from drift_trainer.hf.config import DriftConfig
 
     return TrlParser((ScriptArguments, DriftConfig, ModelConfig, DatasetMixtureConfig), prog=prog)
 
@@ -35,7 +35,7 @@ def drift_in_trl_scripts():
     """
     import trl
 
-    from .trainer import DriftSFTTrainer
+    from drift_trainer.hf.sft_trainer import DriftSFTTrainer
 
     original = trl.SFTTrainer
     trl.SFTTrainer = DriftSFTTrainer

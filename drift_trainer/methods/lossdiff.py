@@ -18,8 +18,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .features import collate_right, per_example_loss
-from .pairs import PairLogps, pair_logps, pair_losses, pair_rows
+from drift_trainer.core.features import collate_right, per_example_loss
+from drift_trainer.methods.pairs import PairLogps, pair_logps, pair_losses, pair_rows
 
 LOSSDIFF_SCORES = ("both", "lossdiff", "irm")
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .features import IGNORE_INDEX, collate_right, per_example_loss, summed_logps
+from drift_trainer.core.features import IGNORE_INDEX, collate_right, per_example_loss, summed_logps
 
 # loss types the per-pair (weighted) path implements; `simpo` is ours (TRL 1.16's DPOTrainer has none)
 PAIR_LOSSES = ("sigmoid", "hinge", "ipo", "sigmoid_norm", "simpo")

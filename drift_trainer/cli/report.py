@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .state import atomic_path, atomic_write_text
+from drift_trainer.core.state import atomic_path, atomic_write_text
 
 POS_COLOR, NEG_COLOR = "#2a9d8f", "#e76f51"
 
@@ -74,7 +74,7 @@ def find_refreshes(run_dir: str) -> list[Refresh]:
 def load_texts(run_dir: str, train_file: str | None = None) -> dict[int, str] | None:
     """Example texts by index, from ``train_file`` or an ``examples.jsonl`` (see the module docstring)."""
     if train_file:
-        from .datafiles import example_text, read_table
+        from drift_trainer.cli.datafiles import example_text, read_table
 
         return {i: example_text(r) for i, r in enumerate(read_table(train_file).rows)}
     for path in (os.path.join(run_dir, "examples.jsonl"), os.path.join(run_dir, "drift", "examples.jsonl")):

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .features import ProjectedGradients, float32_math
-from .refresh import feature_storage, progress_bar, shard
+from drift_trainer.core.features import ProjectedGradients, float32_math
+from drift_trainer.core.refresh import feature_storage, progress_bar, shard
 
 logger = logging.getLogger("drift_trainer")
 WRITE_EVERY = 16  # captured micro-batches buffered before one bulk write into the cache

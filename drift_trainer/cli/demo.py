@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .toy import Corruption, addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env, query_dataset_from
+from drift_trainer.cli.toy import (
+    Corruption,
+    addition_dataset,
+    build_char_tokenizer,
+    build_tiny_llama,
+    offline_env,
+    query_dataset_from,
+)
 
 # A task the tiny model learns within the warm-up (so rollouts are a mix of right and wrong before the first refresh),
 # sized to finish in about a minute per run on 2 CPU cores.
@@ -89,8 +96,8 @@ def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 6, batch_
     """Exact-match accuracy of greedy completions of ``dataset['prompt']`` against ``dataset['answer']``."""
     import torch
 
-    from .rewards import exact_match
-    from .rollouts import _cut_at_eos, _left_pad, tokenize_prompt
+    from drift_trainer.core.rewards import exact_match
+    from drift_trainer.core.rollouts import _cut_at_eos, _left_pad, tokenize_prompt
 
     prompts = list(dataset["prompt"])
     answers = list(dataset["answer"])
@@ -180,9 +187,9 @@ def run_one(
     import pandas as pd
     import torch
 
-    from .config import DriftConfig
-    from .rewards import exact_match
-    from .trainer import DriftSFTTrainer
+    from drift_trainer.core.rewards import exact_match
+    from drift_trainer.hf.config import DriftConfig
+    from drift_trainer.hf.sft_trainer import DriftSFTTrainer
 
     torch.manual_seed(seed)
     if init_from:

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from .callback import INDEX_COLUMN, DriftCallback, check_train_dataset
-from .config import DriftConfig, coerce_config
-from .ica import ICACallback
+from drift_trainer.hf.callback import INDEX_COLUMN, DriftCallback, check_train_dataset
+from drift_trainer.hf.config import DriftConfig, coerce_config
+from drift_trainer.methods.ica import ICACallback
 
 
 class _IndexCollator:

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .features import ProjectedGradients, collate_right, example_labels, length_sorted_batches
-from .influence import precondition
-from .rewards import resolve_reward_funcs
-from .rollouts import Rollouts, generate_rollouts, sample_queries
-from .scorers import scorer_of, scorer_scores, scorer_signs, scorer_target, uses_preconditioner
-from .signing import sign_rollouts
-from .weighting import effective_sample_size, scores_to_weights, standardize
+from drift_trainer.core.features import ProjectedGradients, collate_right, example_labels, length_sorted_batches
+from drift_trainer.core.influence import precondition
+from drift_trainer.core.rewards import resolve_reward_funcs
+from drift_trainer.core.rollouts import Rollouts, generate_rollouts, sample_queries
+from drift_trainer.core.signing import sign_rollouts
+from drift_trainer.core.weighting import effective_sample_size, scores_to_weights, standardize
+from drift_trainer.methods.scorers import scorer_of, scorer_scores, scorer_signs, scorer_target, uses_preconditioner
 
 
 class Dist:

@@ -7,10 +7,16 @@ import importlib
 import sys
 
 COMMANDS = {
-    "sft": ("drift_trainer.sft", "TRL's `trl sft` with DRIFT: TRL's SFT script arguments plus every --drift_* flag."),
-    "demo": ("drift_trainer.demo", "Train a tiny model twice (plain SFT and DRIFT) on a synthetic task and compare."),
-    "refine": ("drift_trainer.refine", "Score a dataset once with a checkpoint and write a refined copy."),
-    "report": ("drift_trainer.report", "Plots and an HTML page from a run's DRIFT artifacts."),
+    "sft": (
+        "drift_trainer.cli.sft",
+        "TRL's `trl sft` with DRIFT: TRL's SFT script arguments plus every --drift_* flag.",
+    ),
+    "demo": (
+        "drift_trainer.cli.demo",
+        "Train a tiny model twice (plain SFT and DRIFT) on a synthetic task and compare.",
+    ),
+    "refine": ("drift_trainer.cli.refine", "Score a dataset once with a checkpoint and write a refined copy."),
+    "report": ("drift_trainer.cli.report", "Plots and an HTML page from a run's DRIFT artifacts."),
 }
 
 
@@ -26,7 +32,3 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv[:1])
     module = importlib.import_module(COMMANDS[ns.command][0])
     return int(module.main(argv[1:]) or 0)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -10,8 +10,8 @@ import torch
 from datasets import Dataset
 from transformers import GenerationConfig
 
-from .features import IGNORE_INDEX
-from .rewards import compute_rewards
+from drift_trainer.core.features import IGNORE_INDEX
+from drift_trainer.core.rewards import compute_rewards
 
 
 @dataclass

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .features import IGNORE_INDEX
-from .influence import debias_raw, signed_target
-from .rollouts import tokenize_prompt
+from drift_trainer.core.features import IGNORE_INDEX
+from drift_trainer.core.influence import debias_raw, signed_target
+from drift_trainer.core.rollouts import tokenize_prompt
 
 ROLLOUT_SCORERS = ("drift", "drift_unsigned", "drift_raw")
 REFERENCE_SCORERS = ("off_policy", "cosine")

@@ -237,7 +237,7 @@ def check_reward_funcs(reward_funcs: Sequence[RewardFunc], query_dataset) -> Non
     completion in the query's format and all of the row's columns, so a wrong signature, a missing column, a wrong
     number of values or a NaN fails now rather than at the first refresh. Raises ``RuntimeError`` naming the
     function, the column and the fix."""
-    from .rollouts import is_conversational_prompt
+    from drift_trainer.core.rollouts import is_conversational_prompt
 
     row = query_dataset[0]
     prompt = row["prompt"]

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 from trl.data_utils import common_prefix_length
 
-from .features import IGNORE_INDEX, example_labels
-from .rollouts import is_conversational_prompt, tokenize_prompt
-from .state import atomic_path
+from drift_trainer.core.features import IGNORE_INDEX, example_labels
+from drift_trainer.core.rollouts import is_conversational_prompt, tokenize_prompt
+from drift_trainer.core.state import atomic_path
 
 FORMATS = ("jsonl", "parquet", "disk")
 
