@@ -21,8 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from drift_trainer.core.dist import shard
+from drift_trainer.core.feature_pass import progress_bar
 from drift_trainer.core.features import ProjectedGradients, float32_math
-from drift_trainer.core.refresh import feature_storage, progress_bar, shard
+from drift_trainer.core.params import CaptureParams
+from drift_trainer.core.storage import feature_storage
 
 logger = logging.getLogger("drift_trainer")
 WRITE_EVERY = 16  # captured micro-batches buffered before one bulk write into the cache
@@ -175,6 +178,24 @@ class TrainCapture:
         self.remove()
         self.disabled = True
 
+    def checkpoint_arrays(self) -> dict[str, np.ndarray]:
+        """The cache and counters as arrays for a checkpoint (read back by :meth:`restore`)."""
+        self.flush(write=True)
+        arrays = self.cache.state_arrays()
+        arrays["rows_trained"] = np.asarray([self.rows_captured + self.rows_skipped])
+        arrays["last_refresh_step"] = np.asarray([self.last_refresh_step])
+        arrays["stale_checks"] = np.asarray([self.stale_checks, int(self.disabled)])
+        return arrays
+
+    def restore(self, arrays) -> None:
+        """Continue from :meth:`checkpoint_arrays` (a resumed run)."""
+        self.cache.load_arrays(arrays)
+        self.rows_captured, self.rows_skipped = int(arrays["rows_trained"][0]), 0
+        self.last_refresh_step = int(arrays["last_refresh_step"][0])
+        self.stale_checks, disabled = (int(v) for v in arrays["stale_checks"])
+        if disabled:  # capture had turned itself off (or could not run) before the checkpoint
+            self.disable()
+
     # ------------------------------------------------------------------ hooks
     def _forward_hook(self, i: int):
         projector = self.projector
@@ -299,10 +320,11 @@ class TrainCapture:
         return blocks.reshape(bsz, -1)
 
     # ------------------------------------------------------------------ at a refresh
-    def features_for_refresh(self, fp, model, view, args, dist, step, seed, show) -> CachedFeatures:
+    def features_for_refresh(self, fp, model, view, params, dist, step, seed, show) -> CachedFeatures:
         """Check that cached features still agree with the model; if so recompute the stalest rows within the budget,
         else every row, into ``self.cache``; then hand each rank the rows whose latest feature it holds (a row trained
         on several ranks is scored once, by the rank that saw it last)."""
+        params = CaptureParams.of(params)
         cache = self.cache
         self.flush(write=True)
         trained = dist.all_reduce_sum(np.asarray([float(self.rows_captured + self.rows_skipped)]))[0]
@@ -322,7 +344,7 @@ class TrainCapture:
         # 1. agreement: recompute a seeded sample of cached rows (on the rank holding each) and compare
         agreement = None
         cached = np.flatnonzero(step_of_row >= 0)
-        n_check = min(int(args.drift_capture_check_rows), len(cached))
+        n_check = min(int(params.capture_check_rows), len(cached))
         sample = np.zeros(0, dtype=np.int64)
         if n_check > 0:
             sample = np.sort(np.random.default_rng([int(seed), 8191]).choice(cached, n_check, replace=False))
@@ -336,14 +358,14 @@ class TrainCapture:
             agreement = float(total[0] / total[1]) if total[1] > 0 else None
             step_of_row[sample] = step
         # 2. recompute: the stalest rows within the budget, or every other row when the cache no longer agrees
-        full = agreement is not None and agreement < args.drift_capture_min_agreement
+        full = agreement is not None and agreement < params.capture_min_agreement
         if full:
             recompute = np.setdiff1d(np.arange(len(cache)), sample)
         else:
             # stale: never captured, or captured before the previous refresh (rows trained since are fresh)
             order = stale_order(step_of_row, seed)
             order = order[step_of_row[order] < self.last_refresh_step]
-            recompute = np.sort(order[: rescore_budget(trained, args.drift_rescore_budget)])
+            recompute = np.sort(order[: rescore_budget(trained, params.rescore_budget)])
         mine_pos, _ = shard(len(recompute), rank, ws)
         _recompute(
             fp, model, view, dist, cache, recompute[mine_pos], recompute, step, "drift features (stale rows)", show

@@ -6,6 +6,8 @@ on CPU (the projected space is small), whatever the model's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 EPS = 1e-12
@@ -18,10 +20,15 @@ def signed_target(rollout_features: np.ndarray, signs: np.ndarray) -> np.ndarray
     return (np.asarray(signs, dtype=np.float64)[:, None] * r / np.maximum(norms, EPS)).sum(0)
 
 
-def fisher(train_features: np.ndarray) -> np.ndarray:
-    """Empirical Fisher in the projected space, ``mean_i phi_i phi_i^T`` (k, k)."""
-    phi = np.asarray(train_features, dtype=np.float64)
-    return phi.T @ phi / max(len(phi), 1)
+def second_moment(blocks: Iterable[np.ndarray], dim: int) -> tuple[np.ndarray, int]:
+    """``(sum_i phi_i phi_i^T, n)`` over feature blocks (each ``(rows, dim)``), streamed in float64: the empirical
+    Fisher is the sum over every rank's rows divided by their count."""
+    total, count = np.zeros((dim, dim)), 0
+    for block in blocks:
+        b = np.asarray(block, dtype=np.float64)
+        total += b.T @ b
+        count += len(b)
+    return total, count
 
 
 def precondition(
@@ -37,13 +44,15 @@ def precondition(
     return np.linalg.solve(fisher_matrix + lam * np.eye(k), target)
 
 
-def influence_scores(
-    train_features: np.ndarray, direction: np.ndarray, debias: str = "normalize", alpha: float = 1.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Debiased scores (n,) and the train gradient norms (n,) of ``train_features`` against ``direction``."""
-    phi = np.asarray(train_features, dtype=np.float64)
-    norms = np.linalg.norm(phi, axis=1)
-    return debias_raw(phi @ direction, norms, debias, alpha), norms
+def inner_products(blocks: Iterable[np.ndarray], direction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw scores ``<direction, phi_i>`` (n,) and gradient norms ``||phi_i||`` (n,) of the rows of feature blocks,
+    in block order (float64, one block at a time)."""
+    raw, norms = [np.zeros(0)], [np.zeros(0)]
+    for block in blocks:
+        b = np.asarray(block, dtype=np.float64)
+        raw.append(b @ direction)
+        norms.append(np.linalg.norm(b, axis=1))
+    return np.concatenate(raw), np.concatenate(norms)
 
 
 def debias_raw(raw: np.ndarray, norms: np.ndarray, debias: str = "normalize", alpha: float = 1.0) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,6 +10,7 @@ from datasets import Dataset
 from transformers import GenerationConfig
 
 from drift_trainer.core.features import IGNORE_INDEX
+from drift_trainer.core.params import RolloutParams
 from drift_trainer.core.rewards import compute_rewards
 
 
@@ -118,15 +118,17 @@ def sample_queries(query_dataset: Dataset, num: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=num, replace=False).tolist())
 
 
-def generation_config(args, tokenizer) -> GenerationConfig:
-    """Explicit sampling settings: nothing is inherited from the model's own generation config."""
+def generation_config(params, tokenizer) -> GenerationConfig:
+    """Explicit sampling settings (a :class:`RolloutParams` or a config): nothing is inherited from the model's own
+    generation config."""
+    p = RolloutParams.of(params)
     eos = tokenizer.eos_token_id
     return GenerationConfig(
         do_sample=True,
-        temperature=args.drift_temperature,
-        top_p=args.drift_top_p,
+        temperature=p.temperature,
+        top_p=p.top_p,
         top_k=0,
-        max_new_tokens=args.drift_max_new_tokens,
+        max_new_tokens=p.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         eos_token_id=eos,
         bos_token_id=tokenizer.bos_token_id,
@@ -159,29 +161,31 @@ def generate_rollouts(
     tokenizer,
     query_dataset: Dataset,
     query_rows: list[int],
-    args,
+    params,
     reward_funcs,
     seed: int,
     num_calls: int | None = None,
     progress=None,
     dist=None,
 ) -> Rollouts:
-    """Sample ``args.drift_num_rollouts`` completions per query row and judge them.
+    """Sample ``params.num_rollouts`` completions per query row and judge them (``params``: a :class:`RolloutParams`
+    or a config).
 
     ``model`` must already be ready for generation (unwrapped / gathered). Runs in eval mode without grad and restores
-    the previous mode. The rollouts are cut into ``generate`` calls of ``drift_rollout_batch_size``; call ``c`` samples
+    the previous mode. The rollouts are cut into ``generate`` calls of ``params.batch_size``; call ``c`` samples
     under ``torch.random.fork_rng`` seeded by ``seed + c``, so the training RNG stream is left as it was and the
     rollouts do not depend on how many processes share the work. With ``dist`` (a :class:`refresh.Dist` over several
     ranks) rank ``r`` makes calls ``r, r + world, ...`` and judges its own rollouts; every rank makes the same number of
     ``generate`` calls (ZeRO-3 needs it; spare calls repeat one and are discarded) and all ranks end with every rollout,
     in the same order. ``num_calls``: make at least this many calls per rank.
     """
-    gen_cfg = generation_config(args, tokenizer)
-    k = args.drift_num_rollouts
+    params = RolloutParams.of(params)
+    gen_cfg = generation_config(params, tokenizer)
+    k = params.num_rollouts
     rows = [query_dataset[int(i)] for i in query_rows]
     flat = [(qi, row) for qi, row in zip(query_rows, rows) for _ in range(k)]
     prompt_ids = [tokenize_prompt(tokenizer, row["prompt"]) for _, row in flat]
-    bs = max(1, args.drift_rollout_batch_size)
+    bs = max(1, params.batch_size)
     batches = [list(range(s, min(s + bs, len(flat)))) for s in range(0, len(flat), bs)]
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     mine = list(range(rank, len(batches), world))
@@ -248,17 +252,3 @@ def _judge(tokenizer, query_dataset, flat, completion_ids, flat_index, reward_fu
     completions = _completions(tokenizer, prompts, completion_ids)
     columns = {c: [flat[i][1][c] for i in flat_index] for c in query_dataset.column_names if c != "prompt"}
     return compute_rewards(reward_funcs, prompts, completions, columns)
-
-
-@contextlib.contextmanager
-def generation_context(trainer, model):
-    """Yield a model ready for ``generate``: under DeepSpeed ZeRO-3 (through TRL's helper, which gathers the weights
-    once and removes the per-module hooks), otherwise the model itself with activation checkpointing off."""
-    accelerator = getattr(trainer, "accelerator", None) if trainer is not None else None
-    if accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
-        from trl.models import unwrap_model_for_generation
-
-        with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as unwrapped:
-            yield unwrapped
-        return
-    yield model

@@ -6,6 +6,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from drift_trainer.core.params import SigningParams
+
 
 def rollout_signs(
     rewards: np.ndarray,
@@ -56,15 +58,16 @@ def has_contrast(signs: np.ndarray) -> bool:
     return bool((signs > 0).any() and (signs < 0).any())
 
 
-def sign_rollouts(rewards, query_index, args) -> tuple[np.ndarray, bool]:
-    """Signs of a refresh's rollouts under ``args`` (``drift_signing``, ``drift_reward_threshold``,
-    ``drift_no_contrast``) and whether they carry contrast (else the refresh keeps the previous weights)."""
+def sign_rollouts(rewards, query_index, params) -> tuple[np.ndarray, bool]:
+    """Signs of a refresh's rollouts under ``params`` (a :class:`SigningParams` or a config with ``drift_signing``,
+    ``drift_reward_threshold``, ``drift_no_contrast``) and whether they carry contrast (else the refresh keeps the previous weights)."""
+    p = SigningParams.of(params)
     signs = rollout_signs(
         np.asarray(rewards),
         np.asarray(query_index),
-        args.drift_signing,
-        args.drift_reward_threshold,
-        args.drift_no_contrast,
+        p.signing,
+        p.reward_threshold,
+        p.no_contrast,
     )
-    contrast = has_contrast(signs) if args.drift_signing == "correctness" else bool(np.abs(signs).sum() > 0)
+    contrast = has_contrast(signs) if p.signing == "correctness" else bool(np.abs(signs).sum() > 0)
     return signs, contrast

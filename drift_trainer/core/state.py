@@ -107,26 +107,79 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(text)
 
 
-def write_refresh_artifacts(
-    out_dir: str,
-    frame_columns: dict[str, np.ndarray],
-    rollout_records: list[dict],
-    summary: dict,
-) -> str:
+def score_columns(result, weights) -> dict[str, np.ndarray]:
+    """The columns of ``scores.parquet``: one row per user example of a refresh's result."""
+    n = result.scores.shape[0]
+    return {
+        "index": np.arange(n),
+        "score": result.scores,
+        "weight": np.asarray(weights, dtype=np.float64),
+        "grad_norm": result.grad_norm,
+        "raw_score": result.raw_scores,
+        "loss": result.loss,
+        "scored": result.scored,
+    }
+
+
+def rollout_records(result) -> list[dict]:
+    """The lines of ``rollouts.jsonl``: each rollout's query, completion text, reward and sign."""
+    from drift_trainer.core.rewards import completion_text
+
+    ro = result.rollouts
+    return [
+        {
+            "query_index": ro.query_index[j],
+            "query": ro.prompts[j],
+            "completion": completion_text(ro.completions[j]),
+            "reward": ro.rewards[j],
+            "sign": float(result.signs[j]),
+        }
+        for j in range(len(ro))
+    ]
+
+
+def _write_files(out_dir: str, frame_columns: dict, records: list[dict], summary: dict | None) -> None:
+    import pandas as pd
+
+    with atomic_path(os.path.join(out_dir, "scores.parquet")) as tmp:
+        pd.DataFrame(frame_columns).to_parquet(tmp, index=False)
+    atomic_write_text(
+        os.path.join(out_dir, "rollouts.jsonl"),
+        "".join(json.dumps(rec, default=_json_default) + "\n" for rec in records),
+    )
+    if summary is not None:
+        write_summary(out_dir, summary)
+
+
+def write_scores(out_dir: str, result, weights) -> None:
+    """Write ``scores.parquet`` and ``rollouts.jsonl`` of a refresh into ``out_dir``, each file atomically."""
+    _write_files(out_dir, score_columns(result, weights), rollout_records(result), None)
+
+
+def write_summary(out_dir: str, summary: dict) -> None:
+    atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2, default=_json_default))
+
+
+def write_refresh_artifacts(out_dir: str, frame_columns: dict, records: list[dict], summary: dict) -> str:
     """Write ``scores.parquet``, ``rollouts.jsonl`` and ``summary.json`` into ``out_dir`` atomically.
 
     Everything is written into a temporary sibling directory first and renamed into place, so a crash leaves either
     the complete previous directory or none. Returns ``out_dir``.
     """
-    import pandas as pd
-
     with atomic_path(out_dir, directory=True) as tmp:
-        pd.DataFrame(frame_columns).to_parquet(os.path.join(tmp, "scores.parquet"), index=False)
-        with open(os.path.join(tmp, "rollouts.jsonl"), "w") as f:
-            f.writelines(json.dumps(rec, default=_json_default) + "\n" for rec in rollout_records)
-        with open(os.path.join(tmp, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=_json_default)
+        _write_files(tmp, frame_columns, records, summary)
     return out_dir
+
+
+def write_refresh_result(out_dir: str, result, weights, summary: dict) -> str:
+    """:func:`write_refresh_artifacts` of a refresh's result and weights."""
+    return write_refresh_artifacts(out_dir, score_columns(result, weights), rollout_records(result), summary)
+
+
+def write_examples(path: str, texts) -> None:
+    """``examples.jsonl``: ``(index, text)`` of each train example (read by the report)."""
+    lines = [json.dumps({"index": int(i), "text": t}, ensure_ascii=False, default=str) for i, t in texts]
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _json_default(o):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from drift_trainer.core.params import WeightingParams
+
 
 def standardize(scores: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     """z-scores over ``mask`` (all if None); entries outside the mask are 0."""
@@ -42,10 +44,10 @@ def clip_mean_one(w: np.ndarray, clip: float, iters: int = 20) -> np.ndarray:
     return w
 
 
-def scores_to_weights(scores: np.ndarray, args, mask: np.ndarray | None = None) -> np.ndarray:
+def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None) -> np.ndarray:
     """Weights (n,) with mean 1 over ``mask`` (examples that were scored); unscored examples get 1.
 
-    Rules (``args.drift_weighting``): ``softmax`` of standardised scores over ``drift_softmax_temperature``;
+    ``params``: a :class:`WeightingParams` or a config. Rules (``weighting``, flag ``drift_weighting``): ``softmax`` of standardised scores over ``drift_softmax_temperature``;
     ``prune`` sets the lowest ``drift_prune_fraction`` to 0 and the rest to 1; ``truncate`` keeps (1) the scores
     between percentiles ``drift_truncate_low`` and ``drift_truncate_high`` and sets the rest to 0. Then weights are
     clipped at ``drift_weight_clip`` keeping mean 1, and mixed: ``(1 - drift_uniform_mix) * w + drift_uniform_mix``.
@@ -56,23 +58,24 @@ def scores_to_weights(scores: np.ndarray, args, mask: np.ndarray | None = None) 
     if mask.sum() == 0:
         return out
     live = s[mask]
-    rule = args.drift_weighting
+    p = WeightingParams.of(params)
+    rule = p.weighting
     if rule == "softmax":
-        z = standardize(live) / args.drift_softmax_temperature
+        z = standardize(live) / p.softmax_temperature
         w = np.exp(z - z.max())
     elif rule == "prune":
-        n_drop = int(np.floor(args.drift_prune_fraction * len(live)))
+        n_drop = int(np.floor(p.prune_fraction * len(live)))
         w = np.ones(len(live))
         if n_drop:
             tiebreak = np.random.default_rng(0).random(len(live))  # equal scores: drop a seeded random subset
             w[np.lexsort((tiebreak, live))[:n_drop]] = 0.0
     elif rule == "truncate":
-        lo, hi = np.percentile(live, [args.drift_truncate_low, args.drift_truncate_high])
+        lo, hi = np.percentile(live, [p.truncate_low, p.truncate_high])
         w = ((live >= lo) & (live <= hi)).astype(np.float64)
     else:
         raise ValueError(f"drift_weighting must be 'softmax', 'prune' or 'truncate'; got {rule!r}.")
-    w = clip_mean_one(w, args.drift_weight_clip)
-    mix = args.drift_uniform_mix
+    w = clip_mean_one(w, p.weight_clip)
+    mix = p.uniform_mix
     out[mask] = (1.0 - mix) * w + mix
     return out
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, fields
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from drift_trainer.methods.ica import ICAArguments
+from drift_trainer.hf.fields import _choice, _help, _range
+from drift_trainer.hf.method_options import ICAArguments, SFTMethodArguments
+from drift_trainer.methods.scorers import SCORERS as SCORER_REGISTRY, scorer_help
 
 SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")
@@ -20,14 +22,7 @@ PRECONDITIONERS = ("identity", "fisher")
 WEIGHTINGS = ("softmax", "prune", "truncate")
 REWEIGHT_MODES = ("sampler", "loss")
 NO_CONTRAST = ("skip", "keep")
-SCORERS = ("drift", "off_policy", "cosine", "loss", "random", "uniform", "drift_unsigned", "drift_raw")
-
-
-def _help(text: str, choices: tuple[str, ...] | None = None) -> dict:
-    meta = {"help": text}
-    if choices:
-        meta["choices"] = list(choices)
-    return meta
+SCORERS = tuple(SCORER_REGISTRY)
 
 
 @dataclass
@@ -106,14 +101,8 @@ class DriftArguments:
     drift_scorer: str = field(
         default="drift",
         metadata=_help(
-            "What scores the train examples at each refresh (all share the rollout and feature pipeline). `drift`: "
-            "signed on-policy influence (the method). Baselines: `off_policy` (classic influence: raw inner products, "
-            "no debiasing, towards the gradients of the queries' reference answers, the query dataset's `answer` "
-            "column, instead of rollouts), `cosine` (LESS "
-            "style: mean cosine similarity of train features to the reference-answer features), `loss` (low loss "
-            "first: score = -loss), `random` (seeded random scores), `uniform` (no reweighting: weights stay 1). "
-            "Ablations: `drift_unsigned` (correct rollouts only, sign +1), `drift_raw` (drift with "
-            "drift_debias='none').",
+            "What scores the train examples at each refresh, with drift_method='drift' (every scorer shares the "
+            "rollout and feature pipeline; see drift_trainer.methods.scorers). " + scorer_help(),
             SCORERS,
         ),
     )
@@ -338,23 +327,6 @@ class DriftArguments:
         return {f.name: getattr(self, f.name) for f in fields(DriftArguments)}
 
 
-def _choice(obj, name: str, allowed: tuple[str, ...]) -> None:
-    value = getattr(obj, name)
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
-
-
-def _range(obj, name, low, high, low_open=False, high_open=False) -> None:
-    value = getattr(obj, name)
-    ok = (value > low if low_open else value >= low) if low is not None else True
-    if high is not None:
-        ok = ok and (value < high if high_open else value <= high)
-    if not ok:
-        lo = ("(" if low_open else "[") + str(low)
-        hi = (str(high) + (")" if high_open else "]")) if high is not None else "inf)"
-        raise ValueError(f"{name} must be in {lo}, {hi}; got {value!r}.")
-
-
 def coerce_config(args, cls):
     """``args`` as an instance of the config dataclass ``cls``: unchanged if it is one, else its fields that ``cls``
     knows copied into a new ``cls`` (the rest at their defaults), as TRL converts a plain ``TrainingArguments``."""
@@ -372,36 +344,21 @@ def drift_arguments_from(args) -> DriftArguments:
     return out
 
 
-SFT_METHODS = ("drift", "ica")
-
-
-@dataclass
-class DriftConfig(DriftArguments, ICAArguments, SFTConfig):
-    """``trl.SFTConfig`` plus the DRIFT options, for :class:`~drift_trainer.DriftSFTTrainer`."""
-
-    # kept apart from DriftArguments (and named `drift_method`, not `drift_scorer`) so it can be unified later with the
-    # scorer options of the DRIFT pipeline without a clash
-    drift_method: str = field(
-        default="drift",
-        metadata=_help(
-            "Which data-value method reweights the train set. `drift`: on-policy signed influence (the `drift_*` "
-            "options). `ica`: in-context approximation scores (forward passes only, needs a holdout_dataset), min-max "
-            "normalised and applied as per-example loss weights (the `drift_ica_*` options; no rollouts).",
-            SFT_METHODS,
-        ),
-    )
-
-    def __post_init__(self):
-        self.validate_drift()  # DRIFT errors first: they do not depend on the rest of the config
-        _choice(self, "drift_method", SFT_METHODS)
-        self.validate_ica()
-        super().__post_init__()
-
-
 @dataclass
 class DriftTrainingArguments(DriftArguments, TrainingArguments):
     """``transformers.TrainingArguments`` plus the DRIFT options, for a plain ``Trainer`` with ``DriftCallback``."""
 
     def __post_init__(self):
         self.validate_drift()  # DRIFT errors first: they do not depend on the rest of the config
+        super().__post_init__()
+
+
+@dataclass
+class DriftConfig(DriftArguments, ICAArguments, SFTMethodArguments, SFTConfig):
+    """``trl.SFTConfig`` plus the DRIFT options, for :class:`~drift_trainer.DriftSFTTrainer`."""
+
+    def __post_init__(self):
+        self.validate_drift()  # DRIFT errors first: they do not depend on the rest of the config
+        self.validate_method()
+        self.validate_ica()
         super().__post_init__()

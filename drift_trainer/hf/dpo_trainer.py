@@ -19,89 +19,30 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from drift_trainer.core.influence import debias_raw, precondition, signed_target
-from drift_trainer.core.refresh import FeaturePass
 from drift_trainer.core.rewards import resolve_reward_funcs
-from drift_trainer.core.rollouts import check_query_dataset, generate_rollouts, generation_context, sample_queries
-from drift_trainer.core.signing import sign_rollouts
-from drift_trainer.core.weighting import scores_to_weights, standardize
-from drift_trainer.hf.callback import INDEX_COLUMN
-from drift_trainer.hf.config import DriftArguments, _choice, _help, coerce_config
-from drift_trainer.hf.sft_trainer import _IndexCollator
-from drift_trainer.methods.ica import ICAArguments, ICACallback
-from drift_trainer.methods.lossdiff import LOSSDIFF_SCORES, band_mask, score_and_select, train_validation_model
+from drift_trainer.core.rollouts import check_query_dataset
+from drift_trainer.hf.config import DriftArguments, coerce_config
+from drift_trainer.hf.ica_callback import ICACallback
+from drift_trainer.hf.index import INDEX_COLUMN, prepare_index, with_index
+from drift_trainer.hf.method_options import ICAArguments, PreferenceArguments
+from drift_trainer.hf.pair_callbacks import LossDiffCallback, PairDriftCallback
+from drift_trainer.methods.lossdiff import band_mask
 from drift_trainer.methods.pairs import (
     PAIR_LOSSES,
     REFERENCE_FREE,
     PairLogps,
     implicit_rewards,
-    pair_feature_batch,
     pair_logps,
     pair_losses,
-    pair_nll_loss,
 )
 
 logger = logging.getLogger("drift_trainer")
-PREFERENCE_METHODS = ("uniform", "ica", "lossdiff_irm", "drift")
-
-
-@dataclass
-class PreferenceArguments:
-    """Options of the preference scorers (``DriftDPOConfig``)."""
-
-    drift_method: str = field(
-        default="drift",
-        metadata=_help(
-            "Scorer of the preference pairs. `uniform`: plain TRL DPO. `ica`: in-context approximation weights "
-            "(needs holdout_dataset). `lossdiff_irm`: after a warm-up, keep the pairs in the middle percentile bands "
-            "of LossDiff and IRM (needs validation_dataset). `drift`: signed on-policy influence (needs "
-            "query_dataset and reward_funcs).",
-            PREFERENCE_METHODS,
-        ),
-    )
-    drift_lossdiff_warmup_epochs: float = field(
-        default=1.0, metadata=_help("`lossdiff_irm`: epochs of DPO on all pairs before scoring and selecting (> 0).")
-    )
-    drift_lossdiff_val_epochs: float = field(
-        default=1.0,
-        metadata=_help("`lossdiff_irm`: epochs the auxiliary model theta_val trains on the validation pairs (> 0)."),
-    )
-    drift_lossdiff_score: str = field(
-        default="both",
-        metadata=_help(
-            "`lossdiff_irm`: which bands select. `both`: pairs in the middle band of LossDiff and of IRM "
-            "(intersection, the paper); `lossdiff` or `irm`: one score only (truncated influence on one proxy).",
-            LOSSDIFF_SCORES,
-        ),
-    )
-    drift_lossdiff_low: float = field(default=10.0, metadata=_help("Lower percentile of the LossDiff band, [0, 100)."))
-    drift_lossdiff_high: float = field(
-        default=90.0, metadata=_help("Upper percentile of the LossDiff band, (low, 100].")
-    )
-    drift_irm_low: float = field(default=10.0, metadata=_help("Lower percentile of the IRM band, [0, 100)."))
-    drift_irm_high: float = field(default=90.0, metadata=_help("Upper percentile of the IRM band, (low, 100]."))
-    simpo_gamma: float = field(
-        default=0.5, metadata=_help("Target reward margin of `loss_type='simpo'` (SimPO; beta is `beta`).")
-    )
-
-    def validate_preference(self) -> None:
-        _choice(self, "drift_method", PREFERENCE_METHODS)
-        _choice(self, "drift_lossdiff_score", LOSSDIFF_SCORES)
-        for lo, hi in (("drift_lossdiff_low", "drift_lossdiff_high"), ("drift_irm_low", "drift_irm_high")):
-            a, b = getattr(self, lo), getattr(self, hi)
-            if not 0.0 <= a < b <= 100.0:
-                raise ValueError(f"{lo} and {hi} must satisfy 0 <= low < high <= 100, got {a!r} and {b!r}.")
-        for name in ("drift_lossdiff_warmup_epochs", "drift_lossdiff_val_epochs"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
 
 
 @dataclass
@@ -117,15 +58,6 @@ class DriftDPOConfig(DriftArguments, ICAArguments, PreferenceArguments, DPOConfi
         self.validate_ica()
         self.validate_preference()
         super().__post_init__()
-
-
-class _PairWeights:
-    """What the scorers hand the trainer: per-user-pair weights, and the scores behind them."""
-
-    def __init__(self):
-        self.weights: np.ndarray | None = None
-        self.scores: dict[str, np.ndarray] = {}
-        self.history: list[dict] = []
 
 
 class DriftDPOTrainer(DPOTrainer):
@@ -166,66 +98,45 @@ class DriftDPOTrainer(DPOTrainer):
         method = args.drift_method if args.drift_enabled else "uniform"
         self.drift_method = method
         self._own_loss = any(t in REFERENCE_FREE for t in args.loss_type)
-        self._pairs = _PairWeights()
         user_train = train_dataset
-        if method != "uniform" and args.world_size > 1:
-            raise ValueError(
-                f"drift_method={method!r} on preference data runs in a single process for now (its scoring passes are "
-                f"not sharded across ranks); this run has {args.world_size} processes. Launch one process, or use "
-                "drift_method='uniform'."
-            )
+        num_pairs = len(user_train) if user_train is not None else 0
         if method != "uniform":
-            unsupported = [t for t in args.loss_type if t not in PAIR_LOSSES]
-            if unsupported:
-                raise ValueError(
-                    f"drift_method={method!r} reweights pairs with its own per-pair loss, which implements "
-                    f"loss_type in {list(PAIR_LOSSES)}; got {unsupported}. Use drift_method='uniform' for the others."
-                )
-            if args.ld_alpha is not None or args.f_divergence_type != "reverse_kl" or args.use_weighting:
-                raise ValueError(
-                    f"drift_method={method!r} does not support ld_alpha, a non-default f_divergence_type or "
-                    "use_weighting; leave them at their defaults or use drift_method='uniform'."
-                )
-            if train_dataset is None or not hasattr(train_dataset, "add_column"):
-                raise ValueError("DriftDPOTrainer scorers need a map-style datasets.Dataset train_dataset.")
-            if INDEX_COLUMN not in train_dataset.column_names:
-                train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
-        self._num_pairs = len(user_train) if user_train is not None else 0
-        if method == "lossdiff_irm":
-            if validation_dataset is None and validation_model is None:
-                raise ValueError(
-                    "drift_method='lossdiff_irm' needs a validation_dataset (or a trained validation_model)."
-                )
-            self._initial_model = None if validation_model is not None else copy.deepcopy(model)
+            check_pair_method(method, args, train_dataset)
+            train_dataset = with_index(train_dataset)
+        if method == "lossdiff_irm" and validation_dataset is None and validation_model is None:
+            raise ValueError("drift_method='lossdiff_irm' needs a validation_dataset (or a trained validation_model).")
+        initial = copy.deepcopy(model) if method == "lossdiff_irm" and validation_model is None else None
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
         if method == "drift":
             check_query_dataset(query_dataset)
             if not self.reward_funcs:
                 raise ValueError("drift_method='drift' needs reward_funcs (e.g. 'exact_match').")
         super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, **kwargs)
-        if method != "uniform":
-            self.data_collator = _IndexCollator(self.data_collator)
+        self.pair_scorer = None
         if method == "ica":
-            self._ica = ICACallback(self, user_train, holdout_dataset, args, embedding_fn)
-            self.add_callback(_Forward(self._ica, self._pairs, "score"))
+            self.pair_scorer = ICACallback(self, user_train, holdout_dataset, args, embedding_fn)
         elif method == "lossdiff_irm":
-            self.add_callback(_LossDiffCallback(self, validation_dataset, validation_model))
+            self.pair_scorer = LossDiffCallback(self, validation_dataset, validation_model, initial, num_pairs)
         elif method == "drift":
-            self.add_callback(_PairDriftCallback(self, query_dataset))
+            self.pair_scorer = PairDriftCallback(self, query_dataset, self.reward_funcs, num_pairs)
+        if self.pair_scorer is not None:
+            prepare_index(self)
+            self.add_callback(self.pair_scorer)
 
     # ------------------------------------------------------------------ state
     @property
     def pair_weights(self) -> np.ndarray | None:
-        return self._pairs.weights
+        """Weights of the user's train pairs (one per row of ``train_dataset``), or None before the first scoring."""
+        return None if self.pair_scorer is None else self.pair_scorer.weights
 
     @property
     def pair_scores(self) -> dict[str, np.ndarray]:
-        return self._pairs.scores
+        return {} if self.pair_scorer is None else self.pair_scorer.pair_scores
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self.drift_method != "uniform" and INDEX_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, INDEX_COLUMN]
+    @property
+    def pair_history(self) -> list[dict]:
+        """One entry per scoring (for ``drift``: the refresh summaries)."""
+        return [] if self.pair_scorer is None else self.pair_scorer.history
 
     def prepared_rows(self) -> list[dict]:
         """The TRL-prepared train pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``, ``drift_index``)."""
@@ -253,7 +164,7 @@ class DriftDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
-        weights = self._pairs.weights
+        weights = self.pair_weights
         use_weights = weights is not None and index is not None and model.training
         if not (self._own_loss or use_weights):
             return super().compute_loss(
@@ -319,171 +230,28 @@ class DriftDPOTrainer(DPOTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-class _Forward(TrainerCallback):
-    """Copies an :class:`ICACallback`'s weights into the trainer's pair weights after it computes them."""
-
-    def __init__(self, ica: ICACallback, pairs: _PairWeights, key: str):
-        self.ica, self.pairs, self.key = ica, pairs, key
-
-    def _sync(self):
-        if self.ica.weights is not None:
-            self.pairs.weights = self.ica.weights
-            self.pairs.scores = {self.key: self.ica.scores}
-            self.pairs.history = self.ica.history
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.ica.on_train_begin(args, state, control, **kwargs)
-        self._sync()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ica.on_step_end(args, state, control, **kwargs)
-        self._sync()
-
-
-def _user_array(values: np.ndarray, user_index: np.ndarray, n: int, fill: float) -> np.ndarray:
-    out = np.full(n, fill, dtype=np.float64)
-    out[user_index] = values
-    return out
-
-
-class _LossDiffCallback(TrainerCallback):
-    """After the warm-up epochs: train theta_val, score LossDiff and IRM, keep the middle bands (weights 1/0)."""
-
-    def __init__(self, trainer: DriftDPOTrainer, validation_dataset, validation_model):
-        self.trainer = trainer
-        self.validation_dataset = validation_dataset
-        self.validation_model = validation_model
-        self.done = False
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        if self.done or (state.epoch or 0) + 1e-9 < args.drift_lossdiff_warmup_epochs:
-            return
-        self.done = True
-        self.select(state.global_step)
-
-    def select(self, step: int = 0) -> None:
-        tr = self.trainer
-        args = tr.args
-        pad = tr.processing_class.pad_token_id
-        rows = tr.prepared_rows()
-        val_model = self.validation_model
-        if val_model is None:
-            val_rows = list(
-                tr._prepare_dataset(self.validation_dataset, tr.processing_class, args, "validation")
-                .select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-                .with_format("python")
-            )
-            val_model = train_validation_model(
-                tr._initial_model,
-                val_rows,
-                tr.reference_logps(val_rows),
-                args,
-                pad,
-                args.drift_lossdiff_val_epochs,
-                seed=args.seed,
-            )
-            tr._initial_model = None  # free it
-        policy = tr.accelerator.unwrap_model(tr.model)
-        out = score_and_select(policy, val_model, tr.reference_logps, rows, args, pad, args.drift_ica_batch_size)
-        ui = np.asarray([r[INDEX_COLUMN] for r in rows], dtype=np.int64)
-        n = tr._num_pairs
-        keep = np.zeros(n, dtype=bool)
-        keep[ui] = out["keep"]
-        tr._pairs.weights = keep.astype(np.float64)
-        tr._pairs.scores = {
-            "lossdiff": _user_array(out["lossdiff"], ui, n, np.nan),
-            "irm": _user_array(out["irm"], ui, n, np.nan),
-            "keep": keep,
-        }
-        tr._pairs.history.append({"step": step, "kept": int(keep.sum()), "num_pairs": int(n)})
-        logger.info("LossDiff-IRM at step %d kept %d of %d pairs", step, int(keep.sum()), n)
-
-
-class _PairDriftCallback(TrainerCallback):
-    """DRIFT on preference pairs: on-policy signed influence with a pair's loss ``-(lp(y_w) - lp(y_l))``."""
-
-    def __init__(self, trainer: DriftDPOTrainer, query_dataset):
-        self.trainer = trainer
-        self.query_dataset = query_dataset
-        self.projector: ProjectedGradients | None = None
-        self.smoothed: np.ndarray | None = None
-        self.num_refreshes = 0
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        unwrapped = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        self.projector = ProjectedGradients(
-            select_target_modules(unwrapped, args.drift_target_modules),
-            args.drift_projection_dim,
-            args.drift_projection_seed,
+def check_pair_method(method: str, args, train_dataset) -> None:
+    """Raise unless ``method`` can score pairs for this run: one process, a per-pair loss it implements, a map-style
+    train set."""
+    if args.world_size > 1:
+        raise ValueError(
+            f"drift_method={method!r} on preference data runs in a single process for now (its scoring passes are "
+            f"not sharded across ranks); this run has {args.world_size} processes. Launch one process, or use "
+            "drift_method='uniform'."
         )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        first = args.drift_first_step
-        step = state.global_step
-        if step >= first and (step - first) % args.drift_refresh_steps == 0:
-            self.refresh(step)
-
-    def refresh(self, step: int) -> None:
-        tr, args = self.trainer, self.trainer.args
-        model = tr.accelerator.unwrap_model(tr.model)
-        tokenizer = getattr(tr.processing_class, "tokenizer", tr.processing_class)
-        seed = int(args.seed)
-        k = self.num_refreshes
-        self.num_refreshes += 1
-        query_rows = sample_queries(self.query_dataset, args.drift_num_queries, seed + 7919 * (k + 1))
-        with generation_context(tr, model) as gen_model:
-            rollouts = generate_rollouts(
-                gen_model,
-                tokenizer,
-                self.query_dataset,
-                query_rows,
-                args,
-                tr.reward_funcs,
-                seed=seed + 104729 * (k + 1),
-            )
-        signs, contrast = sign_rollouts(rollouts.rewards, rollouts.query_index, args)
-        acc = float(np.mean(np.asarray(rollouts.rewards) >= args.drift_reward_threshold)) if len(rollouts) else 0.0
-        entry = {"step": step, "rollout_accuracy": acc, "contrast": contrast}
-        tr._pairs.history.append(entry)
-        if not contrast:
-            logger.warning("DRIFT (pairs) refresh at step %d: no contrast, previous weights kept", step)
-            return
-        pad = tokenizer.pad_token_id
-        bs = args.drift_feature_batch_size
-        fp = FeaturePass(self.projector, pad, bs)
-        live = np.flatnonzero(signs != 0)
-        r_rows = rollouts.training_rows()
-        rfeat, _, _ = fp.run(model, [r_rows[j] for j in live])
-        target = signed_target(rfeat, signs[live])
-        rows = tr.prepared_rows()
-        phi = np.zeros((len(rows), self.projector.dim))
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            for s in range(0, len(rows), bs):
-                batch = pair_feature_batch(rows[s : s + bs], pad, device)
-                phi[s : s + bs] = self.projector.compute(model, batch, loss_fn=pair_nll_loss).features.double().numpy()
-        finally:
-            model.train(was_training)
-        direction = target
-        if args.drift_preconditioner == "fisher":
-            direction = precondition(target, "fisher", phi.T @ phi / max(len(phi), 1), args.drift_damping)
-        # as on the SFT path, features are loss gradients on both sides: a pair whose descent step lowers the NLL of
-        # correct rollouts (and raises that of wrong ones) scores high
-        raw = phi @ direction
-        norms = np.linalg.norm(phi, axis=1)
-        scores = debias_raw(raw, norms, args.drift_debias, args.drift_norm_exponent)
-        z = standardize(scores)
-        if self.smoothed is not None and args.drift_score_ema > 0:
-            z = args.drift_score_ema * self.smoothed + (1 - args.drift_score_ema) * z
-        self.smoothed = z
-        ui = np.asarray([r[INDEX_COLUMN] for r in rows], dtype=np.int64)
-        n = tr._num_pairs
-        w_rows = scores_to_weights(z, args)
-        tr._pairs.weights = _user_array(w_rows, ui, n, 1.0)
-        tr._pairs.scores = {"score": _user_array(scores, ui, n, 0.0), "grad_norm": _user_array(norms, ui, n, 0.0)}
-        entry["frac_positive"] = float((scores > 0).mean())
+    unsupported = [t for t in args.loss_type if t not in PAIR_LOSSES]
+    if unsupported:
+        raise ValueError(
+            f"drift_method={method!r} reweights pairs with its own per-pair loss, which implements "
+            f"loss_type in {list(PAIR_LOSSES)}; got {unsupported}. Use drift_method='uniform' for the others."
+        )
+    if args.ld_alpha is not None or args.f_divergence_type != "reverse_kl" or args.use_weighting:
+        raise ValueError(
+            f"drift_method={method!r} does not support ld_alpha, a non-default f_divergence_type or "
+            "use_weighting; leave them at their defaults or use drift_method='uniform'."
+        )
+    if train_dataset is None or not hasattr(train_dataset, "add_column"):
+        raise ValueError("DriftDPOTrainer scorers need a map-style datasets.Dataset train_dataset.")
 
 
 __all__ = ["DriftDPOConfig", "DriftDPOTrainer", "PreferenceArguments", "band_mask"]

@@ -8,27 +8,10 @@ import numpy as np
 import torch
 from trl import SFTConfig, SFTTrainer
 
-from drift_trainer.hf.callback import INDEX_COLUMN, DriftCallback, check_train_dataset
+from drift_trainer.hf.callback import DriftCallback, resolve_drift_args
 from drift_trainer.hf.config import DriftConfig, coerce_config
-from drift_trainer.methods.ica import ICACallback
-
-
-class _IndexCollator:
-    """Wrap a collator so each batch of train rows also carries the user-dataset index of its rows (``drift_index``).
-
-    Rows without the column (an eval set, a prediction set: only the train set is indexed) pass through unchanged.
-    """
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, examples):
-        if not examples or INDEX_COLUMN not in examples[0]:
-            return self.inner(examples)
-        index = [int(ex[INDEX_COLUMN]) for ex in examples]
-        batch = self.inner([{k: v for k, v in ex.items() if k != INDEX_COLUMN} for ex in examples])
-        batch[INDEX_COLUMN] = torch.tensor(index, dtype=torch.long)
-        return batch
+from drift_trainer.hf.ica_callback import ICACallback
+from drift_trainer.hf.index import INDEX_COLUMN, check_train_dataset, prepare_index, with_index
 
 
 class DriftSFTTrainer(SFTTrainer):
@@ -69,46 +52,33 @@ class DriftSFTTrainer(SFTTrainer):
             args = DriftConfig(output_dir=f"{str(name).split('/')[-1] or 'model'}-DRIFT")
         else:
             args = coerce_config(args, DriftConfig)
-        self.drift_callback = DriftCallback(query_dataset=query_dataset, reward_funcs=reward_funcs)
-        drift_args = self.drift_callback.resolve_args(args)
+        drift_args = resolve_drift_args(None, args)
         self._ica = drift_args.drift_enabled and getattr(args, "drift_method", "drift") == "ica"
         user_train = train_dataset
-        if self._ica and args.world_size > 1:
-            raise ValueError(
-                f"drift_method='ica' runs in a single process for now (its scoring passes are not sharded across "
-                f"ranks); this run has {args.world_size} processes. Launch one process, or use drift_method='drift'."
-            )
         if self._ica:  # ICA replaces the DRIFT refreshes: an inert DriftCallback, the index column, loss weights
-            check_train_dataset(train_dataset)
-            self.drift_callback = DriftCallback(args=dataclasses.replace(drift_args, drift_enabled=False))
-            self._drift_num_examples = len(train_dataset)
-            if INDEX_COLUMN not in train_dataset.column_names:
-                train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
-            if args.loss_type != "nll" or args.label_smoothing_factor:
-                raise ValueError(
-                    "drift_method='ica' reweights the default NLL loss: set loss_type='nll' and label_smoothing_factor=0."
-                )
-        elif drift_args.drift_enabled:
-            self.drift_callback.validate(drift_args, train_dataset, args)
-            self._drift_num_examples = len(train_dataset)
-            if INDEX_COLUMN not in train_dataset.column_names:
-                train_dataset = train_dataset.add_column(INDEX_COLUMN, list(range(len(train_dataset))))
-            if drift_args.drift_reweight_mode == "loss" and (args.loss_type != "nll" or args.label_smoothing_factor):
-                raise ValueError(
-                    "drift_reweight_mode='loss' reweights the default NLL loss: set loss_type='nll' and "
-                    "label_smoothing_factor=0, or use drift_reweight_mode='sampler'."
-                )
-        # the callback captures features in the training backward through compute_loss below (DRIFT refreshes only)
-        # (block rescoring, drift_max_train_examples, is its own speed-up: asking for it turns capture off)
-        self._drift_can_capture = (
-            drift_args.drift_enabled
-            and not self._ica
-            and drift_args.drift_capture_features
-            and drift_args.drift_max_train_examples is None
-        )
+            check_ica_inputs(args, train_dataset)
+            callback = DriftCallback(args=dataclasses.replace(drift_args, drift_enabled=False))
+            train_dataset = with_index(train_dataset)
+        else:
+            # the callback captures features in the training backward through compute_loss below (DRIFT refreshes
+            # only; block rescoring, drift_max_train_examples, is its own speed-up: asking for it turns capture off)
+            callback = DriftCallback(
+                query_dataset=query_dataset,
+                reward_funcs=reward_funcs,
+                num_examples=len(train_dataset) if drift_args.drift_enabled else None,
+                capture_features=drift_args.drift_enabled
+                and drift_args.drift_capture_features
+                and drift_args.drift_max_train_examples is None,
+                applies_loss_weights=True,
+                fused_lm_head=True,  # SFTTrainer patches the model with TRL's fused LM head
+            )
+            if drift_args.drift_enabled:
+                callback.validate(drift_args, train_dataset, args)
+                check_loss_mode(drift_args, args)
+                train_dataset = with_index(train_dataset)
+        self.drift_callback = callback
         super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
-        self.drift_callback.fused_lm_head = True  # SFTTrainer patched the model with TRL's fused LM head
-        self.drift_callback.attach(self)
+        callback.attach(self)
         if self._drift_loss_mode and self.compute_loss_func is not None:
             raise ValueError(
                 "Per-example loss weights (drift_reweight_mode='loss', drift_method='ica') reweight TRL's default NLL "
@@ -118,19 +88,14 @@ class DriftSFTTrainer(SFTTrainer):
         if self._ica:
             self.ica_callback = ICACallback(self, user_train, holdout_dataset, args, embedding_fn)
             self.add_callback(self.ica_callback)
-        if self._drift_needs_index:
-            self.data_collator = _IndexCollator(self.data_collator)
+        if self._drift_loss_mode or callback.capture_features:
+            prepare_index(self)  # batches carry drift_index: for loss weights, or to file captured features by row
 
     @property
     def _drift_loss_mode(self) -> bool:
         if getattr(self, "_ica", False):
             return True  # ICA weights are always per-example loss weights
         return self.drift_callback.enabled and self.drift_callback.args.drift_reweight_mode == "loss"
-
-    @property
-    def _drift_needs_index(self) -> bool:
-        """Batches carry their rows' ``drift_index``: for loss weights, or to file captured features by row."""
-        return self._drift_loss_mode or getattr(self, "_drift_can_capture", False)
 
     def _drift_loss_weights(self):
         """Per user example loss weights (mean 1), or None before the first refresh."""
@@ -152,16 +117,6 @@ class DriftSFTTrainer(SFTTrainer):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return self.drift_callback.make_sampler(len(dataset), self.args)
         return super()._get_train_sampler(train_dataset)
-
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if self._drift_needs_index and INDEX_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, INDEX_COLUMN]
-
-    def _load_optimizer_and_scheduler(self, checkpoint):
-        super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.drift_callback.enabled:
-            self.drift_callback.load_checkpoint(checkpoint)
 
     def training_step(self, *args, **kwargs):
         try:
@@ -211,3 +166,25 @@ class DriftSFTTrainer(SFTTrainer):
         if capture is not None:  # the features are filed once this micro-batch's backward has run
             capture.watch(*(fused[0] if fused else (None, None)))
         return result
+
+
+def check_ica_inputs(args, train_dataset) -> None:
+    """``drift_method='ica'`` on SFT: one process, a map-style train set and TRL's plain NLL loss."""
+    if args.world_size > 1:
+        raise ValueError(
+            f"drift_method='ica' runs in a single process for now (its scoring passes are not sharded across "
+            f"ranks); this run has {args.world_size} processes. Launch one process, or use drift_method='drift'."
+        )
+    check_train_dataset(train_dataset)
+    if args.loss_type != "nll" or args.label_smoothing_factor:
+        raise ValueError(
+            "drift_method='ica' reweights the default NLL loss: set loss_type='nll' and label_smoothing_factor=0."
+        )
+
+
+def check_loss_mode(drift_args, args) -> None:
+    if drift_args.drift_reweight_mode == "loss" and (args.loss_type != "nll" or args.label_smoothing_factor):
+        raise ValueError(
+            "drift_reweight_mode='loss' reweights the default NLL loss: set loss_type='nll' and "
+            "label_smoothing_factor=0, or use drift_reweight_mode='sampler'."
+        )

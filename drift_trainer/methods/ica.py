@@ -15,16 +15,16 @@ being trained (no sentence-embedding model is needed offline), or any ``embeddin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
 from trl.data_utils import common_prefix_length
 
 from drift_trainer.core.features import IGNORE_INDEX, collate_right, summed_logps
+from drift_trainer.core.params import WeightingParams
 from drift_trainer.core.rollouts import is_conversational_prompt
 from drift_trainer.core.weighting import scores_to_weights
 
@@ -34,51 +34,6 @@ ICA_WEIGHTINGS = ("minmax", "softmax", "prune", "truncate")
 EmbeddingFn = Callable[[list[str]], np.ndarray]
 
 
-@dataclass
-class ICAArguments:
-    """Options of the ICA scorer (``drift_method="ica"``)."""
-
-    drift_ica_num_demos: int = field(
-        default=3,
-        metadata={"help": "Holdout examples retrieved per candidate and shown as demonstrations (the paper's k=3)."},
-    )
-    drift_ica_refresh_steps: int | None = field(
-        default=None,
-        metadata={
-            "help": "Recompute the ICA weights every this many optimizer steps. Default: once, at the start of "
-            "training (the paper's default; recomputing changed little there)."
-        },
-    )
-    drift_ica_weighting: str = field(
-        default="minmax",
-        metadata={
-            "help": "How ICA scores become loss weights. `minmax`: (s - min) / (max - min), in [0, 1] (the paper). "
-            "`softmax`, `prune`, `truncate`: the `drift_weighting` rules with their `drift_*` options (e.g. "
-            "`truncate` keeps scores between percentiles `drift_truncate_low` and `drift_truncate_high`).",
-            "choices": list(ICA_WEIGHTINGS),
-        },
-    )
-    drift_ica_batch_size: int = field(
-        default=16, metadata={"help": "Sequences per forward when scoring with ICA (forward passes only)."}
-    )
-
-    def validate_ica(self) -> None:
-        if self.drift_ica_weighting not in ICA_WEIGHTINGS:
-            raise ValueError(
-                f"drift_ica_weighting must be one of {', '.join(map(repr, ICA_WEIGHTINGS))}; got "
-                f"{self.drift_ica_weighting!r}."
-            )
-        for name in ("drift_ica_num_demos", "drift_ica_batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        if self.drift_ica_refresh_steps is not None and int(self.drift_ica_refresh_steps) < 1:
-            raise ValueError(
-                f"drift_ica_refresh_steps must be a positive integer (or None: once at the start), got "
-                f"{self.drift_ica_refresh_steps!r}."
-            )
-
-
-# ---------------------------------------------------------------------------------------------------------- texts
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text=text, add_special_tokens=False)["input_ids"])
 
@@ -244,61 +199,4 @@ def ica_weights(scores: np.ndarray, args) -> np.ndarray:
     rule = getattr(args, "drift_ica_weighting", "minmax")
     if rule == "minmax":
         return minmax(scores)
-
-    class _Rule:  # the drift_* options of args with drift_weighting swapped for the ICA rule
-        def __getattr__(self, name):
-            return rule if name == "drift_weighting" else getattr(args, name)
-
-    return scores_to_weights(scores, _Rule())
-
-
-class ICACallback(TrainerCallback):
-    """Computes ICA weights at the start of training (and every ``drift_ica_refresh_steps`` steps if set).
-
-    ``dataset`` is the user's train set (raw text columns, one row per user index); the weights land in
-    :attr:`weights` (numpy, one per row, the rule's own scale) and :attr:`scores`. The owning trainer reads them.
-    """
-
-    def __init__(self, trainer, dataset, holdout_dataset, args, embedding_fn: EmbeddingFn | None = None):
-        if holdout_dataset is None:
-            raise ValueError(
-                "drift_method='ica' needs a holdout_dataset (prompt + completion, or prompt + chosen): the examples "
-                "retrieved as in-context demonstrations."
-            )
-        _holdout_pairs(holdout_dataset)
-        self.trainer = trainer
-        self.dataset = dataset
-        self.holdout_dataset = holdout_dataset
-        self.args = args
-        self.embedding_fn = embedding_fn
-        self.scores: np.ndarray | None = None
-        self.weights: np.ndarray | None = None
-        self.history: list[dict] = []
-
-    def compute(self, step: int = 0) -> np.ndarray:
-        trainer = self.trainer
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
-        self.scores = ica_scores(
-            model,
-            tokenizer,
-            self.dataset,
-            self.holdout_dataset,
-            self.args.drift_ica_num_demos,
-            self.embedding_fn,
-            self.args.drift_ica_batch_size,
-        )
-        self.weights = ica_weights(self.scores, self.args)
-        self.history.append(
-            {"step": step, "score_mean": float(self.scores.mean()), "weight_mean": float(self.weights.mean())}
-        )
-        return self.weights
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.weights is None:
-            self.compute(state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        every = self.args.drift_ica_refresh_steps
-        if every and state.global_step % int(every) == 0:
-            self.compute(state.global_step)
+    return scores_to_weights(scores, dataclasses.replace(WeightingParams.of(args), weighting=rule))

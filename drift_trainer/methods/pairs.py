@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from drift_trainer.core.feature_pass import RowFormat, TrainView
 from drift_trainer.core.features import IGNORE_INDEX, collate_right, per_example_loss, summed_logps
 
 # loss types the per-pair (weighted) path implements; `simpo` is ours (TRL 1.16's DPOTrainer has none)
@@ -121,3 +122,19 @@ def pair_feature_batch(rows: Sequence[dict], pad_token_id: int, device) -> dict:
     e = len(rows)
     batch["row_group"] = torch.cat([torch.arange(e), torch.arange(e)]).to(device)
     return batch
+
+
+def pair_length(row: dict) -> int:
+    """Tokens of a pair's two rows (for length-sorted feature batches)."""
+    return 2 * len(row["prompt_ids"]) + len(row["chosen_ids"]) + len(row["rejected_ids"])
+
+
+# DRIFT on pairs: a pair's feature is the gradient of -(log p(y_w|x) - log p(y_l|x)), from its two rows
+PAIR_ROWS = RowFormat(collate=pair_feature_batch, length=pair_length, loss_fn=pair_nll_loss)
+
+
+class PairView(TrainView):
+    """TRL-prepared pairs (``prompt_ids``, ``chosen_ids``, ``rejected_ids``) as the rows a refresh scores."""
+
+    def fetch(self, indices: np.ndarray) -> list[dict]:
+        return [self.rows[int(i)] for i in indices]

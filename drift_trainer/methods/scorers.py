@@ -1,11 +1,13 @@
-"""Scorers: DRIFT, its ablations and the baselines it is compared with, all on the same feature pipeline.
+"""Scorers: DRIFT, its ablations and the baselines it is compared with, all on the same refresh pipeline.
 
-``drift_scorer`` picks one (see ``DriftArguments.drift_scorer``). A refresh always samples rollouts (their accuracy is
-logged for every scorer) and always runs the train feature pass (features, gradient norms and losses); a scorer decides
+``drift_scorer`` names one registered :class:`Scorer`. A refresh always samples rollouts (their accuracy is logged for
+every scorer) and always runs the train feature pass (features, gradient norms and losses); a scorer decides
 
-1. the signs of the rollouts (:func:`scorer_signs`),
-2. the target direction ``G`` in the projected gradient space (:func:`scorer_target`),
-3. how raw inner products, norms and losses become scores (:func:`scorer_scores`).
+1. the signs of the rollouts (:meth:`Scorer.signs`),
+2. the target direction ``G`` in the projected gradient space (:meth:`Scorer.target`),
+3. how raw inner products, norms and losses become scores (:meth:`Scorer.scores`),
+
+and whether a ``fisher`` preconditioner applies to its target (:attr:`Scorer.uses_preconditioner`).
 
 =================  ==========================================================  =====================================
 scorer             target ``G``                                                score of train example ``i``
@@ -23,55 +25,209 @@ scorer             target ``G``                                                s
 ``off_policy`` is the classic influence baseline the paper argues against on both counts: off-policy targets and no
 debiasing (with ``drift_debias='normalize'`` and the identity preconditioner it would equal ``cosine``). Its
 on-policy counterpart is ``drift_raw``, so ``drift_raw`` vs ``off_policy`` isolates on-policy targets, and ``drift``
-vs ``drift_raw`` isolates debiasing.
+vs ``drift_raw`` isolates debiasing. ``uniform`` runs the whole refresh and keeps every weight at 1: the cost of a
+refresh without its effect (``drift_method`` picks the method itself, see :mod:`drift_trainer.methods`).
 
 Reference answers come from the query dataset's ``answer`` column: the completion ``answer`` + EOS after the
 query's prompt, tokenized exactly as a rollout (so a correct rollout and its reference answer have the same feature).
+
+A new scorer is a :class:`Scorer` subclass passed to :func:`register`; ``--drift_scorer`` then accepts its name.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from drift_trainer.core.features import IGNORE_INDEX
 from drift_trainer.core.influence import debias_raw, signed_target
+from drift_trainer.core.params import InfluenceParams
 from drift_trainer.core.rollouts import tokenize_prompt
 
-ROLLOUT_SCORERS = ("drift", "drift_unsigned", "drift_raw")
-REFERENCE_SCORERS = ("off_policy", "cosine")
 REFERENCE_COLUMN = "answer"
 
 
-def scorer_of(args) -> str:
-    return getattr(args, "drift_scorer", "drift") or "drift"
+@dataclass(frozen=True)
+class TargetInputs:
+    """What a scorer may build its target from: the refresh's rollouts and their signs, or the queries' references."""
+
+    feature_pass: object  # FeaturePass: features of tokenized rows
+    model: object
+    tokenizer: object
+    query_dataset: object
+    query_rows: list[int]
+    rollouts: object  # Rollouts
+    signs: np.ndarray
+    contrast: bool
+    dim: int
 
 
-def check_scorer_inputs(args, query_dataset) -> None:
-    """Raise before training when the scorer needs a column the query dataset lacks."""
-    if scorer_of(args) in REFERENCE_SCORERS and REFERENCE_COLUMN not in getattr(query_dataset, "column_names", []):
-        raise ValueError(
-            f"drift_scorer={scorer_of(args)!r} scores towards the queries' reference answers, but the query_dataset "
-            f"has no `{REFERENCE_COLUMN}` column (columns: {getattr(query_dataset, 'column_names', None)}). Add one, or "
-            "use drift_scorer='drift'."
-        )
+class Scorer:
+    """One way of scoring train examples at a refresh. Subclasses set :attr:`name` and :attr:`help` and override
+    the steps they change; the defaults are a scorer with no target whose scores are 0."""
+
+    name = ""
+    help = ""
+    uses_preconditioner = False  # a `fisher` preconditioner applies to this scorer's target
+    reweights = True  # False: weights stay exactly 1 (the refresh runs for its metrics and cost only)
+
+    def check_queries(self, query_dataset) -> None:
+        """Raise before training when the query dataset lacks what this scorer needs."""
+
+    def signs(self, rewards: np.ndarray, signs: np.ndarray, contrast: bool, threshold: float):
+        """Rollout signs and whether the refresh may change the weights (signs: the signing rule's)."""
+        return np.zeros_like(np.asarray(rewards, dtype=np.float64)), True
+
+    def target(self, inputs: TargetInputs) -> np.ndarray:
+        return np.zeros(inputs.dim)
+
+    def scores(self, raw, norms, losses, seed: int, params: InfluenceParams) -> np.ndarray:
+        return np.zeros(len(raw))
 
 
-def scorer_signs(args, rewards: np.ndarray, signs: np.ndarray, contrast: bool) -> tuple[np.ndarray, bool]:
-    """Rollout signs and whether the refresh may change the weights, for the configured scorer.
+SCORERS: dict[str, Scorer] = {}
 
-    ``drift``/``drift_raw``: the signing rule's signs unchanged. ``drift_unsigned``: +1/#correct on every correct
-    rollout, 0 on wrong ones (needs at least one correct rollout). Other scorers ignore rollouts: signs 0, always
-    "contrast" (their scores do not depend on rollouts).
-    """
-    scorer = scorer_of(args)
-    rewards = np.asarray(rewards, dtype=np.float64)
-    if scorer in ("drift", "drift_raw"):
+
+def register(scorer: Scorer) -> Scorer:
+    """Add ``scorer`` to the registry (``drift_scorer`` choices and help are read from it); returns it."""
+    if not scorer.name:
+        raise ValueError(f"{type(scorer).__name__} has no name.")
+    SCORERS[scorer.name] = scorer
+    return scorer
+
+
+def get_scorer(name) -> Scorer:
+    """The registered scorer ``name`` (a :class:`Scorer` is returned as is)."""
+    if isinstance(name, Scorer):
+        return name
+    if name not in SCORERS:
+        raise ValueError(f"drift_scorer must be one of {', '.join(map(repr, SCORERS))}; got {name!r}.")
+    return SCORERS[name]
+
+
+def scorer_help() -> str:
+    return " ".join(f"`{s.name}`: {s.help}" for s in SCORERS.values())
+
+
+class RolloutScorer(Scorer):
+    """Targets built from the refresh's signed rollouts (DRIFT and its ablations)."""
+
+    uses_preconditioner = True
+    debias: str | None = None  # None: drift_debias / drift_norm_exponent; else this rule (exponent 1)
+
+    def signs(self, rewards, signs, contrast, threshold):
         return signs, contrast
-    if scorer == "drift_unsigned":
-        correct = rewards >= args.drift_reward_threshold
-        out = np.where(correct, 1.0 / max(int(correct.sum()), 1), 0.0)
-        return out, bool(correct.any())
-    return np.zeros_like(rewards), True
+
+    def target(self, inputs: TargetInputs) -> np.ndarray:
+        live = np.flatnonzero(inputs.signs != 0)
+        if not (inputs.contrast and len(live)):
+            return np.zeros(inputs.dim)
+        rows = inputs.rollouts.training_rows()
+        rfeat, _, _ = inputs.feature_pass.run(inputs.model, [rows[j] for j in live])
+        return signed_target(rfeat, inputs.signs[live])
+
+    def scores(self, raw, norms, losses, seed, params):
+        if self.debias is None:
+            return debias_raw(raw, norms, params.debias, params.norm_exponent)
+        return debias_raw(raw, norms, self.debias)
+
+
+class DriftScorer(RolloutScorer):
+    name = "drift"
+    help = "signed on-policy influence, debiased by `drift_debias` (the method)."
+
+
+class DriftRawScorer(RolloutScorer):
+    name = "drift_raw"
+    help = "ablation: `drift` with drift_debias='none'."
+    debias = "none"
+
+
+class DriftUnsignedScorer(RolloutScorer):
+    name = "drift_unsigned"
+    help = "ablation: correct rollouts only, sign +1/#correct."
+
+    def signs(self, rewards, signs, contrast, threshold):
+        correct = np.asarray(rewards, dtype=np.float64) >= threshold
+        return np.where(correct, 1.0 / max(int(correct.sum()), 1), 0.0), bool(correct.any())
+
+
+class ReferenceScorer(Scorer):
+    """Targets built from the queries' reference answers (off-policy baselines): rollouts are not used."""
+
+    def check_queries(self, query_dataset) -> None:
+        columns = getattr(query_dataset, "column_names", None) or []
+        if REFERENCE_COLUMN not in columns:
+            raise ValueError(
+                f"drift_scorer={self.name!r} scores towards the queries' reference answers, but the query_dataset has "
+                f"no `{REFERENCE_COLUMN}` column (columns: {columns or None}). Add one, or use drift_scorer='drift'."
+            )
+
+    def target(self, inputs: TargetInputs) -> np.ndarray:
+        self.check_queries(inputs.query_dataset)
+        rows = reference_rows(inputs.tokenizer, inputs.query_dataset, inputs.query_rows)
+        if not rows:
+            return np.zeros(inputs.dim)
+        rfeat, _, _ = inputs.feature_pass.run(inputs.model, rows)
+        return signed_target(rfeat, np.full(len(rows), 1.0 / len(rows)))
+
+
+class OffPolicyScorer(ReferenceScorer):
+    name = "off_policy"
+    help = (
+        "baseline: classic influence (raw inner products, no debiasing) towards the gradients of the queries' "
+        "reference answers (the query dataset's `answer` column) instead of rollouts."
+    )
+    uses_preconditioner = True
+
+    def scores(self, raw, norms, losses, seed, params):
+        return debias_raw(raw, norms, "none")
+
+
+class CosineScorer(ReferenceScorer):
+    name = "cosine"
+    help = "baseline (LESS style): mean cosine similarity of train features to the reference-answer features."
+
+    def scores(self, raw, norms, losses, seed, params):
+        return debias_raw(raw, norms, "normalize", 1.0)
+
+
+class LossScorer(Scorer):
+    name = "loss"
+    help = "baseline: low loss first, score = -loss."
+
+    def scores(self, raw, norms, losses, seed, params):
+        live = np.asarray(norms) > 0
+        return np.where(live, -np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=0.0), 0.0)
+
+
+class RandomScorer(Scorer):
+    name = "random"
+    help = "baseline: seeded random scores."
+
+    def scores(self, raw, norms, losses, seed, params):
+        live = np.asarray(norms) > 0
+        return np.where(live, np.random.default_rng(seed).standard_normal(len(raw)), 0.0)
+
+
+class UniformScorer(Scorer):
+    name = "uniform"
+    help = "baseline: the refresh runs, weights stay exactly 1 (its cost without its effect)."
+    reweights = False
+
+
+for _cls in (
+    DriftScorer,
+    OffPolicyScorer,
+    CosineScorer,
+    LossScorer,
+    RandomScorer,
+    UniformScorer,
+    DriftUnsignedScorer,
+    DriftRawScorer,
+):
+    register(_cls())
 
 
 def reference_rows(tokenizer, query_dataset, query_rows: list[int]) -> list[dict]:
@@ -89,46 +245,3 @@ def reference_rows(tokenizer, query_dataset, query_rows: list[int]) -> list[dict
             ids.append(eos)
         rows.append({"input_ids": prompt_ids + ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + ids})
     return rows
-
-
-def scorer_target(args, *, feature_pass, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast, dim):
-    """The target ``G`` (dim,) of the configured scorer (zeros where the scorer has none)."""
-    scorer = scorer_of(args)
-    target = np.zeros(dim)
-    if scorer in ROLLOUT_SCORERS:
-        live = np.flatnonzero(signs != 0)
-        if contrast and len(live):
-            r_rows = rollouts.training_rows()
-            rfeat, _, _ = feature_pass.run(model, [r_rows[j] for j in live])
-            target = signed_target(rfeat, signs[live])
-    elif scorer in REFERENCE_SCORERS:
-        check_scorer_inputs(args, query_dataset)
-        rows = reference_rows(tokenizer, query_dataset, query_rows)
-        if rows:
-            rfeat, _, _ = feature_pass.run(model, rows)
-            target = signed_target(rfeat, np.full(len(rows), 1.0 / len(rows)))
-    return target
-
-
-def uses_preconditioner(args) -> bool:
-    """``cosine`` is LESS-style (no preconditioner); scorers without a target have nothing to precondition."""
-    return args.drift_preconditioner == "fisher" and scorer_of(args) in ROLLOUT_SCORERS + ("off_policy",)
-
-
-def scorer_scores(args, raw: np.ndarray, norms: np.ndarray, losses: np.ndarray, seed: int) -> np.ndarray:
-    """Scores of the train rows from raw inner products ``<H^-1 G, phi_i>``, feature norms and losses."""
-    scorer = scorer_of(args)
-    live = np.asarray(norms) > 0
-    if scorer in ("drift", "drift_unsigned"):
-        return debias_raw(raw, norms, args.drift_debias, args.drift_norm_exponent)
-    if scorer in ("drift_raw", "off_policy"):
-        return debias_raw(raw, norms, "none")
-    if scorer == "cosine":
-        return debias_raw(raw, norms, "normalize", 1.0)
-    if scorer == "loss":
-        return np.where(live, -np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=0.0), 0.0)
-    if scorer == "random":
-        return np.where(live, np.random.default_rng(seed).standard_normal(len(raw)), 0.0)
-    if scorer == "uniform":
-        return np.zeros(len(raw))
-    raise ValueError(f"unknown drift_scorer {scorer!r}")

@@ -1,0 +1,180 @@
+"""The stages of a refresh, each a plain function over small parameter objects.
+
+1. :func:`sample_and_judge`: rollouts on a seeded sample of the validation queries, judged by the rewards;
+2. :func:`sign`: the signing rule's signs, then the scorer's (and whether they carry contrast);
+3. :func:`target`: the scorer's target ``G`` in the projected gradient space;
+4. train features: :class:`~drift_trainer.core.feature_pass.FeaturePass` over the train rows, or the features captured
+   in training (:mod:`drift_trainer.core.capture`);
+5. :func:`direction` and :func:`~drift_trainer.core.influence.inner_products`: ``H^-1 G`` and each row's raw score and
+   norm, streamed over feature blocks;
+6. :func:`row_arrays` / :func:`to_user`: per-row arrays, then per user example (what SFT preparation dropped scores 0);
+7. the scorer's scores, weights and summary (:mod:`drift_trainer.core.refresh`).
+
+``refresh.run_refresh`` runs them once during training; ``drift-trainer refine`` runs the same calls in a resumable
+shard loop; ``DriftDPOTrainer`` runs them with a pair loss. Every seed a stage draws comes from :func:`stage_seed`, so
+a training-time refresh and ``refine`` on the same checkpoint and seed sample the same queries and rollouts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from contextlib import contextmanager, nullcontext
+
+import numpy as np
+
+from drift_trainer.core.dist import Dist
+from drift_trainer.core.feature_pass import LM_ROWS, FeaturePass, RowFormat, progress_bar
+from drift_trainer.core.influence import precondition, second_moment
+from drift_trainer.core.params import FeatureParams, InfluenceParams, RolloutParams, SigningParams
+from drift_trainer.core.rewards import resolve_reward_funcs
+from drift_trainer.core.rollouts import Rollouts, generate_rollouts, sample_queries
+from drift_trainer.core.signing import sign_rollouts
+from drift_trainer.methods.scorers import Scorer, TargetInputs
+
+# one stride per stage that draws random numbers: refresh k (0-based) uses seed + stride * (k + 1)
+SEED_STRIDES = {"queries": 7919, "generation": 104729, "scores": 15485863}
+
+
+def stage_seed(stage: str, seed: int, refresh_index: int) -> int:
+    """The seed ``stage`` (``queries``, ``generation`` or ``scores``) uses at refresh ``refresh_index``."""
+    return int(seed) + SEED_STRIDES[stage] * (int(refresh_index) + 1)
+
+
+@contextmanager
+def timed(timings: dict, name: str):
+    """Add the wall time of the block to ``timings[name]``."""
+    start = time.perf_counter()
+    yield
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def sample_and_judge(
+    model,
+    tokenizer,
+    query_dataset,
+    reward_funcs,
+    params: RolloutParams,
+    *,
+    seed: int,
+    refresh_index: int,
+    dist: Dist | None = None,
+    generation_context=None,
+    show: bool = False,
+) -> tuple[list[int], Rollouts]:
+    """The query rows sampled for this refresh and their judged rollouts (identical on every rank: ranks share the
+    ``generate`` calls and gather). ``generation_context``: a callable returning a context manager that yields the
+    model to generate with (under ZeRO-3, TRL's gathered-weights context); default: ``model`` itself."""
+    params = RolloutParams.of(params)
+    world = dist.world_size if dist is not None else 1
+    query_rows = sample_queries(query_dataset, params.num_queries, stage_seed("queries", seed, refresh_index))
+    n_batches = -(-len(query_rows) * params.num_rollouts // params.batch_size)
+    with progress_bar(show, -(-n_batches // world), "drift rollouts") as bar:
+        ctx = generation_context() if generation_context is not None else nullcontext(model)
+        with ctx as gen_model:
+            rollouts = generate_rollouts(
+                gen_model,
+                tokenizer,
+                query_dataset,
+                query_rows,
+                params,
+                resolve_reward_funcs(reward_funcs),
+                seed=stage_seed("generation", seed, refresh_index),
+                progress=bar,
+                dist=dist,
+            )
+    return query_rows, rollouts
+
+
+def sign(rollouts: Rollouts, params: SigningParams, scorer: Scorer) -> tuple[np.ndarray, bool]:
+    """The rollouts' signs under the signing rule, as the scorer takes them, and whether the refresh has contrast
+    (without it the caller keeps its previous weights and skips the feature passes)."""
+    params = SigningParams.of(params)
+    signs, contrast = sign_rollouts(rollouts.rewards, rollouts.query_index, params)
+    return scorer.signs(np.asarray(rollouts.rewards), signs, contrast, params.reward_threshold)
+
+
+def make_feature_pass(
+    projector, tokenizer, params: FeatureParams, fused_lm_head: bool = False, row_format: RowFormat = LM_ROWS
+) -> FeaturePass:
+    """The feature pass of a refresh: ``params.batch_size`` rows per forward, features stored as ``params`` says;
+    ``row_format``: the rows' batching and loss (preference pairs supply theirs)."""
+    params = FeatureParams.of(params)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return FeaturePass(
+        projector, pad, params.batch_size, fused_lm_head, params.memmap_dir, params.memory_mb, row_format
+    )
+
+
+def target(scorer: Scorer, fp: FeaturePass, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast):
+    """The scorer's target ``G`` (``(dim,)``; zeros for scorers without one)."""
+    inputs = TargetInputs(fp, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast, fp.projector.dim)
+    return scorer.target(inputs)
+
+
+def direction(
+    target_g: np.ndarray, scorer: Scorer, params: InfluenceParams, blocks, dim: int, dist: Dist | None = None
+) -> np.ndarray:
+    """``H^-1 G``: the target itself, or (``fisher`` preconditioner, for scorers that use one) the target solved
+    against the damped empirical Fisher of the train features of every rank. ``blocks``: a callable returning an
+    iterable of this rank's feature blocks (only called when the Fisher is needed)."""
+    params = InfluenceParams.of(params)
+    if params.preconditioner != "fisher" or not scorer.uses_preconditioner:
+        return np.asarray(target_g, dtype=np.float64)
+    total, count = second_moment(blocks(), dim)
+    if dist is not None:
+        total = dist.all_reduce_sum(total)
+        count = dist.all_reduce_sum(np.asarray([float(count)]))[0]
+    return precondition(target_g, "fisher", total / max(count, 1.0), params.damping)
+
+
+def gather_rows(dist: Dist, per_rank: int, ids: np.ndarray, *columns: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Every rank's ``(ids, *columns)`` (each rank padded to ``per_rank`` rows), concatenated in rank order."""
+    pack = np.full((per_rank, 1 + len(columns)), np.nan)
+    pack[: len(ids), 0] = ids
+    for j, col in enumerate(columns):
+        pack[: len(ids), j + 1] = col
+    gathered = dist.all_gather(pack)
+    gathered = gathered[~np.isnan(gathered[:, 0])]
+    return (gathered[:, 0].astype(np.int64), *gathered[:, 1:].T)
+
+
+def row_arrays(n_rows: int, ids: np.ndarray, raw, norms, loss, ntok) -> dict[str, np.ndarray]:
+    """Per-row ``raw``, ``norm``, ``loss`` and ``tokens`` over ``n_rows`` rows (rows not in ``ids``: 0, loss nan)."""
+    out = {"raw": np.zeros(n_rows), "norm": np.zeros(n_rows), "loss": np.full(n_rows, np.nan)}
+    out["tokens"] = np.zeros(n_rows)
+    ids = np.asarray(ids, dtype=np.int64)
+    out["raw"][ids], out["norm"][ids], out["loss"][ids], out["tokens"][ids] = raw, norms, loss, ntok
+    return out
+
+
+def to_user(user_index: np.ndarray, num_examples: int, rows: dict, scores: np.ndarray, subset=None) -> dict:
+    """Per user example: ``scores``, ``raw_scores``, ``grad_norm``, ``loss``, ``scored`` and ``num_masked`` from
+    per-row arrays (``rows`` from :func:`row_arrays`). An example is scored when its row has a trained token; examples
+    without a row (dropped by SFT preparation) or with nothing trained score 0. ``subset``: the rows this refresh
+    scored or tried to (default: all) -- masked rows are counted among them."""
+    ui = np.asarray(user_index, dtype=np.int64)
+    n = int(num_examples)
+    out = {k: np.zeros(n) for k in ("scores", "raw_scores", "grad_norm")}
+    out["loss"] = np.full(n, np.nan)
+    out["scores"][ui], out["raw_scores"][ui], out["grad_norm"][ui] = scores, rows["raw"], rows["norm"]
+    out["loss"][ui] = rows["loss"]
+    scored = np.zeros(n, dtype=bool)
+    scored[ui] = rows["tokens"] > 0
+    for k in ("scores", "raw_scores", "grad_norm"):
+        out[k][~scored] = 0.0
+    tried = np.zeros(n, dtype=bool)
+    tried[ui if subset is None else ui[np.asarray(subset, dtype=np.int64)]] = True
+    dropped = np.ones(n, dtype=bool)  # user examples SFT preparation dropped (no row at all)
+    dropped[ui] = False
+    out["scored"] = scored
+    out["num_masked"] = int((tried & ~scored).sum() + dropped.sum())
+    return out
+
+
+def feature_blocks(phi, dim: int) -> Iterable[np.ndarray]:
+    """``phi`` (possibly memory-mapped) in float64 blocks of bounded size, so statistics never copy all of it."""
+    from drift_trainer.core.storage import row_chunks
+
+    for sl in row_chunks(len(phi), dim):
+        yield np.asarray(phi[sl], dtype=np.float64)

@@ -1,0 +1,233 @@
+"""The refresh state machine, free of any Trainer: what a refresh changes and what DRIFT remembers between them.
+
+:class:`Refresher` runs :func:`~drift_trainer.core.refresh.run_refresh` and then applies the rules that span
+refreshes: a refresh without contrast keeps the previous weights (and several in a row warn, with the likely cause);
+captured features that keep failing the agreement check turn capture off; the new weights are smoothed against the
+previous ones and broadcast from rank 0; :class:`~drift_trainer.core.state.DriftState` and the summary are updated.
+``DriftCallback`` keeps the schedule, the logging and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from drift_trainer.core.dist import Dist
+from drift_trainer.core.params import RefreshParams
+from drift_trainer.core.refresh import RefreshResult, new_weights, refresh_summary, run_refresh, summary_record
+from drift_trainer.core.state import DriftState
+
+logger = logging.getLogger("drift_trainer")
+STALE_CHECKS_TO_STOP = 2  # consecutive failed agreement checks after which capture turns itself off
+NO_CONTRAST_WARN_AFTER = 3  # refreshes in a row without contrast after which DRIFT warns that it is doing nothing
+
+
+@dataclass
+class RefreshOutcome:
+    """What one refresh produced: its result, the weights now in force and whether they changed."""
+
+    result: RefreshResult
+    weights: np.ndarray
+    changed: bool
+    metrics: dict
+    summary: dict
+
+
+@dataclass
+class NoContrastHints:
+    """The options a no-contrast warning names (so the user sees the values to change)."""
+
+    first_step: int = 100
+    max_new_tokens: int = 64
+    num_rollouts: int = 4
+    temperature: float = 1.0
+
+    @classmethod
+    def of(cls, args) -> NoContrastHints:
+        return cls(
+            getattr(args, "drift_first_step", 100),
+            getattr(args, "drift_max_new_tokens", 64),
+            getattr(args, "drift_num_rollouts", 4),
+            getattr(args, "drift_temperature", 1.0),
+        )
+
+
+class Refresher:
+    """Runs refreshes over one train view and keeps the :class:`DriftState` between them.
+
+    Args:
+        params: a :class:`RefreshParams` (or a config with ``drift_*`` fields).
+        view, query_dataset, reward_funcs, projector, tokenizer: what every refresh scores with.
+        fused_lm_head: the model returns TRL's fused per-token log-probabilities.
+        seed: the run's seed (every stage seed derives from it and the refresh index).
+        options: recorded in each summary (the ``drift_*`` options as a dict).
+        hints: option values named by the no-contrast warning.
+        capture: a :class:`~drift_trainer.core.capture.TrainCapture` feeding features from training, or None.
+        state: the state to continue from (a resumed run).
+        row_format: how train rows are batched and differentiated (default: language-modelling rows; see
+            :class:`~drift_trainer.core.feature_pass.RowFormat`).
+    """
+
+    def __init__(
+        self,
+        params,
+        *,
+        view,
+        query_dataset,
+        reward_funcs,
+        projector,
+        tokenizer,
+        fused_lm_head: bool = False,
+        seed: int = 0,
+        progress: bool = True,
+        options: dict | None = None,
+        hints: NoContrastHints | None = None,
+        capture=None,
+        state: DriftState | None = None,
+        row_format=None,
+    ):
+        self.params = RefreshParams.of(params)
+        self.view, self.query_dataset, self.reward_funcs = view, query_dataset, reward_funcs
+        self.projector, self.tokenizer, self.fused_lm_head = projector, tokenizer, fused_lm_head
+        self.seed, self.progress, self.options = int(seed), progress, dict(options or {})
+        self.hints = hints or NoContrastHints()
+        self.capture = capture
+        self.row_format = row_format
+        self.state = state if state is not None else DriftState()
+        self.no_contrast_run = 0  # refreshes in a row without contrast
+        self.warned_no_contrast = False
+
+    def refresh(self, model, step: int, generation_context=None, dist: Dist | None = None) -> RefreshOutcome:
+        """Run one refresh now (every rank must call it); returns the weights to apply and the summary."""
+        dist = dist or Dist()
+        started = time.perf_counter()
+        capture = self.capture if self.capture is not None and not self.capture.disabled else None
+        result = run_refresh(
+            args=self.params,
+            step=step,
+            model=model,
+            tokenizer=self.tokenizer,
+            view=self.view,
+            query_dataset=self.query_dataset,
+            reward_funcs=self.reward_funcs,
+            projector=self.projector,
+            generation_context=generation_context,
+            fused_lm_head=self.fused_lm_head,
+            dist=dist,
+            refresh_index=self.state.num_refreshes,
+            seed=self.seed,
+            progress=self.progress,
+            capture=capture,
+            row_format=self.row_format,
+        )
+        previous = self.state
+        smoothed, weights, reason = self._weights(result, previous, dist, step)
+        self._check_capture(result, step)
+        metrics = refresh_summary(result, weights)
+        metrics["drift/refresh_seconds"] = time.perf_counter() - started
+        summary = summary_record(
+            result,
+            metrics,
+            self.options,
+            refresh=previous.num_refreshes,
+            num_recomputed=int(result.num_recomputed if result.num_recomputed >= 0 else result.scored.sum()),
+            capture_agreement=result.capture_agreement,
+            capture_full_rescoring=result.capture_full,
+            capture_on=self.capture is not None and not self.capture.disabled,
+            reason=reason,
+            weights_changed=bool(result.contrast),
+        )
+        self.state = DriftState(
+            step=step,
+            num_refreshes=previous.num_refreshes + 1,
+            scores=result.scores,
+            smoothed=smoothed,
+            weights=np.asarray(weights),
+            grad_norm=result.grad_norm,
+            rollout_accuracy=metrics["drift/rollout_accuracy"],
+            reward_mean=metrics["drift/reward_mean"],
+            history=previous.history + [summary],
+        )
+        return RefreshOutcome(result, np.asarray(weights), bool(result.contrast), metrics, summary)
+
+    def _weights(self, result: RefreshResult, previous: DriftState, dist: Dist, step: int):
+        """``(smoothed, weights, reason)``: new ones, or (no contrast) the previous ones and why they were kept."""
+        self.no_contrast_run = 0 if result.contrast else self.no_contrast_run + 1
+        if not result.contrast:
+            reason = (
+                "no contrast: every judged rollout got the same verdict "
+                f"(rollout accuracy {result.rollout_accuracy:.3f}); previous weights kept"
+            )
+            logger.warning("DRIFT refresh at step %d: %s", step, reason)
+            if self.no_contrast_run >= NO_CONTRAST_WARN_AFTER:
+                self.warn_no_contrast(result.rollout_accuracy)
+            weights = previous.weights if previous.weights is not None else np.ones(result.scores.shape[0])
+            return previous.smoothed, weights, reason
+        started = time.perf_counter()
+        smoothed, weights = new_weights(result, previous.smoothed, previous.weights, self.params)
+        weights = dist.broadcast(weights)  # identical on every rank, bit for bit
+        result.timings["weights"] = time.perf_counter() - started
+        return smoothed, weights, None
+
+    def _check_capture(self, result: RefreshResult, step: int) -> None:
+        """Count failed agreement checks of the captured features; turn capture off after a few in a row."""
+        capture = self.capture
+        if capture is None or result.capture_agreement is None:
+            return
+        capture.stale_checks = capture.stale_checks + 1 if result.capture_full else 0
+        if result.capture_full:
+            logger.warning(
+                "DRIFT refresh at step %d: cached features no longer agree with the model (mean cosine %.3f < "
+                "drift_capture_min_agreement=%.2f), so every row was recomputed.",
+                step,
+                result.capture_agreement,
+                self.params.capture.capture_min_agreement,
+            )
+        if capture.stale_checks >= STALE_CHECKS_TO_STOP:
+            # the model keeps moving too fast for the cache (e.g. a high learning rate): stop paying for capture
+            capture.disable()
+            logger.warning(
+                "DRIFT: %d refreshes in a row found the captured features stale; feature capture is off for the "
+                "rest of this run and every refresh recomputes every row (as with drift_capture_features=False).",
+                STALE_CHECKS_TO_STOP,
+            )
+
+    def finish(self) -> None:
+        """At the end of training: warn when no refresh had contrast (DRIFT did nothing this run)."""
+        history = self.state.history
+        if history and not any(h.get("contrast") for h in history):
+            self.warn_no_contrast(float(self.state.rollout_accuracy or 0.0))
+
+    def warn_no_contrast(self, accuracy: float) -> None:
+        """Warn once that DRIFT has kept uniform (or stale) weights for several refreshes, with the likely cause."""
+        if self.warned_no_contrast:
+            return
+        self.warned_no_contrast = True
+        h = self.hints
+        if accuracy <= 0.0:
+            cause = (
+                "every rollout was judged wrong. Likely: the first refresh comes before the model can answer (raise "
+                f"drift_first_refresh_step, now {h.first_step}); drift_max_new_tokens={h.max_new_tokens} "
+                "cuts rollouts before the answer; the queries are formatted unlike the train rows (chat messages vs "
+                "plain text, a different prompt template); or the reward never matches (check drift/rollouts.jsonl "
+                "and the reward's reference column)"
+            )
+        elif accuracy >= 1.0:
+            cause = (
+                "every rollout was judged right: the model already solves these queries. Use harder or more varied "
+                "queries, raise drift_temperature, or turn DRIFT off for this task"
+            )
+        else:
+            cause = (
+                f"each query's rollouts agreed with each other (rollout accuracy {accuracy:.2f}): raise "
+                f"drift_num_rollouts (now {h.num_rollouts}) or drift_temperature (now "
+                f"{h.temperature}), or set drift_no_contrast='keep' to let all-right / all-wrong queries count"
+            )
+        logger.warning(
+            "DRIFT has changed no weights for %d refresh(es) in a row (the train data is drawn as in plain SFT): %s.",
+            self.no_contrast_run,
+            cause,
+        )

@@ -1,0 +1,64 @@
+"""ICACallback: computes ICA weights inside a Trainer (the scores themselves are :mod:`drift_trainer.methods.ica`)."""
+
+from __future__ import annotations
+
+import numpy as np
+from transformers import TrainerCallback
+
+from drift_trainer.methods.ica import EmbeddingFn, _holdout_pairs, ica_scores, ica_weights
+
+
+class ICACallback(TrainerCallback):
+    """Computes ICA weights at the start of training (and every ``drift_ica_refresh_steps`` steps if set).
+
+    ``dataset`` is the user's train set (raw text columns, one row per user index); the weights land in
+    :attr:`weights` (numpy, one per row, the rule's own scale) and :attr:`scores`. The owning trainer reads them.
+    """
+
+    def __init__(self, trainer, dataset, holdout_dataset, args, embedding_fn: EmbeddingFn | None = None):
+        if holdout_dataset is None:
+            raise ValueError(
+                "drift_method='ica' needs a holdout_dataset (prompt + completion, or prompt + chosen): the examples "
+                "retrieved as in-context demonstrations."
+            )
+        _holdout_pairs(holdout_dataset)
+        self.trainer = trainer
+        self.dataset = dataset
+        self.holdout_dataset = holdout_dataset
+        self.args = args
+        self.embedding_fn = embedding_fn
+        self.scores: np.ndarray | None = None
+        self.weights: np.ndarray | None = None
+        self.history: list[dict] = []
+
+    def compute(self, step: int = 0) -> np.ndarray:
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        self.scores = ica_scores(
+            model,
+            tokenizer,
+            self.dataset,
+            self.holdout_dataset,
+            self.args.drift_ica_num_demos,
+            self.embedding_fn,
+            self.args.drift_ica_batch_size,
+        )
+        self.weights = ica_weights(self.scores, self.args)
+        self.history.append(
+            {"step": step, "score_mean": float(self.scores.mean()), "weight_mean": float(self.weights.mean())}
+        )
+        return self.weights
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.weights is None:
+            self.compute(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        every = self.args.drift_ica_refresh_steps
+        if every and state.global_step % int(every) == 0:
+            self.compute(state.global_step)
+
+    @property
+    def pair_scores(self) -> dict[str, np.ndarray]:
+        return {} if self.scores is None else {"score": self.scores}

@@ -1,0 +1,152 @@
+"""The preference-pair scorers of ``DriftDPOTrainer`` as callbacks. Each owns what it computes: ``weights`` (one per
+row of the user's ``train_dataset``, or None before the first scoring), ``pair_scores`` and ``history``; the trainer
+reads them (``DriftDPOTrainer.pair_weights``) and never has its fields written from outside."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from transformers import TrainerCallback
+
+from drift_trainer.core.dist import Dist
+from drift_trainer.core.features import ProjectedGradients, select_target_modules
+from drift_trainer.core.refresher import NoContrastHints, Refresher
+from drift_trainer.hf.index import INDEX_COLUMN, generation_context
+from drift_trainer.methods.lossdiff import score_and_select, train_validation_model
+from drift_trainer.methods.pairs import PAIR_ROWS, PairView
+
+logger = logging.getLogger("drift_trainer")
+
+
+def user_array(values: np.ndarray, user_index: np.ndarray, n: int, fill: float) -> np.ndarray:
+    out = np.full(n, fill, dtype=np.float64)
+    out[user_index] = values
+    return out
+
+
+class LossDiffCallback(TrainerCallback):
+    """After the warm-up epochs: train theta_val, score LossDiff and IRM, keep the middle bands (weights 1/0).
+
+    ``initial_model``: a copy of the model before training (theta_val starts from it), unless ``validation_model``
+    (an already trained theta_val) is given. ``num_pairs``: rows of the user's train set.
+    """
+
+    def __init__(self, trainer, validation_dataset, validation_model, initial_model, num_pairs: int):
+        self.trainer = trainer
+        self.validation_dataset = validation_dataset
+        self.validation_model = validation_model
+        self.initial_model = initial_model
+        self.num_pairs = num_pairs
+        self.done = False
+        self.weights: np.ndarray | None = None
+        self.pair_scores: dict[str, np.ndarray] = {}
+        self.history: list[dict] = []
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.done or (state.epoch or 0) + 1e-9 < args.drift_lossdiff_warmup_epochs:
+            return
+        self.done = True
+        self.select(state.global_step)
+
+    def _validation_model(self):
+        if self.validation_model is not None:
+            return self.validation_model
+        tr, args = self.trainer, self.trainer.args
+        val_rows = list(
+            tr._prepare_dataset(self.validation_dataset, tr.processing_class, args, "validation")
+            .select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+            .with_format("python")
+        )
+        model = train_validation_model(
+            self.initial_model,
+            val_rows,
+            tr.reference_logps(val_rows),
+            args,
+            tr.processing_class.pad_token_id,
+            args.drift_lossdiff_val_epochs,
+            seed=args.seed,
+        )
+        self.initial_model = None  # free it
+        return model
+
+    def select(self, step: int = 0) -> None:
+        tr, args = self.trainer, self.trainer.args
+        rows = tr.prepared_rows()
+        val_model = self._validation_model()
+        policy = tr.accelerator.unwrap_model(tr.model)
+        pad = tr.processing_class.pad_token_id
+        out = score_and_select(policy, val_model, tr.reference_logps, rows, args, pad, args.drift_ica_batch_size)
+        ui = np.asarray([r[INDEX_COLUMN] for r in rows], dtype=np.int64)
+        n = self.num_pairs
+        keep = np.zeros(n, dtype=bool)
+        keep[ui] = out["keep"]
+        self.weights = keep.astype(np.float64)
+        self.pair_scores = {
+            "lossdiff": user_array(out["lossdiff"], ui, n, np.nan),
+            "irm": user_array(out["irm"], ui, n, np.nan),
+            "keep": keep,
+        }
+        self.history.append({"step": step, "kept": int(keep.sum()), "num_pairs": int(n)})
+        logger.info("LossDiff-IRM at step %d kept %d of %d pairs", step, int(keep.sum()), n)
+
+
+class PairDriftCallback(TrainerCallback):
+    """DRIFT on preference pairs: the refresh pipeline of SFT with the pairs' feature loss
+    ``-(log p(y_w|x) - log p(y_l|x))`` (:data:`~drift_trainer.methods.pairs.PAIR_ROWS`); rollouts, signing, target,
+    influence and weighting are the same calls as for SFT."""
+
+    def __init__(self, trainer, query_dataset, reward_funcs, num_pairs: int):
+        self.trainer = trainer
+        self.query_dataset = query_dataset
+        self.reward_funcs = reward_funcs
+        self.num_pairs = num_pairs
+        self.refresher: Refresher | None = None
+        self.weights: np.ndarray | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        tr = self.trainer
+        model = tr.accelerator.unwrap_model(tr.model)
+        rows = tr.prepared_rows()
+        view = PairView(rows, np.asarray([r[INDEX_COLUMN] for r in rows], dtype=np.int64), self.num_pairs)
+        projector = ProjectedGradients(
+            select_target_modules(model, args.drift_target_modules),
+            args.drift_projection_dim,
+            args.drift_projection_seed,
+        )
+        self.refresher = Refresher(
+            args,
+            view=view,
+            query_dataset=self.query_dataset,
+            reward_funcs=self.reward_funcs,
+            projector=projector,
+            tokenizer=getattr(tr.processing_class, "tokenizer", tr.processing_class),
+            seed=int(args.seed),
+            progress=args.drift_progress,
+            options=args.drift_options(),
+            hints=NoContrastHints.of(args),
+            row_format=PAIR_ROWS,
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        first, step = args.drift_first_step, state.global_step
+        if step >= first and (step - first) % args.drift_refresh_steps == 0:
+            self.refresh(step)
+
+    def refresh(self, step: int) -> None:
+        tr = self.trainer
+        model = tr.accelerator.unwrap_model(tr.model)
+        out = self.refresher.refresh(model, step, lambda: generation_context(tr, model), Dist())
+        if out.changed:
+            self.weights = out.weights
+
+    @property
+    def pair_scores(self) -> dict[str, np.ndarray]:
+        state = self.refresher.state if self.refresher is not None else None
+        if state is None or state.scores is None:
+            return {}
+        return {"score": state.scores, "grad_norm": state.grad_norm}
+
+    @property
+    def history(self) -> list[dict]:
+        return self.refresher.state.history if self.refresher is not None else []
