@@ -184,7 +184,6 @@ def run_one(
 
     ``drift=False`` is plain SFT (``drift_enabled=False``); otherwise ``drift_kwargs`` are ``drift_*`` options.
     """
-    import pandas as pd
     import torch
 
     from drift_trainer.core.rewards import exact_match
@@ -236,25 +235,31 @@ def run_one(
     acc = evaluate_accuracy(trainer.model, tokenizer, test)
     result = RunResult(name=name, final_accuracy=acc, seconds=time.perf_counter() - start, output_dir=output_dir)
     result.accuracy_curve = list(probe.curve)
-    corrupted = np.asarray(train["corrupted"], dtype=bool)
     if drift:
-        root = os.path.join(output_dir, "drift")
-        refreshes = sorted(d for d in os.listdir(root) if d.startswith("refresh-")) if os.path.isdir(root) else []
-        for d in refreshes:
-            with open(os.path.join(root, d, "summary.json")) as f:
-                summary = json.load(f)
-            frame = pd.read_parquet(os.path.join(root, d, "scores.parquet"))
-            w = frame["weight"].to_numpy()
-            result.refresh_steps.append(int(summary["step"]))
-            result.rollout_accuracy.append(float(summary["metrics"]["drift/rollout_accuracy"]))
-            result.corrupted_weight_share.append(float(w[corrupted].sum() / w.sum()))
-            # over the rows this refresh scored (with captured features, rows not yet trained may have no score)
-            scored = frame["scored"].to_numpy(bool) if "scored" in frame else np.ones(len(frame), dtype=bool)
-            both = corrupted[scored].any() and (~corrupted[scored]).any()
-            result.auroc.append(auroc(frame["score"].to_numpy()[scored], ~corrupted[scored]) if both else float("nan"))
+        _read_refreshes(result, os.path.join(output_dir, "drift"), np.asarray(train["corrupted"], dtype=bool))
     with open(os.path.join(output_dir, "result.json"), "w") as f:
         json.dump(result.to_dict(), f, indent=2)
     return result
+
+
+def _read_refreshes(result: RunResult, root: str, corrupted: np.ndarray) -> None:
+    """Per refresh of a run: its step, rollout accuracy, the corrupted rows' weight share and the AUROC of clean
+    vs corrupted rows by score."""
+    import pandas as pd
+
+    refreshes = sorted(d for d in os.listdir(root) if d.startswith("refresh-")) if os.path.isdir(root) else []
+    for d in refreshes:
+        with open(os.path.join(root, d, "summary.json")) as f:
+            summary = json.load(f)
+        frame = pd.read_parquet(os.path.join(root, d, "scores.parquet"))
+        w = frame["weight"].to_numpy()
+        result.refresh_steps.append(int(summary["step"]))
+        result.rollout_accuracy.append(float(summary["metrics"]["drift/rollout_accuracy"]))
+        result.corrupted_weight_share.append(float(w[corrupted].sum() / w.sum()))
+        # over the rows this refresh scored (with captured features, rows not yet trained may have no score)
+        scored = frame["scored"].to_numpy(bool) if "scored" in frame else np.ones(len(frame), dtype=bool)
+        both = corrupted[scored].any() and (~corrupted[scored]).any()
+        result.auroc.append(auroc(frame["score"].to_numpy()[scored], ~corrupted[scored]) if both else float("nan"))
 
 
 def _acc_at(r: RunResult, step: int | None) -> str:
@@ -352,18 +357,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+def _quiet(threads: int) -> None:
+    """Offline, few logs (the Trainer's own bar shows progress; dataset preparation is instant), ``threads``."""
     offline_env()
     import datasets
     import torch
     import transformers
 
-    datasets.disable_progress_bars()  # the Trainer's own bar shows progress; dataset preparation is instant
+    datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     logging.getLogger("drift_trainer").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, ns.threads))
+    torch.set_num_threads(max(1, threads))
+
+
+def _write_results(out: str, argv, ns, table: str, frac: float, plain: RunResult, drift: RunResult, total) -> None:
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"`drift-trainer demo {' '.join(argv or [])}`\n\n{table}\n")
+    results = {"args": vars(ns), "corrupted_fraction": frac, "plain": plain.to_dict(), "drift": drift.to_dict()}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({**results, "seconds": total}, f, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    _quiet(ns.threads)
     out = os.path.abspath(ns.output_dir)
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
@@ -418,20 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         title=f"{ns.corruption} corruption, {frac:.0%} of rows, seed {ns.seed}",
     )
     total = time.perf_counter() - started
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"`drift-trainer demo {' '.join(argv or [])}`\n\n{table}\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(
-            {
-                "args": vars(ns),
-                "corrupted_fraction": frac,
-                "plain": plain.to_dict(),
-                "drift": drift.to_dict(),
-                "seconds": total,
-            },
-            f,
-            indent=2,
-        )
+    _write_results(out, argv, ns, table, frac, plain, drift, total)
     print()
     print(table)
     print()
