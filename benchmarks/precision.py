@@ -21,6 +21,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import quiet_cpu_args  # noqa: E402 (benchmarks/: first on sys.path when run as a script)
+
 from drift_trainer import DriftConfig, DriftSFTTrainer  # noqa: E402
 from drift_trainer.cli.toy import (  # noqa: E402
     Corruption,
@@ -107,15 +109,11 @@ def path_capture(tokenizer, **overrides) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = DriftConfig(
             output_dir=out,
-            use_cpu=True,
-            report_to=[],
-            save_strategy="no",
             max_steps=10,
             per_device_train_batch_size=4,
             learning_rate=0.0,
             drift_projection_dim=K,
-            drift_progress=False,
-            disable_tqdm=True,
+            **quiet_cpu_args(),
             **overrides,
         )
         assert args.bf16

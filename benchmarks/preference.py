@@ -132,22 +132,20 @@ def evaluate(model, ref, tok, test, beta: float) -> dict:
 
 
 def run_one(method, seed, start, tok, train, holdout, test, cfg) -> dict:
+    from common import quiet_cpu_args  # here, not at the top: after main has set up the environment
+
     from drift_trainer import DriftDPOConfig, DriftDPOTrainer
 
     model, ref = copy.deepcopy(start), copy.deepcopy(start)
     args = DriftDPOConfig(
         output_dir=f"/tmp/drift-pref-bench/{method}-{seed}",
-        use_cpu=True,
         bf16=False,
         seed=seed,
         num_train_epochs=cfg["epochs"],
         per_device_train_batch_size=16,
         learning_rate=cfg["lr"],
         beta=cfg["beta"],
-        report_to=[],
         logging_steps=10,
-        save_strategy="no",
-        disable_tqdm=True,
         drift_method=method,
         drift_lossdiff_warmup_epochs=1.0,
         drift_refresh_steps=cfg["refresh"],
@@ -156,7 +154,7 @@ def run_one(method, seed, start, tok, train, holdout, test, cfg) -> dict:
         drift_num_rollouts=4,
         drift_max_new_tokens=3,
         drift_no_contrast="keep",
-        drift_progress=False,
+        **quiet_cpu_args(),
     )
     trainer = DriftDPOTrainer(
         model=model,
