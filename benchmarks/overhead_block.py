@@ -18,8 +18,9 @@ from common import first_digit_reward, model_of, offline_setup, run_section, sft
 
 from drift_trainer.cli.toy import Corruption, addition_dataset, query_dataset_from
 from drift_trainer.core.capture import FeatureCache, TrainCapture
+from drift_trainer.core.feature_pass import TrainView
 from drift_trainer.core.features import ProjectedGradients, collate_right, select_target_modules
-from drift_trainer.core.refresh import TrainView, new_weights, run_refresh
+from drift_trainer.core.refresh import new_weights, run_refresh
 
 offline_setup()
 

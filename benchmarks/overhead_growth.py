@@ -15,8 +15,9 @@ import torch
 from common import addition_rows, model_of, n_params, offline_setup, run_section, tokenizer
 
 from drift_trainer.cli.toy import addition_dataset, query_dataset_from
+from drift_trainer.core.feature_pass import TrainView
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from drift_trainer.core.refresh import TrainView, run_refresh
+from drift_trainer.core.refresh import run_refresh
 
 offline_setup()
 

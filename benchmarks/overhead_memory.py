@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from common import batches_of, model_of, n_params, offline_setup, run_section, text_rows, tokenizer, train_step
 
+from drift_trainer.core.feature_pass import FeaturePass
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from drift_trainer.core.refresh import FeaturePass
 
 offline_setup()
 

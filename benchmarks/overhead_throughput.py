@@ -25,8 +25,8 @@ from common import (
     train_step,
 )
 
+from drift_trainer.core.feature_pass import FeaturePass
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from drift_trainer.core.refresh import FeaturePass
 
 offline_setup()
 

@@ -32,8 +32,8 @@ from drift_trainer.cli.toy import (  # noqa: E402
     offline_env,
     query_dataset_from,
 )
+from drift_trainer.core.feature_pass import FeaturePass  # noqa: E402
 from drift_trainer.core.features import ProjectedGradients, select_target_modules  # noqa: E402
-from drift_trainer.core.refresh import FeaturePass  # noqa: E402
 from drift_trainer.methods.ica import ica_scores  # noqa: E402
 from drift_trainer.methods.pairs import pair_feature_batch, pair_nll_loss  # noqa: E402
 

@@ -300,9 +300,10 @@ def influence(sc: Scoring, view: TrainView, n_shards: int, target, rollouts, sig
     seed = pipeline.stage_seed("scores", sc.ra.seed, 0)
     scores = sc.scorer.scores(rows["raw"], rows["norm"], rows["loss"], seed, sc.params.influence)
     user = pipeline.to_user(view.user_index, view.num_examples, rows, scores)
-    result = RefreshResult(step=0, rollouts=rollouts, signs=signs, contrast=True, timings=sc.timings, **user)
-    result._threshold = sc.params.signing.reward_threshold
-    return result
+    threshold = sc.params.signing.reward_threshold
+    return RefreshResult(
+        step=0, rollouts=rollouts, signs=signs, contrast=True, timings=sc.timings, reward_threshold=threshold, **user
+    )
 
 
 def select_rows(ra: RefineArguments, scores: np.ndarray, weights: np.ndarray, scored: np.ndarray) -> np.ndarray:

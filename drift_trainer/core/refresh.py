@@ -39,12 +39,12 @@ class RefreshResult:
     num_recomputed: int = -1  # rows whose features this refresh computed (-1: every scored row)
     capture_agreement: float | None = None  # captured features: mean cosine of cached vs recomputed check rows
     capture_full: bool = False  # captured features: the check failed, every row was recomputed
+    reward_threshold: float = 0.5  # a rollout whose reward is >= this counts as correct
 
     @property
     def rollout_accuracy(self) -> float:
-        return float(np.mean(np.asarray(self.rollouts.rewards) >= self._threshold)) if len(self.rollouts) else 0.0
-
-    _threshold: float = 0.5
+        rewards = np.asarray(self.rollouts.rewards)
+        return float(np.mean(rewards >= self.reward_threshold)) if len(self.rollouts) else 0.0
 
 
 def no_contrast_result(step: int, num_examples: int, rollouts: Rollouts, signs, timings, threshold) -> RefreshResult:
@@ -61,8 +61,8 @@ def no_contrast_result(step: int, num_examples: int, rollouts: Rollouts, signs, 
         signs,
         False,
         timings,
+        reward_threshold=threshold,
     )
-    result._threshold = threshold
     return result
 
 
@@ -129,15 +129,10 @@ def run_refresh(
     with pipeline.timed(timings, "features"):
         feats = train_features(train_fp, model, view, params, dist, step, refresh_index, seed, show, capture)
     with pipeline.timed(timings, "influence"):
-        dim = projector.dim
-        d = pipeline.direction(g, scorer, params.influence, lambda: pipeline.feature_blocks(feats.phi, dim), dim, dist)
-        raw, norms = inner_products(pipeline.feature_blocks(feats.phi, dim), d)
-        ids, *cols = pipeline.gather_rows(dist, feats.per_rank, feats.rows, raw, norms, feats.loss, feats.ntok)
-        rows = pipeline.row_arrays(len(view), ids, *cols)
         seed_s = pipeline.stage_seed("scores", seed, refresh_index)
-        scores = scorer.scores(rows["raw"], rows["norm"], rows["loss"], seed_s, params.influence)
+        rows, scores = score_rows(scorer, params, g, feats, len(view), projector.dim, dist, seed_s)
     user = pipeline.to_user(view.user_index, view.num_examples, rows, scores, feats.subset)
-    result = RefreshResult(
+    return RefreshResult(
         step=step,
         rollouts=rollouts,
         signs=signs,
@@ -146,10 +141,19 @@ def run_refresh(
         num_recomputed=feats.num_recomputed,
         capture_agreement=feats.agreement,
         capture_full=feats.full,
+        reward_threshold=params.signing.reward_threshold,
         **user,
     )
-    result._threshold = params.signing.reward_threshold
-    return result
+
+
+def score_rows(scorer, params: RefreshParams, g, feats, n_rows: int, dim: int, dist: Dist, seed: int):
+    """Stage 5-6: ``H^-1 G`` (the Fisher all-reduced over ranks), each row's raw score and norm, gathered from every
+    rank into per-row arrays, and the scorer's scores. Returns ``(rows, scores)``, identical on every rank."""
+    d = pipeline.direction(g, scorer, params.influence, lambda: pipeline.feature_blocks(feats.phi, dim), dim, dist)
+    raw, norms = inner_products(pipeline.feature_blocks(feats.phi, dim), d)
+    ids, *cols = pipeline.gather_rows(dist, feats.per_rank, feats.rows, raw, norms, feats.loss, feats.ntok)
+    rows = pipeline.row_arrays(n_rows, ids, *cols)
+    return rows, scorer.scores(rows["raw"], rows["norm"], rows["loss"], seed, params.influence)
 
 
 @dataclass

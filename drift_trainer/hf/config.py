@@ -272,7 +272,7 @@ class DriftArguments:
         _choice(self, "drift_weighting", WEIGHTINGS)
         _choice(self, "drift_reweight_mode", REWEIGHT_MODES)
         _choice(self, "drift_no_contrast", NO_CONTRAST)
-        _choice(self, "drift_scorer", SCORERS)
+        _choice(self, "drift_scorer", tuple(SCORER_REGISTRY))  # scorers registered after import count too
         for name in (
             "drift_refresh_steps",
             "drift_num_queries",

@@ -65,7 +65,9 @@ class DriftSFTTrainer(SFTTrainer):
             callback = DriftCallback(
                 query_dataset=query_dataset,
                 reward_funcs=reward_funcs,
-                num_examples=len(train_dataset) if drift_args.drift_enabled else None,
+                num_examples=len(train_dataset)
+                if drift_args.drift_enabled and hasattr(train_dataset, "__len__")
+                else None,
                 capture_features=drift_args.drift_enabled
                 and drift_args.drift_capture_features
                 and drift_args.drift_max_train_examples is None,
