@@ -1,4 +1,5 @@
-"""One rank of a DRIFT run, launched by tests/test_distributed.py with torchrun (or alone for single-process runs).
+"""One rank of a DRIFT run, launched by tests/hf/test_sft_trainer_distributed.py with torchrun (or alone for
+single-process runs).
 
 Usage: python multirank_worker.py OUT_DIR key=value ...
   mode=single|ddp|zero2|zero3  lora=0|1  steps=6  n_train=27  lr=1e-3  mix=0.0  ga=1  gc=0  drift=1
@@ -55,7 +56,7 @@ def main():
 
     import numpy as np
 
-    from drift_trainer import DriftConfig, DriftSFTTrainer
+    from drift_trainer import DriftConfig
     from drift_trainer.cli.toy import (
         Corruption,
         addition_dataset,
@@ -64,6 +65,7 @@ def main():
         query_dataset_from,
     )
     from drift_trainer.core.sampler import DriftSampler
+    from tests.helpers import tiny_trainer  # the repository root is on PYTHONPATH
 
     rank = int(os.environ.get("RANK", "0"))
     tok = build_char_tokenizer(os.path.join(out_dir, f"tok{rank}"))
@@ -126,15 +128,7 @@ def main():
             yield i
 
     DriftSampler.__iter__ = recording_iter
-    trainer = DriftSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        query_dataset=queries,
-        reward_funcs=reward,
-        processing_class=tok,
-        peft_config=peft_config,
-    )
+    trainer = tiny_trainer(model, tok, args, train, queries, reward_funcs=reward, peft_config=peft_config)
     from transformers import TrainerCallback
 
     param_sums = {}

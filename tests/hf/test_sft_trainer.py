@@ -1,4 +1,4 @@
-"""End to end: DriftSFTTrainer, plain Trainer + DriftCallback, PEFT, and the bad-input errors."""
+"""End to end: DriftSFTTrainer, PEFT, loss mode, no contrast, masked rows, and the bad-input errors."""
 
 import json
 import os
@@ -8,10 +8,8 @@ import pandas as pd
 import pytest
 from datasets import Dataset, IterableDataset
 
-from drift_trainer import DriftCallback, DriftSFTTrainer, DriftTrainingArguments, exact_match
-from drift_trainer.cli.toy import Corruption, addition_dataset, query_dataset_from
-
-from .conftest import digit_start_reward, tiny_config
+from drift_trainer import DriftSFTTrainer, exact_match
+from tests.helpers import addition_data, tiny_config, tiny_trainer
 
 SCORE_COLUMNS = {"index", "score", "weight", "grad_norm"}
 METRICS = {
@@ -28,12 +26,6 @@ def _config(tmp_path, **kw):
     return tiny_config(tmp_path / "out", **kw)
 
 
-def _data(n=40, conversational=False):
-    train = addition_dataset(n, seed=0, corruption=Corruption("random", 0.3), conversational=conversational)
-    queries = query_dataset_from(addition_dataset(8, seed=1, conversational=conversational))
-    return train, queries
-
-
 @pytest.mark.parametrize("conversational", [False, True])
 def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational, monkeypatch):
     from drift_trainer.core.sampler import DriftSampler
@@ -46,15 +38,8 @@ def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational,
         return original_update(self, weights)
 
     monkeypatch.setattr(DriftSampler, "update", recording_update)
-    train, queries = _data(conversational=conversational)
-    trainer = DriftSFTTrainer(
-        model=tiny_model,
-        args=_config(tmp_path),
-        train_dataset=train,
-        query_dataset=queries,
-        reward_funcs=digit_start_reward,
-        processing_class=tokenizer,
-    )
+    train, queries = addition_data(conversational=conversational)
+    trainer = tiny_trainer(tiny_model, tokenizer, _config(tmp_path), train, queries)
     trainer.train()
     state = trainer.drift_state
     assert state.num_refreshes == 3 and state.step == 12
@@ -84,71 +69,16 @@ def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational,
     assert len(logged) == 3 and METRICS <= set(logged[0])
 
 
-def test_plain_trainer_with_callback(tmp_path, tokenizer, tiny_model):
-    from transformers import DataCollatorForSeq2Seq, Trainer
-
-    train, queries = _data()
-
-    def tok(row):
-        p = tokenizer(row["prompt"])["input_ids"]
-        c = tokenizer(row["completion"])["input_ids"] + [tokenizer.eos_token_id]
-        return {"input_ids": p + c, "labels": [-100] * len(p) + c, "attention_mask": [1] * (len(p) + len(c))}
-
-    tokenized = train.map(tok, remove_columns=train.column_names)
-    args = DriftTrainingArguments(
-        output_dir=str(tmp_path / "plain"),
-        max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=3e-3,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        drift_refresh_steps=4,
-        drift_num_queries=4,
-        drift_max_new_tokens=4,
-        drift_progress=False,
-    )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
-    bare = Trainer(model=tiny_model, args=args, train_dataset=tokenized, data_collator=collator)
-    with pytest.raises(ValueError, match="needs a tokenizer"):
-        DriftCallback(query_dataset=queries, reward_funcs=digit_start_reward).attach(bare)
-    trainer = Trainer(
-        model=tiny_model, args=args, train_dataset=tokenized, data_collator=collator, processing_class=tokenizer
-    )
-    cb = DriftCallback(query_dataset=queries, reward_funcs=digit_start_reward).attach(trainer)
-    assert cb in trainer.callback_handler.callbacks
-    trainer.train()
-    assert cb.drift_state.num_refreshes == 2
-    assert cb.sampler is not None and cb.sampler.version >= 1
-    assert os.path.exists(tmp_path / "plain" / "drift" / "refresh-000008" / "scores.parquet")
-    assert any("drift/rollout_accuracy" in h for h in trainer.state.log_history)
-
-
-def test_unattached_callback_says_how_to_attach(tmp_path, tokenizer, tiny_model):
-    from transformers import Trainer
-
-    train, queries = _data(8)
-    tokenized = train.map(
-        lambda r: {"input_ids": tokenizer(r["prompt"])["input_ids"]}, remove_columns=train.column_names
-    )
-    args = DriftTrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True)
-    trainer = Trainer(model=tiny_model, args=args, train_dataset=tokenized)
-    trainer.add_callback(DriftCallback(query_dataset=queries, reward_funcs=exact_match))
-    with pytest.raises(RuntimeError, match=r"\.attach\(trainer\)"):
-        trainer.train()
-
-
 def test_peft_lora_features_come_from_lora_modules(tmp_path, tokenizer, tiny_model):
     from peft import LoraConfig
 
-    train, queries = _data(24)
-    trainer = DriftSFTTrainer(
-        model=tiny_model,
-        args=_config(tmp_path, max_steps=4, learning_rate=1e-2, gradient_checkpointing=True),
-        train_dataset=train,
-        query_dataset=queries,
-        reward_funcs=digit_start_reward,
-        processing_class=tokenizer,
+    train, queries = addition_data(24)
+    trainer = tiny_trainer(
+        tiny_model,
+        tokenizer,
+        _config(tmp_path, max_steps=4, learning_rate=1e-2, gradient_checkpointing=True),
+        train,
+        queries,
         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
     )
     trainer.train()
@@ -160,14 +90,9 @@ def test_peft_lora_features_come_from_lora_modules(tmp_path, tokenizer, tiny_mod
 
 
 def test_loss_mode_scales_per_example_losses(tmp_path, tokenizer, tiny_model):
-    train, queries = _data(24)
-    trainer = DriftSFTTrainer(
-        model=tiny_model,
-        args=_config(tmp_path, max_steps=8, drift_reweight_mode="loss"),
-        train_dataset=train,
-        query_dataset=queries,
-        reward_funcs=digit_start_reward,
-        processing_class=tokenizer,
+    train, queries = addition_data(24)
+    trainer = tiny_trainer(
+        tiny_model, tokenizer, _config(tmp_path, max_steps=8, drift_reweight_mode="loss"), train, queries
     )
     assert trainer.drift_callback.sampler is None
     trainer.train()
@@ -188,12 +113,9 @@ def test_loss_mode_scales_per_example_losses(tmp_path, tokenizer, tiny_model):
 
 
 def test_drift_disabled_is_plain_sft(tmp_path, tokenizer, tiny_model):
-    train, _ = _data(16)
-    trainer = DriftSFTTrainer(
-        model=tiny_model,
-        args=_config(tmp_path, drift_enabled=False, max_steps=4),
-        train_dataset=train,
-        processing_class=tokenizer,
+    train, _ = addition_data(16)
+    trainer = tiny_trainer(
+        tiny_model, tokenizer, _config(tmp_path, drift_enabled=False, max_steps=4), train, reward_funcs=None
     )
     from torch.utils.data import RandomSampler
 
@@ -204,14 +126,14 @@ def test_drift_disabled_is_plain_sft(tmp_path, tokenizer, tiny_model):
 
 
 def test_no_contrast_keeps_previous_weights_and_says_why(tmp_path, tokenizer, tiny_model, caplog):
-    train, queries = _data(16)
-    trainer = DriftSFTTrainer(
-        model=tiny_model,
-        args=_config(tmp_path, max_steps=4),
-        train_dataset=train,
-        query_dataset=queries,
+    train, queries = addition_data(16)
+    trainer = tiny_trainer(
+        tiny_model,
+        tokenizer,
+        _config(tmp_path, max_steps=4),
+        train,
+        queries,
         reward_funcs=lambda prompts, completions, **kw: [1.0] * len(completions),
-        processing_class=tokenizer,
     )
     with caplog.at_level("WARNING", logger="drift_trainer"):
         trainer.train()
@@ -224,20 +146,13 @@ def test_no_contrast_keeps_previous_weights_and_says_why(tmp_path, tokenizer, ti
 
 
 def test_fully_masked_examples_score_zero_and_are_counted(tmp_path, tokenizer, tiny_model):
-    train, queries = _data(20)
+    train, queries = addition_data(20)
     # rows whose completion is cut away by max_length: SFTTrainer drops them; they must keep weight 1 and score 0
     rows = train.to_list()
     for i in (2, 5):
         rows[i]["prompt"] = "1" * 40 + "+1="
     train = Dataset.from_list(rows)
-    trainer = DriftSFTTrainer(
-        model=tiny_model,
-        args=_config(tmp_path, max_steps=4, max_length=30),
-        train_dataset=train,
-        query_dataset=queries,
-        reward_funcs=digit_start_reward,
-        processing_class=tokenizer,
-    )
+    trainer = tiny_trainer(tiny_model, tokenizer, _config(tmp_path, max_steps=4, max_length=30), train, queries)
     trainer.train()
     state = trainer.drift_state
     assert state.scores.shape == (20,)
@@ -247,7 +162,7 @@ def test_fully_masked_examples_score_zero_and_are_counted(tmp_path, tokenizer, t
 
 
 def test_bad_inputs_fail_before_training(tmp_path, tokenizer, tiny_model):
-    train, queries = _data(8)
+    train, queries = addition_data(8)
     kwargs = dict(model=tiny_model, args=_config(tmp_path), train_dataset=train, processing_class=tokenizer)
     with pytest.raises(ValueError, match="no query_dataset"):
         DriftSFTTrainer(**kwargs, reward_funcs=exact_match)
@@ -265,18 +180,11 @@ def test_bad_inputs_fail_before_training(tmp_path, tokenizer, tiny_model):
 
 
 def test_reward_errors_surface_with_the_function_name(tmp_path, tokenizer, tiny_model):
-    train, queries = _data(8)
+    train, queries = addition_data(8)
 
     def broken_reward(prompts, completions, **kw):
         return [float("nan")] * len(completions)
 
     # found at construction (each reward is called once on a query row), not after the warm-up steps
     with pytest.raises(RuntimeError, match="'broken_reward' returned NaN"):
-        DriftSFTTrainer(
-            model=tiny_model,
-            args=_config(tmp_path, max_steps=4),
-            train_dataset=train,
-            query_dataset=queries,
-            reward_funcs=broken_reward,
-            processing_class=tokenizer,
-        )
+        tiny_trainer(tiny_model, tokenizer, _config(tmp_path, max_steps=4), train, queries, reward_funcs=broken_reward)

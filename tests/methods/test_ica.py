@@ -14,6 +14,7 @@ from drift_trainer.methods.ica import (
     retrieve,
     sequence_logps,
 )
+from tests.helpers import cpu_args
 
 
 def test_ica_rows_share_response_tokens_and_prepend_demos(tokenizer):
@@ -86,28 +87,11 @@ def test_minmax_and_rules():
     assert ica_weights(np.arange(10.0), A()).max() == 1.0
 
 
-def test_config_rejects_bad_method():
-    from drift_trainer import DriftConfig
-
-    with pytest.raises(ValueError, match="drift_method"):
-        DriftConfig(output_dir="x", use_cpu=True, drift_method="lossdiff")
-    with pytest.raises(ValueError, match="drift_ica_weighting"):
-        DriftConfig(output_dir="x", use_cpu=True, drift_method="ica", drift_ica_weighting="exp")
-
-
 def test_sft_trainer_ica_weights_the_loss(tokenizer, tiny_model, tmp_path):
     from drift_trainer import DriftConfig, DriftSFTTrainer
 
     train = addition_dataset(16, seed=3)
-    args = DriftConfig(
-        output_dir=str(tmp_path),
-        use_cpu=True,
-        max_steps=2,
-        per_device_train_batch_size=8,
-        report_to=[],
-        save_strategy="no",
-        drift_method="ica",
-    )
+    args = DriftConfig(**cpu_args(tmp_path, max_steps=2, per_device_train_batch_size=8, drift_method="ica"))
     with pytest.raises(ValueError, match="holdout_dataset"):
         DriftSFTTrainer(model=tiny_model, args=args, train_dataset=train, processing_class=tokenizer)
     trainer = DriftSFTTrainer(

@@ -6,8 +6,7 @@ from datasets import Dataset
 from drift_trainer.cli.toy import addition_dataset, query_dataset_from
 from drift_trainer.core.rollouts import check_query_dataset, generate_rollouts, generation_config, sample_queries
 from drift_trainer.hf.config import DriftArguments
-
-from .conftest import digit_start_reward
+from tests.helpers import digit_start_reward
 
 
 def _args(**kw):

@@ -1,46 +1,68 @@
-"""Speed and memory options of a refresh: block rescoring (`drift_max_train_examples`) and feature spilling to a
-memory-mapped file (`drift_feature_memmap_dir`, `drift_feature_memory_mb`). No timed assertions: speed targets live in
-benchmarks/overhead.py."""
+"""run_refresh on its own, outside any Trainer, and the speed and memory options of a refresh: block rescoring
+(`drift_max_train_examples`) and feature spilling to a memory-mapped file (`drift_feature_memmap_dir`,
+`drift_feature_memory_mb`). No timed assertions: speed targets live in benchmarks/overhead.py."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
 import pytest
 import torch
-from transformers import HfArgumentParser
 
-from drift_trainer.cli.toy import addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env
+from drift_trainer.cli.toy import (
+    addition_dataset,
+    build_char_tokenizer,
+    build_tiny_llama,
+    offline_env,
+    query_dataset_from,
+)
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
 from drift_trainer.core.refresh import (
     FeaturePass,
     RefreshResult,
-    TrainView,
     _row_chunks,
     feature_storage,
     new_weights,
     refresh_subset,
-    run_refresh,
 )
 from drift_trainer.core.rollouts import Rollouts
-from drift_trainer.hf.config import DriftArguments, DriftConfig
+from drift_trainer.hf.config import DriftArguments
+from tests.helpers import digit_start_reward, drift_args, refresh_once, sft_rows, train_view
 
 offline_env()
+
+
+def test_refresh_without_a_pad_token_and_with_a_bare_reward_callable(tokenizer, tiny_model):
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    assert no_pad.pad_token_id is None
+    rows = sft_rows(tokenizer, addition_dataset(10, seed=4))
+    args = DriftArguments(drift_num_queries=4, drift_max_new_tokens=4, drift_progress=False)
+    result = refresh_once(
+        args,
+        tiny_model,
+        no_pad,
+        train_view(rows),
+        query_dataset_from(addition_dataset(4, seed=1)),
+        digit_start_reward,  # a bare callable, not a list
+        ProjectedGradients(select_target_modules(tiny_model), 4),
+    )
+    assert result.contrast
+    assert result.scored.all() and np.count_nonzero(result.scores) == 10
+    assert len(result.rollouts) == 16
+
+
+# ---------------------------------------------------------------- speed and memory options
 
 
 @pytest.fixture(scope="module")
 def toy():
     tok = build_char_tokenizer()
     model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2)
-    data = addition_dataset(40, seed=0)
-    rows = []
-    for p, c in zip(data["prompt"], data["completion"]):
-        prompt = tok(p, add_special_tokens=False)["input_ids"]
-        full = prompt + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt) :]})
     queries = addition_dataset(6, seed=1).select_columns(["prompt", "answer"])
-    return tok, model, rows, queries
+    return tok, model, sft_rows(tok, addition_dataset(40, seed=0)), queries
 
 
 def alternating_reward(prompts, completions, **kwargs):
@@ -57,56 +79,24 @@ def _args(**kw):
         "drift_projection_dim": 4,
         "drift_progress": False,
     }
-    base.update(kw)
-    args = DriftArguments(**base)
-    args.validate_drift()
-    return args
+    return drift_args(**{**base, **kw})
 
 
 def _refresh(toy, args, refresh_index=0):
     tok, model, rows, queries = toy
     projector = ProjectedGradients(select_target_modules(model), args.drift_projection_dim, seed=0)
-    view = TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
     torch.manual_seed(0)
-    return run_refresh(
-        args=args,
-        step=1,
-        model=model,
-        tokenizer=tok,
-        view=view,
-        query_dataset=queries,
-        reward_funcs=[alternating_reward],
-        projector=projector,
+    return refresh_once(
+        args,
+        model,
+        tok,
+        train_view(rows),
+        queries,
+        [alternating_reward],
+        projector,
         refresh_index=refresh_index,
         seed=0,
-        progress=False,
     )
-
-
-# ---------------------------------------------------------------- options
-
-
-def test_options_validate_and_parse(tmp_path):
-    with pytest.raises(ValueError, match="drift_max_train_examples"):
-        DriftArguments(drift_max_train_examples=0).validate_drift()
-    with pytest.raises(ValueError, match="drift_feature_memory_mb"):
-        DriftArguments(drift_feature_memory_mb=0).validate_drift()
-    with pytest.raises(ValueError, match="drift_max_train_examples"):
-        DriftConfig(output_dir=str(tmp_path), use_cpu=True, drift_max_train_examples=-3)
-    (parsed,) = HfArgumentParser(DriftArguments).parse_args_into_dataclasses(
-        [
-            "--drift_max_train_examples",
-            "100",
-            "--drift_feature_memmap_dir",
-            str(tmp_path),
-            "--drift_feature_memory_mb",
-            "12.5",
-        ]
-    )
-    assert parsed.drift_max_train_examples == 100
-    assert parsed.drift_feature_memmap_dir == str(tmp_path)
-    assert parsed.drift_feature_memory_mb == 12.5
-    assert DriftArguments().drift_max_train_examples is None and DriftArguments().drift_feature_memmap_dir is None
 
 
 # ---------------------------------------------------------------- block rescoring

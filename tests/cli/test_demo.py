@@ -1,13 +1,16 @@
-"""`drift-trainer demo` end to end with tiny settings: table, plot and artifacts."""
+"""`drift-trainer demo` end to end with tiny settings: table, plot and artifacts; the AUROC it reports."""
 
 from __future__ import annotations
 
 import json
 import os
 
+import numpy as np
 import pandas as pd
+import torch
 
 from drift_trainer import cli
+from drift_trainer.cli.demo import auroc
 
 
 def test_demo_writes_table_plot_and_artifacts(tmp_path, capsys):
@@ -71,3 +74,11 @@ def test_demo_rejects_bad_option(capsys):
 
     with pytest.raises(SystemExit):
         cli.main(["demo", "--corruption", "nonsense"])
+
+
+def test_auroc():
+    assert auroc([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == 1.0
+    assert auroc([0.9, 0.8, 0.1, 0.2], [False, False, True, True]) == 0.0
+    assert auroc([1, 1, 1, 1], [True, False, True, False]) == 0.5
+    assert np.isnan(auroc([1, 2], [True, True]))
+    torch.manual_seed(0)

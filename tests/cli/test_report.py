@@ -12,14 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from drift_trainer.cli import report
-from drift_trainer.cli.toy import (
-    Corruption,
-    addition_dataset,
-    build_char_tokenizer,
-    build_tiny_llama,
-    offline_env,
-)
+from drift_trainer.cli.toy import build_char_tokenizer, build_tiny_llama, offline_env
 from drift_trainer.core.state import write_refresh_artifacts
+from tests.helpers import TINY_DRIFT, addition_data, cpu_args, digit_first, tiny_trainer
 
 offline_env()
 HEADINGS = [
@@ -39,10 +34,6 @@ PNGS = [
     "rollouts.png",
     "effective_sample_size.png",
 ]
-
-
-def digit_first(prompts, completions, **kwargs):
-    return [1.0 if str(c).strip()[:1].isdigit() else 0.0 for c in completions]
 
 
 def _synthetic_run(root, n=50, steps=(10, 20, 30), no_contrast_step=30):
@@ -130,36 +121,16 @@ def test_synthetic_artifacts(tmp_path):
 
 def test_training_run_artifacts(tmp_path):
     """A real DriftSFTTrainer run's artifacts, with the text from --train_file."""
-    from drift_trainer import DriftConfig, DriftSFTTrainer
-    from drift_trainer.cli.toy import query_dataset_from
+    from drift_trainer import DriftConfig
 
     tok = build_char_tokenizer()
     model = build_tiny_llama(tok, hidden_size=32, num_layers=1, num_heads=2)
-    train = addition_dataset(24, seed=0, corruption=Corruption("random", 0.3))
-    args = DriftConfig(
-        output_dir=str(tmp_path / "run"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        drift_refresh_steps=2,
-        drift_num_queries=4,
-        drift_num_rollouts=4,
-        drift_max_new_tokens=3,
-        drift_projection_dim=4,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        drift_progress=False,
-        disable_tqdm=True,
-    )
-    trainer = DriftSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train,
-        processing_class=tok,
-        query_dataset=query_dataset_from(addition_dataset(8, seed=1)),
-        reward_funcs=digit_first,
-    )
+    train, queries = addition_data(24)
+    # the tiny DRIFT options with batch 8, a refresh every 2 steps and 3-token rollouts
+    drift = {**TINY_DRIFT, "per_device_train_batch_size": 8, "drift_refresh_steps": 2, "drift_max_new_tokens": 3}
+    options = dict(max_steps=4, learning_rate=3e-3, drift_num_rollouts=4, drift_projection_dim=4, disable_tqdm=True)
+    args = DriftConfig(**cpu_args(tmp_path / "run", **drift, **options))
+    trainer = tiny_trainer(model, tok, args, train, queries, reward_funcs=digit_first)
     trainer.train()
     train_file = tmp_path / "train.jsonl"
     train.to_json(str(train_file))

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from drift_trainer.cli.demo import auroc
 from drift_trainer.cli.toy import (
     addition_dataset,
     build_char_tokenizer,
@@ -15,11 +13,12 @@ from drift_trainer.cli.toy import (
     query_dataset_from,
 )
 from drift_trainer.core.features import IGNORE_INDEX, ProjectedGradients, select_target_modules
-from drift_trainer.core.refresh import RefreshResult, TrainView, new_weights, run_refresh
+from drift_trainer.core.refresh import RefreshResult, new_weights
 from drift_trainer.core.rewards import exact_match
 from drift_trainer.core.rollouts import Rollouts
 from drift_trainer.hf.config import SCORERS, DriftArguments
 from drift_trainer.methods.scorers import check_scorer_inputs, reference_rows, scorer_scores, scorer_signs
+from tests.helpers import refresh_once, sft_rows, train_view
 
 offline_env()
 
@@ -127,15 +126,6 @@ def test_reference_scorers_need_an_answer_column():
     check_scorer_inputs(args_for("drift"), queries)
 
 
-def _train_view(tok, ds):
-    rows = []
-    for p, c in zip(ds["prompt"], ds["completion"]):
-        pi = tok(p)["input_ids"]
-        ci = tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append({"input_ids": pi + ci, "labels": [IGNORE_INDEX] * len(pi) + ci})
-    return TrainView(rows=rows, user_index=np.arange(len(rows)), num_examples=len(rows))
-
-
 @pytest.fixture(scope="module")
 def setup(tok):
     model = build_tiny_llama(tok, hidden_size=32, num_layers=1, seed=0)
@@ -147,26 +137,22 @@ def setup(tok):
 
     copy = query.map(lambda r: {"completion": r["answer"], "corrupted": False})
     train = concatenate_datasets([copy.select_columns(train.column_names), train])
-    view = _train_view(tok, train)
+    view = train_view(sft_rows(tok, train))
     projector = ProjectedGradients(select_target_modules(model), 8, seed=0)
     return model, view, query, projector
 
 
+def _refresh(tok, setup, args, reward=exact_match):
+    """One refresh of the setup's model, rows and query, judged by ``reward``."""
+    model, view, query, projector = setup
+    return refresh_once(args, model, tok, view, query, [reward], projector)
+
+
 @pytest.mark.parametrize("scorer", SCORERS)
 def test_run_refresh_each_scorer(tok, setup, scorer):
-    model, view, query, projector = setup
+    _, view, _, _ = setup
     args = args_for(scorer)
-    result = run_refresh(
-        args=args,
-        step=1,
-        model=model,
-        tokenizer=tok,
-        view=view,
-        query_dataset=query,
-        reward_funcs=[exact_match],
-        projector=projector,
-        progress=False,
-    )
+    result = _refresh(tok, setup, args)
     assert result.scores.shape == (len(view),) and np.isfinite(result.scores).all()
     assert len(result.rollouts) == 2  # every scorer still samples (and logs) rollouts
     _, weights = new_weights(result, None, None, args)
@@ -188,31 +174,12 @@ def test_run_refresh_each_scorer(tok, setup, scorer):
 
 
 def test_off_policy_is_not_cosine_without_normalisation(tok, setup):
-    model, view, query, projector = setup
-    kw = dict(
-        model=model,
-        tokenizer=tok,
-        view=view,
-        query_dataset=query,
-        reward_funcs=[exact_match],
-        projector=projector,
-        progress=False,
-        step=1,
-    )
-    off = run_refresh(args=args_for("off_policy"), **kw)  # default drift_debias='normalize' does not apply
-    cos = run_refresh(args=args_for("cosine"), **kw)
+    off = _refresh(tok, setup, args_for("off_policy"))  # default drift_debias='normalize' does not apply
+    cos = _refresh(tok, setup, args_for("cosine"))
     assert not np.allclose(off.scores, cos.scores)
     # one query: raw influence = cosine to the reference feature x the train feature's norm x the target's norm (1)
     np.testing.assert_allclose(off.scores, cos.scores * off.grad_norm, rtol=1e-6, atol=1e-9)
     assert off.scores[0] == pytest.approx(off.grad_norm[0], rel=1e-6)
-
-
-def test_auroc():
-    assert auroc([0.1, 0.2, 0.9, 0.8], [False, False, True, True]) == 1.0
-    assert auroc([0.9, 0.8, 0.1, 0.2], [False, False, True, True]) == 0.0
-    assert auroc([1, 1, 1, 1], [True, False, True, False]) == 0.5
-    assert np.isnan(auroc([1, 2], [True, True]))
-    torch.manual_seed(0)
 
 
 def _parity_reward(prompts, completions, **kw):
@@ -221,21 +188,10 @@ def _parity_reward(prompts, completions, **kw):
 
 
 def test_drift_ablations_share_rollouts_and_differ_as_documented(tok, setup):
-    model, view, query, projector = setup
-    kw = dict(
-        model=model,
-        tokenizer=tok,
-        view=view,
-        query_dataset=query,
-        reward_funcs=[_parity_reward],
-        projector=projector,
-        progress=False,
-        step=1,
-    )
     many = dict(drift_num_rollouts=8, drift_max_new_tokens=6)
-    drift = run_refresh(args=args_for("drift", **many), **kw)
-    raw = run_refresh(args=args_for("drift_raw", **many), **kw)
-    unsigned = run_refresh(args=args_for("drift_unsigned", **many), **kw)
+    drift = _refresh(tok, setup, args_for("drift", **many), _parity_reward)
+    raw = _refresh(tok, setup, args_for("drift_raw", **many), _parity_reward)
+    unsigned = _refresh(tok, setup, args_for("drift_unsigned", **many), _parity_reward)
     assert drift.contrast and raw.contrast and unsigned.contrast, "the parity judge should give mixed verdicts"
     assert [c for c in drift.rollouts.completions] == [c for c in raw.rollouts.completions]  # same seeded rollouts
     np.testing.assert_allclose(raw.raw_scores, drift.raw_scores)

@@ -17,6 +17,7 @@ from drift_trainer.cli.toy import (
     build_tiny_llama,
     offline_env,
 )
+from tests.helpers import digit_first
 
 offline_env()
 N_TRAIN = 20
@@ -40,12 +41,7 @@ FAST = [
     "--seed",
     "3",
 ]
-REWARD = f"{__name__}:digit_first"
-
-
-def digit_first(prompts, completions, **kwargs):
-    """1.0 when the completion starts with a digit: gives a random model's rollouts some contrast."""
-    return [1.0 if str(c).strip()[:1].isdigit() else 0.0 for c in completions]
+REWARD = f"{digit_first.__module__}:digit_first"
 
 
 def always_zero(prompts, completions, **kwargs):

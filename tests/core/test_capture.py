@@ -6,28 +6,15 @@ import os
 import numpy as np
 import pytest
 
-from drift_trainer import DriftSFTTrainer
-from drift_trainer.cli.toy import Corruption, addition_dataset, query_dataset_from
 from drift_trainer.core.capture import FeatureCache, rescore_budget, stale_order
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
 from drift_trainer.core.refresh import FeaturePass
-
-from .conftest import digit_start_reward, tiny_config
+from tests.helpers import addition_data, tiny_config, tiny_trainer
 
 
 def _trainer(tmp_path, tokenizer, model, n=40, peft_config=None, **overrides):
-    train = addition_dataset(n, seed=0, corruption=Corruption("random", 0.3))
-    queries = query_dataset_from(addition_dataset(8, seed=1))
     kwargs = {"peft_config": peft_config} if peft_config is not None else {}
-    return DriftSFTTrainer(
-        model=model,
-        args=tiny_config(tmp_path / "out", **overrides),
-        train_dataset=train,
-        query_dataset=queries,
-        reward_funcs=digit_start_reward,
-        processing_class=tokenizer,
-        **kwargs,
-    )
+    return tiny_trainer(model, tokenizer, tiny_config(tmp_path / "out", **overrides), *addition_data(n), **kwargs)
 
 
 def _lora():

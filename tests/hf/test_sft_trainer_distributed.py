@@ -1,6 +1,6 @@
 """Multi-process DRIFT: DDP, ZeRO-2 and ZeRO-3 over 2 CPU ranks (gloo), with and without LoRA.
 
-Each case launches tests/multirank_worker.py with torchrun under a timeout, so a hang fails instead of blocking CI.
+Each case launches tests/hf/multirank_worker.py with torchrun under a timeout, so a hang fails instead of blocking CI.
 Scores are compared at learning rate 0 (the model every rank and the single process score is then the same one):
 tolerance 1e-5 of the largest score (seen: 1e-15 for DDP and ZeRO-2, 1e-7 for ZeRO-3).
 """
@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow
-WORKER = os.path.join(os.path.dirname(__file__), "multirank_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multirank_worker.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(WORKER)))  # the repository: the worker imports its drift_trainer
 N_TRAIN = 27  # odd: the two ranks' shards differ in size
 TIMEOUT = 240
 
 
 def _launch(out_dir, nproc, **opts):
-    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(WORKER)), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     args = [f"{k}={v}" for k, v in {"n_train": N_TRAIN, **opts}.items()]
     if nproc == 1:
         cmd = [sys.executable, WORKER, str(out_dir), *args]

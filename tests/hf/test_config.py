@@ -1,3 +1,5 @@
+"""DriftArguments, DriftConfig and DriftTrainingArguments: help texts, validation messages, command-line parsing."""
+
 import dataclasses
 
 import pytest
@@ -78,3 +80,33 @@ def test_trl_parser(tmp_path):
         ["--output_dir", str(tmp_path), "--use_cpu", "true", "--drift_num_queries", "7"]
     )
     assert cfg.drift_num_queries == 7
+
+
+def test_options_validate_and_parse(tmp_path):
+    with pytest.raises(ValueError, match="drift_max_train_examples"):
+        DriftArguments(drift_max_train_examples=0).validate_drift()
+    with pytest.raises(ValueError, match="drift_feature_memory_mb"):
+        DriftArguments(drift_feature_memory_mb=0).validate_drift()
+    with pytest.raises(ValueError, match="drift_max_train_examples"):
+        DriftConfig(output_dir=str(tmp_path), use_cpu=True, drift_max_train_examples=-3)
+    (parsed,) = HfArgumentParser(DriftArguments).parse_args_into_dataclasses(
+        [
+            "--drift_max_train_examples",
+            "100",
+            "--drift_feature_memmap_dir",
+            str(tmp_path),
+            "--drift_feature_memory_mb",
+            "12.5",
+        ]
+    )
+    assert parsed.drift_max_train_examples == 100
+    assert parsed.drift_feature_memmap_dir == str(tmp_path)
+    assert parsed.drift_feature_memory_mb == 12.5
+    assert DriftArguments().drift_max_train_examples is None and DriftArguments().drift_feature_memmap_dir is None
+
+
+def test_config_rejects_bad_method():
+    with pytest.raises(ValueError, match="drift_method"):
+        DriftConfig(output_dir="x", use_cpu=True, drift_method="lossdiff")
+    with pytest.raises(ValueError, match="drift_ica_weighting"):
+        DriftConfig(output_dir="x", use_cpu=True, drift_method="ica", drift_ica_weighting="exp")

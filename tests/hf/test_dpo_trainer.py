@@ -1,4 +1,4 @@
-"""DriftDPOTrainer: scorers, band selection, per-pair losses, and `uniform` = plain TRL DPO."""
+"""DriftDPOTrainer: scorers, band selection, weighted per-pair losses, and `uniform` = plain TRL DPO."""
 
 import copy
 import random
@@ -8,9 +8,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from drift_trainer.methods.lossdiff import band_mask, lossdiff_irm_scores, select_pairs
-from drift_trainer.methods.pairs import PairLogps, pair_feature_batch, pair_losses, pair_nll_loss
-from tests.conftest import digit_start_reward
+from drift_trainer.methods.lossdiff import band_mask
+from tests.helpers import cpu_args, digit_start_reward
 
 
 def pairs(n, seed, flip=0.3):
@@ -30,14 +29,11 @@ def pairs(n, seed, flip=0.3):
 def make_args(tmp_path, **kw):
     from drift_trainer import DriftDPOConfig
 
-    base = dict(
-        output_dir=str(tmp_path),
-        use_cpu=True,
+    base = cpu_args(
+        tmp_path,
         num_train_epochs=2,
         per_device_train_batch_size=8,
-        report_to=[],
         logging_steps=1,
-        save_strategy="no",
         disable_tqdm=True,
         learning_rate=1e-3,
         drift_progress=False,
@@ -59,78 +55,6 @@ def make_trainer(tokenizer, model, args, n=16, **kw):
     )
 
 
-# ----------------------------------------------------------------------------------------------- pure functions
-def test_band_mask_exact_counts():
-    v = np.random.default_rng(0).permutation(100).astype(float)
-    m = band_mask(v, 10, 90)
-    assert m.sum() == 80 and v[m].min() == 10 and v[m].max() == 89
-    assert band_mask(np.arange(50.0), 25, 75).sum() == 25  # ranks 13 .. 37 (round half up)
-    assert band_mask(np.arange(50.0), 25, 75)[[12, 38]].tolist() == [False, False]
-    assert band_mask(np.arange(7.0), 0, 100).all()
-    with pytest.raises(ValueError):
-        band_mask(np.arange(5.0), 60, 40)
-
-
-def test_select_pairs_intersection():
-    i = np.arange(100)
-    lossdiff, irm = i.astype(float), ((i * 37) % 100).astype(float)
-
-    class A:
-        drift_lossdiff_score = "both"
-        drift_lossdiff_low, drift_lossdiff_high, drift_irm_low, drift_irm_high = 10.0, 90.0, 20.0, 100.0
-
-    keep = select_pairs(lossdiff, irm, A())
-    expected = [k for k in range(100) if 10 <= k < 90 and 20 <= (k * 37) % 100]
-    assert np.flatnonzero(keep).tolist() == expected
-    A.drift_lossdiff_score = "irm"
-    assert select_pairs(lossdiff, irm, A()).sum() == 80
-
-
-def test_lossdiff_irm_formulas():
-    class A:
-        loss_type, loss_weights, beta, simpo_gamma = ["sigmoid"], None, 0.5, 0.5
-
-    pol = PairLogps(np.array([-1.0, -3.0]), np.array([-2.0, -1.0]), np.ones(2), np.ones(2))
-    val = PairLogps(np.array([-1.5, -2.0]), np.array([-1.0, -2.0]), np.ones(2), np.ones(2))
-    ref = PairLogps(np.array([-2.0, -2.0]), np.array([-2.0, -2.0]), np.ones(2), np.ones(2))
-    ld, irm = lossdiff_irm_scores(A(), pol, val, ref)
-    dpo = lambda p: -np.log(1 / (1 + np.exp(-0.5 * ((p.chosen + 2) - (p.rejected + 2)))))  # noqa: E731
-    np.testing.assert_allclose(ld, dpo(pol) - dpo(val))
-    np.testing.assert_allclose(irm, [0.5 * (1.0 - 0.0), 0.5 * (-1.0 - 1.0)])
-
-
-def test_pair_losses_match_formulas():
-    t = torch.tensor
-    c, r, rc, rr, nc, nr = t([-2.0]), t([-4.0]), t([-3.0]), t([-3.0]), t([2.0]), t([4.0])
-    sig = pair_losses(["sigmoid"], None, 0.1, c, r, rc, rr, nc, nr)
-    assert sig.item() == pytest.approx(-torch.nn.functional.logsigmoid(t(0.1 * (1.0 + 1.0))).item())
-    simpo = pair_losses(["simpo"], None, 2.0, c, r, None, None, nc, nr, simpo_gamma=0.5)
-    assert simpo.item() == pytest.approx(-torch.nn.functional.logsigmoid(t(2.0 * (-1.0 + 1.0) - 0.5)).item())
-    with pytest.raises(ValueError, match="per-pair"):
-        pair_losses(["aot"], None, 0.1, c, r, rc, rr, nc, nr)
-
-
-def test_pair_features_are_chosen_minus_rejected(tokenizer, tiny_model):
-    from drift_trainer.core.features import ProjectedGradients, collate_right, select_target_modules
-    from drift_trainer.methods.pairs import pair_rows
-
-    proj = ProjectedGradients(select_target_modules(tiny_model), 4, seed=0)
-    ids = lambda s: tokenizer(text=s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    rows = [
-        {"prompt_ids": ids("1+2="), "chosen_ids": ids("3"), "rejected_ids": ids("45")},
-        {"prompt_ids": ids("3+4="), "chosen_ids": ids("7"), "rejected_ids": ids("9")},
-    ]
-    tiny_model.eval()
-    pair = proj.compute(tiny_model, pair_feature_batch(rows, tokenizer.pad_token_id, "cpu"), loss_fn=pair_nll_loss)
-    single = [r for row in rows for r in pair_rows(row)]  # c0, r0, c1, r1
-    rowf = proj.compute(tiny_model, collate_right(single, tokenizer.pad_token_id))
-    f = rowf.features * rowf.num_tokens[:, None]  # features of summed (not mean) token losses
-    expected = torch.stack([f[0] - f[1], f[2] - f[3]])
-    torch.testing.assert_close(pair.features, expected, rtol=1e-4, atol=1e-5)
-    assert pair.features.shape == (2, proj.dim)
-
-
-# ----------------------------------------------------------------------------------------------- trainers
 def test_uniform_is_plain_dpo(tokenizer, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
@@ -139,14 +63,11 @@ def test_uniform_is_plain_dpo(tokenizer, tmp_path):
     losses = []
     for cls in ("plain", "drift"):
         model = build_tiny_llama(tokenizer, seed=0)
-        common = dict(
-            output_dir=str(tmp_path / cls),
-            use_cpu=True,
+        common = cpu_args(
+            tmp_path / cls,
             max_steps=3,
             per_device_train_batch_size=4,
-            report_to=[],
             logging_steps=1,
-            save_strategy="no",
             learning_rate=1e-2,
             disable_tqdm=True,
         )

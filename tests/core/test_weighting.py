@@ -1,0 +1,63 @@
+"""Weighting: scores to weights (softmax, prune, truncate), clipping to mean one, the effective sample size."""
+
+import numpy as np
+import pytest
+
+from drift_trainer.core.weighting import clip_mean_one, effective_sample_size, scores_to_weights, standardize
+from tests.helpers import drift_args
+
+
+def test_softmax_weights_mean_one_clipped_and_mixed():
+    scores = np.linspace(-3, 3, 100)
+    w = scores_to_weights(scores, drift_args(drift_uniform_mix=0.0, drift_weight_clip=3.0))
+    assert abs(w.mean() - 1.0) < 1e-9 and w.max() <= 3.0 + 1e-9
+    assert np.all(np.diff(w) >= 0)  # monotone in score
+    mixed = scores_to_weights(scores, drift_args(drift_uniform_mix=0.5, drift_weight_clip=3.0))
+    np.testing.assert_allclose(mixed, 0.5 * w + 0.5)
+    uniform = scores_to_weights(scores, drift_args(drift_uniform_mix=1.0))
+    np.testing.assert_allclose(uniform, 1.0)
+
+
+def test_prune_and_truncate_rules():
+    scores = np.arange(10.0)
+    w = scores_to_weights(scores, drift_args(drift_weighting="prune", drift_prune_fraction=0.3, drift_uniform_mix=0.0))
+    assert (w[:3] == 0).all() and np.allclose(w[3:], 10 / 7)
+    t = scores_to_weights(
+        scores,
+        drift_args(drift_weighting="truncate", drift_truncate_low=20, drift_truncate_high=80, drift_uniform_mix=0.0),
+    )
+    kept = t > 0
+    assert kept.sum() == 6 and not kept[0] and not kept[-1]
+    w_mix = scores_to_weights(
+        scores, drift_args(drift_weighting="prune", drift_prune_fraction=0.3, drift_uniform_mix=0.1)
+    )
+    assert (w_mix > 0).all()
+
+
+def test_unscored_examples_keep_weight_one_and_are_excluded_from_the_mean():
+    scores = np.array([1.0, 2.0, 3.0, 0.0])
+    mask = np.array([True, True, True, False])
+    w = scores_to_weights(scores, drift_args(drift_uniform_mix=0.0), mask)
+    assert w[3] == 1.0 and abs(w[:3].mean() - 1.0) < 1e-9
+
+
+def test_clip_and_ess():
+    w = clip_mean_one(np.array([100.0, 1, 1, 1]), 2.0)
+    assert abs(w.mean() - 1) < 1e-9 and w.max() <= 2.0 + 1e-9
+    assert effective_sample_size(np.ones(10)) == pytest.approx(1.0)
+    assert effective_sample_size(np.array([1.0, 0, 0, 0])) == pytest.approx(0.25)
+    z = standardize(np.array([1.0, 2.0, 3.0, 100.0]), np.array([True, True, True, False]))
+    assert z[3] == 0 and abs(z[:3].mean()) < 1e-12
+
+
+def test_all_zero_weights_are_refused_naming_the_options():
+    with pytest.raises(ValueError, match="drift_prune_fraction"):
+        clip_mean_one(np.zeros(5), 5.0)
+
+
+def test_prune_breaks_ties_at_random_not_by_row_order():
+    w = scores_to_weights(
+        np.zeros(100), drift_args(drift_weighting="prune", drift_prune_fraction=0.3, drift_uniform_mix=0.0)
+    )
+    dropped = np.flatnonzero(w == 0)
+    assert len(dropped) == 30 and dropped.max() > 50  # not simply the first 30 rows
