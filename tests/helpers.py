@@ -12,7 +12,8 @@ import numpy as np
 
 from drift_trainer import DriftConfig, DriftSFTTrainer, DriftTrainingArguments
 from drift_trainer.cli.toy import Corruption, addition_dataset, query_dataset_from
-from drift_trainer.core.refresh import TrainView, run_refresh
+from drift_trainer.core.feature_pass import TrainView
+from drift_trainer.core.refresh import run_refresh
 from drift_trainer.core.rewards import completion_text
 from drift_trainer.hf.config import DriftArguments
 

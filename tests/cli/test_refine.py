@@ -143,8 +143,9 @@ def test_matches_run_refresh(data, base_run):
     from datasets import Dataset
 
     from drift_trainer.cli.datafiles import read_table, tokenize_rows, train_kind
+    from drift_trainer.core.feature_pass import TrainView
     from drift_trainer.core.features import ProjectedGradients, select_target_modules
-    from drift_trainer.core.refresh import TrainView, run_refresh
+    from drift_trainer.core.refresh import run_refresh
     from drift_trainer.core.rewards import resolve_reward_funcs
 
     ra, da = refine.parse_args(_args(data, data["root"] / "unused"))
@@ -199,6 +200,19 @@ def test_tokenization_matches_sft_trainer(data):
         assert any(-100 in g["labels"] for g in got) == (name in ("prompt_completion", "conversational")), name
 
 
+_WRITE_SHARD = refine.write_shard
+
+
+def after_each_shard(monkeypatch, hook):
+    """Call ``hook(s)`` right after refine writes feature shard ``s`` (a hook that raises is a crash there)."""
+
+    def write_then_hook(work, s, arrays):
+        _WRITE_SHARD(work, s, arrays)
+        hook(s)
+
+    monkeypatch.setattr(refine, "write_shard", write_then_hook)
+
+
 def test_resume_after_interruption(data, base_run, monkeypatch):
     out = data["root"] / "resumed"
     written = []
@@ -208,7 +222,7 @@ def test_resume_after_interruption(data, base_run, monkeypatch):
         if len(written) == 2:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(refine, "_after_shard", crash_after_two)
+    after_each_shard(monkeypatch, crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         refine.main(_args(data, out))
     work = out / "work"
@@ -226,8 +240,8 @@ def test_resume_after_interruption(data, base_run, monkeypatch):
         raise AssertionError("rollouts must be read back, not sampled again")
 
     written.clear()
-    monkeypatch.setattr(refine, "_after_shard", written.append)
-    monkeypatch.setattr("drift_trainer.core.rollouts.generate_rollouts", no_generation)
+    after_each_shard(monkeypatch, written.append)
+    monkeypatch.setattr("drift_trainer.core.pipeline.generate_rollouts", no_generation)
     _run(_args(data, out))
     assert written == [2]  # only the missing shard was computed
     summary = json.loads((out / "summary.json").read_text())
@@ -243,7 +257,7 @@ def test_resume_refuses_other_inputs(data, monkeypatch, capsys):
     def crash(s):
         raise KeyboardInterrupt()
 
-    monkeypatch.setattr(refine, "_after_shard", crash)
+    after_each_shard(monkeypatch, crash)
     with pytest.raises(KeyboardInterrupt):
         refine.main(_args(data, out))
     before = json.loads((out / "work" / "meta.json").read_text())["hash"]
@@ -251,7 +265,7 @@ def test_resume_refuses_other_inputs(data, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "--overwrite" in err and str(out / "work") in err
     written = []
-    monkeypatch.setattr(refine, "_after_shard", lambda s: (written.append(s), crash(s)))
+    after_each_shard(monkeypatch, lambda s: (written.append(s), crash(s)))
     with pytest.raises(KeyboardInterrupt):
         refine.main(_args(data, out, None, "--drift_debias", "none", "--overwrite"))
     assert written == [0]  # started over: shard 0 computed again
@@ -350,13 +364,14 @@ def test_filter_needs_a_rule(data, capsys):
 def test_cli_dispatch_and_flags_in_sync(data, capsys):
     from dataclasses import fields
 
+    from drift_trainer.cli.refine_inputs import TRAINING_ONLY
     from drift_trainer.hf.config import DriftArguments
 
     with pytest.raises(SystemExit):
         cli_main(["refine", "--help"])
     help_text = capsys.readouterr().out
-    for f in fields(DriftArguments):
-        assert f"--{f.name}" in help_text
+    for f in fields(DriftArguments):  # every option that takes effect on one scoring pass, and only those
+        assert (f"--{f.name} " in help_text) == (f.name not in TRAINING_ONLY), f.name
 
 
 def test_select_rows_rules():
@@ -382,3 +397,30 @@ def test_bf16_model(data, base_run):
     assert got["scored"].all() and np.isfinite(got["score"]).all()
     np.testing.assert_allclose(got["grad_norm"], ref["grad_norm"], rtol=5e-2)
     np.testing.assert_allclose(got["loss"], ref["loss"], rtol=2e-2)
+
+
+def test_refine_honours_drift_scorer(data, base_run):
+    """`--drift_scorer loss` scores every row as -loss (so it ranks rows by loss), unlike the default `drift`."""
+    out = data["root"] / "loss_scorer"
+    _run(_args(data, out, None, "--drift_scorer", "loss", "--no_report"))
+    by_loss = pd.read_parquet(out / "scores.parquet")
+    by_drift = pd.read_parquet(base_run / "scores.parquet")
+    np.testing.assert_allclose(by_loss["score"], -by_loss["loss"], rtol=1e-12)
+    order = np.argsort(-by_loss["score"].to_numpy(), kind="stable")
+    assert (order == np.argsort(by_loss["loss"].to_numpy(), kind="stable")).all()
+    np.testing.assert_allclose(by_loss["loss"], by_drift["loss"], rtol=1e-5)  # same model, same rows
+    ranks = [np.argsort(np.argsort(s.to_numpy())) for s in (by_loss["score"], by_drift["score"])]
+    assert abs(np.corrcoef(*ranks)[0, 1]) < 0.95  # not DRIFT's ranking
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["options"]["drift_scorer"] == "loss"
+
+
+def test_help_lists_only_flags_that_take_effect(capsys):
+    from drift_trainer.cli.refine_inputs import TRAINING_ONLY
+
+    with pytest.raises(SystemExit):
+        refine.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert [name for name in TRAINING_ONLY if f"--{name} " in text] == []
+    for name in ("drift_scorer", "drift_weighting", "drift_preconditioner", "drift_signing", "drift_feature_memory_mb"):
+        assert f"--{name}" in text

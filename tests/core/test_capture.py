@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from drift_trainer.core.capture import FeatureCache, rescore_budget, stale_order
+from drift_trainer.core.feature_pass import FeaturePass
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from drift_trainer.core.refresh import FeaturePass
 from tests.helpers import addition_data, tiny_config, tiny_trainer
 
 

@@ -3,7 +3,19 @@
 import numpy as np
 import pytest
 
-from drift_trainer.core.influence import debias_raw, fisher, influence_scores, precondition, signed_target
+from drift_trainer.core.influence import debias_raw, inner_products, precondition, second_moment, signed_target
+
+
+def influence_scores(phi, direction, debias, alpha=1.0):
+    """Debiased scores and norms as a refresh computes them: inner products over feature blocks, then debiasing."""
+    phi = np.asarray(phi, dtype=np.float64)
+    raw, norms = inner_products([phi[: len(phi) // 2], phi[len(phi) // 2 :]], direction)
+    return debias_raw(raw, norms, debias, alpha), norms
+
+
+def fisher(phi):
+    total, count = second_moment([phi[:20], phi[20:]], phi.shape[1])
+    return total / count
 
 
 def test_signed_target_and_scores_point_the_right_way():

@@ -18,16 +18,11 @@ from drift_trainer.cli.toy import (
     offline_env,
     query_dataset_from,
 )
+from drift_trainer.core.feature_pass import FeaturePass, refresh_subset
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from drift_trainer.core.refresh import (
-    FeaturePass,
-    RefreshResult,
-    _row_chunks,
-    feature_storage,
-    new_weights,
-    refresh_subset,
-)
+from drift_trainer.core.refresh import RefreshResult, new_weights
 from drift_trainer.core.rollouts import Rollouts
+from drift_trainer.core.storage import feature_storage, row_chunks as _row_chunks
 from drift_trainer.hf.config import DriftArguments
 from tests.helpers import digit_start_reward, drift_args, refresh_once, sft_rows, train_view
 

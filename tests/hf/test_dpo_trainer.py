@@ -98,7 +98,7 @@ def test_weighted_pair_loss(tokenizer, tiny_model, tmp_path):
     plain = {k: v for k, v in batch.items() if k != "drift_index"}
     tr.model.train()
     # all-equal weights: exactly TRL's DPO loss
-    tr._pairs.weights = np.full(16, 0.3)
+    tr.pair_scorer.weights = np.full(16, 0.3)
     with torch.no_grad():
         ours = tr.compute_loss(tr.model, dict(batch)).item()
         theirs = DPOTrainer.compute_loss(tr, tr.model, dict(plain)).item()
@@ -106,7 +106,7 @@ def test_weighted_pair_loss(tokenizer, tiny_model, tmp_path):
     # a weight on one pair only: the loss (and its gradient) is that pair's alone
     w = np.zeros(16)
     w[int(batch["drift_index"][2])] = 0.7
-    tr._pairs.weights = w
+    tr.pair_scorer.weights = w
     tr.model.zero_grad()
     tr.compute_loss(tr.model, dict(batch)).backward()
     g_weighted = [p.grad.clone() for p in tr.model.parameters() if p.grad is not None]
@@ -139,7 +139,7 @@ def test_lossdiff_irm_selects_middle_bands(tokenizer, tiny_model, tmp_path):
     np.testing.assert_array_equal(s["keep"], expected)
     np.testing.assert_array_equal(tr.pair_weights, expected.astype(float))
     assert 0 < expected.sum() <= 8
-    assert tr._pairs.history[0]["step"] == 2  # after the warm-up epoch (16 pairs / batch 8)
+    assert tr.pair_history[0]["step"] == 2  # after the warm-up epoch (16 pairs / batch 8)
     assert np.abs(s["lossdiff"]).max() > 0  # theta_val differs from theta
 
 
@@ -165,8 +165,8 @@ def test_drift_scorer_and_simpo(tokenizer, tiny_model, tmp_path):
         reward_funcs=digit_start_reward,
     )
     tr.train()
-    assert [h["step"] for h in tr._pairs.history] == [2, 4]
-    assert any(h["contrast"] for h in tr._pairs.history)
+    assert [h["step"] for h in tr.pair_history] == [2, 4]
+    assert any(h["contrast"] for h in tr.pair_history)
     w = tr.pair_weights
     assert w.shape == (16,) and w.mean() == pytest.approx(1.0) and w.std() > 0
     assert np.isfinite(tr.pair_scores["score"]).all() and (tr.pair_scores["grad_norm"] > 0).all()

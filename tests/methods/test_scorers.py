@@ -13,12 +13,27 @@ from drift_trainer.cli.toy import (
     query_dataset_from,
 )
 from drift_trainer.core.features import IGNORE_INDEX, ProjectedGradients, select_target_modules
+from drift_trainer.core.params import InfluenceParams
 from drift_trainer.core.refresh import RefreshResult, new_weights
 from drift_trainer.core.rewards import exact_match
 from drift_trainer.core.rollouts import Rollouts
 from drift_trainer.hf.config import SCORERS, DriftArguments
-from drift_trainer.methods.scorers import check_scorer_inputs, reference_rows, scorer_scores, scorer_signs
+from drift_trainer.methods.scorers import get_scorer, reference_rows
 from tests.helpers import refresh_once, sft_rows, train_view
+
+
+def scorer_signs(args, rewards, signs, contrast):
+    """The configured scorer's rollout signs (the registered object's ``signs``)."""
+    return get_scorer(args.drift_scorer).signs(rewards, signs, contrast, args.drift_reward_threshold)
+
+
+def scorer_scores(args, raw, norms, losses, seed):
+    return get_scorer(args.drift_scorer).scores(raw, norms, losses, seed, InfluenceParams.of(args))
+
+
+def check_scorer_inputs(args, queries):
+    get_scorer(args.drift_scorer).check_queries(queries)
+
 
 offline_env()
 
