@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from drift_trainer.cli.demo_report import format_table, plot
 from drift_trainer.cli.toy import (
     Corruption,
     addition_dataset,
@@ -157,6 +158,33 @@ class _Probe:
         return Probe(*a, **k)
 
 
+def _demo_config(output_dir, steps, batch_size, lr, warmup_steps, seed, progress, drift, drift_kwargs):
+    """The demo's CPU training options (float32, no activation checkpointing: a tiny model on 2 cores)."""
+    from drift_trainer.hf.config import DriftConfig
+
+    return DriftConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(50, steps // 10) if warmup_steps is None else warmup_steps,
+        weight_decay=0.0,
+        seed=seed,
+        report_to=[],
+        logging_steps=max(1, steps // 10),
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        drift_enabled=drift,
+        drift_progress=False,
+        **drift_kwargs,
+    )
+
+
 def run_one(
     name: str,
     *,
@@ -187,7 +215,6 @@ def run_one(
     import torch
 
     from drift_trainer.core.rewards import exact_match
-    from drift_trainer.hf.config import DriftConfig
     from drift_trainer.hf.sft_trainer import DriftSFTTrainer
 
     torch.manual_seed(seed)
@@ -197,27 +224,7 @@ def run_one(
         model = LlamaForCausalLM.from_pretrained(init_from)
     else:
         model = build_tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=4, seed=seed)
-    args = DriftConfig(
-        output_dir=output_dir,
-        max_steps=steps,
-        per_device_train_batch_size=batch_size,
-        learning_rate=lr,
-        lr_scheduler_type="constant_with_warmup",
-        warmup_steps=min(50, steps // 10) if warmup_steps is None else warmup_steps,
-        weight_decay=0.0,
-        seed=seed,
-        report_to=[],
-        logging_steps=max(1, steps // 10),
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        disable_tqdm=not progress,
-        dataloader_num_workers=0,
-        drift_enabled=drift,
-        drift_progress=False,
-        **drift_kwargs,
-    )
+    args = _demo_config(output_dir, steps, batch_size, lr, warmup_steps, seed, progress, drift, drift_kwargs)
     probe = _Probe(tokenizer, test, curve_every)
     trainer = DriftSFTTrainer(
         model=model,
@@ -260,68 +267,6 @@ def _read_refreshes(result: RunResult, root: str, corrupted: np.ndarray) -> None
         scored = frame["scored"].to_numpy(bool) if "scored" in frame else np.ones(len(frame), dtype=bool)
         both = corrupted[scored].any() and (~corrupted[scored]).any()
         result.auroc.append(auroc(frame["score"].to_numpy()[scored], ~corrupted[scored]) if both else float("nan"))
-
-
-def _acc_at(r: RunResult, step: int | None) -> str:
-    hits = [a for s, a in r.accuracy_curve if s == step]
-    return f"{hits[0]:.3f}" if hits else "-"
-
-
-def format_table(plain: RunResult, drift: RunResult, fraction_corrupted: float) -> str:
-    """The demo's markdown table.
-
-    "test accuracy at first refresh" shows where each run stood before DRIFT changed anything: the runs share seed,
-    data and init, but not the data order (plain SFT uses the Trainer's RandomSampler, DRIFT its own DriftSampler).
-    """
-    first = drift.refresh_steps[0] if drift.refresh_steps else None
-    lines = [
-        f"| run | final test accuracy | test accuracy at first refresh (step {first}) | rollout accuracy by refresh "
-        "| corrupted share of weight (start -> end) |",
-        "|---|---|---|---|---|",
-    ]
-    share_end = drift.corrupted_weight_share[-1] if drift.corrupted_weight_share else fraction_corrupted
-    ro = ", ".join(f"{s}: {a:.2f}" for s, a in zip(drift.refresh_steps, drift.rollout_accuracy)) or "no refresh"
-    f = fraction_corrupted
-    lines.append(f"| plain SFT | {plain.final_accuracy:.3f} | {_acc_at(plain, first)} | - | {f:.3f} -> {f:.3f} |")
-    lines.append(
-        f"| DRIFT | {drift.final_accuracy:.3f} | {_acc_at(drift, first)} | {ro} | {f:.3f} -> {share_end:.3f} |"
-    )
-    return "\n".join(lines)
-
-
-def plot(plain: RunResult, drift: RunResult, fraction_corrupted: float, path: str, title: str = "") -> str:
-    """Two panels: test accuracy over training; rollout accuracy and corrupted weight share at each refresh."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for r, style in ((plain, "--"), (drift, "-")):
-        if r.accuracy_curve:
-            xs, ys = zip(*r.accuracy_curve)
-            ax1.plot(xs, ys, style, marker="o", label=f"{r.name} (final {r.final_accuracy:.2f})")
-    for s in drift.refresh_steps:
-        ax1.axvline(s, color="grey", alpha=0.2)
-    ax1.set_xlabel("step")
-    ax1.set_ylabel("test accuracy (greedy, exact match)")
-    ax1.set_ylim(0, 1)
-    ax1.legend()
-    ax1.set_title("held-out accuracy")
-    if drift.refresh_steps:
-        ax2.plot(drift.refresh_steps, drift.rollout_accuracy, marker="o", label="DRIFT rollout accuracy")
-        ax2.plot(drift.refresh_steps, drift.corrupted_weight_share, marker="s", label="corrupted share of weight")
-    ax2.axhline(fraction_corrupted, color="red", ls=":", label=f"corrupted fraction ({fraction_corrupted:.2f})")
-    ax2.set_xlabel("refresh step")
-    ax2.set_ylim(0, 1)
-    ax2.legend()
-    ax2.set_title("DRIFT refreshes")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -91,6 +91,7 @@ class RowFormat:
 LM_ROWS = RowFormat()
 
 
+@dataclass
 class FeaturePass:
     """Features of many rows, in length-sorted batches, optionally sharded over ranks with equal batch counts.
 
@@ -98,23 +99,13 @@ class FeaturePass:
     ``row_format``: how rows are batched and which loss is differentiated (default: language-modelling rows).
     """
 
-    def __init__(
-        self,
-        projector: ProjectedGradients,
-        pad_token_id: int,
-        batch_size: int,
-        fused_lm_head: bool = False,
-        memmap_dir: str | None = None,
-        max_memory_mb: float | None = None,
-        row_format: RowFormat = LM_ROWS,
-    ):
-        self.row_format = row_format
-        self.projector = projector
-        self.pad_token_id = pad_token_id
-        self.batch_size = batch_size
-        self.fused_lm_head = fused_lm_head
-        self.memmap_dir = memmap_dir
-        self.max_memory_mb = max_memory_mb
+    projector: ProjectedGradients
+    pad_token_id: int
+    batch_size: int
+    fused_lm_head: bool = False
+    memmap_dir: str | None = None
+    max_memory_mb: float | None = None
+    row_format: RowFormat = LM_ROWS
 
     def run(self, model, rows: list[dict], num_batches: int | None = None, progress=None):
         """``(features (n, dim), loss (n,), num_tokens (n,))`` for ``rows`` (dicts with input_ids and labels).
