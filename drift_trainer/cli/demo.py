@@ -270,13 +270,20 @@ def _read_refreshes(result: RunResult, root: str, corrupted: np.ndarray) -> None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from drift_trainer.methods.scorers import SCORERS
+
     d = DEFAULTS
     p = argparse.ArgumentParser(
         prog="drift-trainer demo",
         description="Train a tiny Llama twice on two-digit addition with corrupted labels (plain SFT, then DRIFT; same "
         "seed, data and budget), print a comparison table and write a plot and the run artifacts.",
     )
-    p.add_argument("--output-dir", default="drift-demo", help="Folder for the plot, table, results and run artifacts.")
+    p.add_argument(
+        "--output-dir",
+        "--output_dir",
+        default="drift-demo",
+        help="Folder for the plot, table, results and run artifacts.",
+    )
     p.add_argument("--steps", type=int, default=d["steps"], help="Optimizer steps per run.")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="Step of DRIFT's first refresh.")
     p.add_argument("--refresh", type=int, default=d["refresh"], help="Steps between DRIFT refreshes.")
@@ -288,15 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="How corrupted rows are wrong: random numbers, a dropped carry, or the `#<answer>` format.",
     )
     p.add_argument("--fraction", type=float, default=d["fraction"], help="Share of rows drawn for corruption.")
-    p.add_argument("--num-train", type=int, default=d["num_train"], help="Training examples.")
-    p.add_argument("--num-test", type=int, default=d["num_test"], help="Held-out test prompts.")
-    p.add_argument("--num-queries", type=int, default=d["num_queries"], help="Validation queries per refresh.")
-    p.add_argument("--hidden-size", type=int, default=d["hidden_size"], help="Model width.")
-    p.add_argument("--num-layers", type=int, default=d["num_layers"], help="Model depth.")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="Train batch size.")
+    p.add_argument("--num-train", "--num_train", type=int, default=d["num_train"], help="Training examples.")
+    p.add_argument("--num-test", "--num_test", type=int, default=d["num_test"], help="Held-out test prompts.")
+    p.add_argument(
+        "--num-queries", "--num_queries", type=int, default=d["num_queries"], help="Validation queries per refresh."
+    )
+    p.add_argument("--hidden-size", "--hidden_size", type=int, default=d["hidden_size"], help="Model width.")
+    p.add_argument("--num-layers", "--num_layers", type=int, default=d["num_layers"], help="Model depth.")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=d["batch_size"], help="Train batch size.")
     p.add_argument("--lr", type=float, default=d["lr"], help="Learning rate.")
-    p.add_argument("--scorer", default="drift", help="drift_scorer of the second run (default: drift).")
-    p.add_argument("--curve-every", type=int, default=100, help="Evaluate test accuracy every N steps (0: off).")
+    p.add_argument("--scorer", default="drift", choices=list(SCORERS), help="drift_scorer of the second run.")
+    p.add_argument(
+        "--curve-every", "--curve_every", type=int, default=100, help="Evaluate test accuracy every N steps (0: off)."
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for a tiny model).")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
     return p

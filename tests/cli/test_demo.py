@@ -82,3 +82,15 @@ def test_auroc():
     assert auroc([1, 1, 1, 1], [True, False, True, False]) == 0.5
     assert np.isnan(auroc([1, 2], [True, True]))
     torch.manual_seed(0)
+
+
+def test_demo_flags_take_underscores_too_and_check_the_scorer(capsys):
+    import pytest
+
+    from drift_trainer.cli.demo import build_parser
+
+    ns = build_parser().parse_args(["--output_dir", "out", "--num_train", "5", "--num-test", "7"])
+    assert (ns.output_dir, ns.num_train, ns.num_test) == ("out", 5, 7)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--scorer", "influence"])
+    assert "invalid choice: 'influence'" in capsys.readouterr().err
