@@ -139,7 +139,7 @@ def base_job(ns, seed: int) -> str:
 
 def run_job(ns, kind: str, seed: int, config: str) -> dict:
     _setup()
-    from drift_trainer.cli.demo import make_data, run_one
+    from drift_trainer.cli.demo import ROLLOUT_OPTIONS, make_data, run_one
     from drift_trainer.cli.toy import build_char_tokenizer
 
     out_file = os.path.join(ns.out, "runs", f"{kind}-seed{seed}-{config}.json")
@@ -178,10 +178,7 @@ def run_job(ns, kind: str, seed: int, config: str) -> dict:
             drift_first_refresh_step=ns.first_refresh,
             drift_refresh_steps=ns.refresh,
             drift_num_queries=ns.num_queries,
-            drift_num_rollouts=4,
-            drift_rollout_batch_size=256,
-            drift_max_new_tokens=5,
-            drift_feature_batch_size=64,
+            **ROLLOUT_OPTIONS,
             drift_save_artifacts=True,
             **common,
         )

@@ -34,6 +34,10 @@ from drift_trainer.cli.toy import (
 
 # A task the tiny model learns within the warm-up (so rollouts are a mix of right and wrong before the first refresh),
 # sized to finish in about a minute per run on 2 CPU cores.
+# the demo's (and benchmarks/quality.py's) rollout and feature-pass sizes: answers are at most 5 characters
+ROLLOUT_OPTIONS = dict(
+    drift_num_rollouts=4, drift_rollout_batch_size=256, drift_max_new_tokens=5, drift_feature_batch_size=64
+)
 DEFAULTS = dict(
     steps=1200,
     warmup=800,
@@ -376,10 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         drift_first_refresh_step=ns.warmup,
         drift_refresh_steps=ns.refresh,
         drift_num_queries=ns.num_queries,
-        drift_num_rollouts=4,
-        drift_rollout_batch_size=256,
-        drift_max_new_tokens=5,
-        drift_feature_batch_size=64,
+        **ROLLOUT_OPTIONS,
         **common,
     )
     print(f"      final test accuracy {drift.final_accuracy:.3f} ({drift.seconds:.0f}s)", flush=True)
