@@ -90,6 +90,7 @@ class WeightingParams(Params):
     weight_clip: float = 5.0
     uniform_mix: float = 0.1
     score_ema: float = 0.5
+    demote_threshold: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,11 @@ While the weights are uniform it yields the permutation ``torch.randperm(n, gene
 order accelerate's ``SeedableRandomSampler`` gives a plain run with the same seed, so DRIFT with uniform weights
 trains on exactly the batches plain SFT would. Once weighted,
 position ``p`` draws ``searchsorted(cumsum(w), u_p * sum(w))`` with ``u_p`` from a generator seeded by
-(seed, epoch, chunk of p): with replacement, chunk by chunk. ``len()`` never changes.
+(seed, epoch, chunk of p): with replacement, chunk by chunk (``mode="replacement"``). With ``mode="systematic"`` a
+weight version that takes effect at position ``p`` fills the rest of the epoch, ``m = n - p`` positions, by systematic
+sampling (``m`` evenly spaced points on ``cumsum(w)`` from one seeded offset), shuffled: row ``i`` is drawn
+``floor`` or ``ceil`` of ``m w_i / sum(w)`` times, so at mean-1 weights a weight-1 row is seen once per epoch, as in
+plain SFT. ``len()`` never changes.
 """
 
 from __future__ import annotations
@@ -23,14 +27,18 @@ import torch
 from torch.utils.data import Sampler
 
 CHUNK = 1024
+MODES = ("replacement", "systematic")
 
 
 class DriftSampler(Sampler[int]):
     """Sampler over ``num_samples`` rows drawn by per-row ``weights`` that may change while it is being iterated."""
 
-    def __init__(self, num_samples: int, seed: int = 0, weights: np.ndarray | None = None):
+    def __init__(self, num_samples: int, seed: int = 0, weights: np.ndarray | None = None, mode: str = "replacement"):
         if num_samples < 1:
             raise ValueError(f"DriftSampler needs at least one row; got num_samples={num_samples}.")
+        if mode not in MODES:
+            raise ValueError(f"DriftSampler mode must be one of {MODES}; got {mode!r} (drift_sampling).")
+        self.mode = mode
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.epoch = 0
@@ -96,8 +104,8 @@ class DriftSampler(Sampler[int]):
             self._pending = None
         recorded = self.schedule.setdefault(epoch, [])  # live: update() appends while we iterate
         version = self._start_version(epoch)
-        perm = cdf = u = None
-        r = 0
+        perm = cdf = u = block = None
+        start = r = 0
         self._iterating = epoch
         try:
             for pos in range(self.num_samples):
@@ -114,6 +122,11 @@ class DriftSampler(Sampler[int]):
                     continue
                 if cdf is None or changed:
                     cdf = np.cumsum(w)
+                    start = pos
+                    block = self._systematic(cdf, epoch, pos) if self.mode == "systematic" else None
+                if block is not None:
+                    yield int(block[pos - start])
+                    continue
                 chunk, offset = divmod(pos, CHUNK)
                 if offset == 0 or u is None:
                     u = torch.rand(CHUNK, generator=self._generator(epoch, chunk), dtype=torch.float64).numpy()
@@ -121,6 +134,15 @@ class DriftSampler(Sampler[int]):
         finally:
             if self._iterating == epoch:
                 self._iterating = None
+
+    def _systematic(self, cdf: np.ndarray, epoch: int, start: int) -> np.ndarray:
+        """Rows for positions ``start..n-1``: ``m`` evenly spaced points on ``cdf`` from a seeded offset, shuffled."""
+        m = self.num_samples - start
+        gen = self._generator(epoch, start, 1)
+        offset = float(torch.rand(1, generator=gen, dtype=torch.float64))
+        points = (offset + np.arange(m)) / m * cdf[-1]
+        rows = np.minimum(np.searchsorted(cdf, points, side="right"), self.num_samples - 1)
+        return rows[torch.randperm(m, generator=gen).numpy()]
 
     def state_dict(self) -> dict:
         """Everything needed to replay the stream: seed, epoch, every weight version and when each took effect."""
@@ -131,6 +153,7 @@ class DriftSampler(Sampler[int]):
             "versions": [None if w is None else w.tolist() for w in self.versions],
             "schedule": {str(e): [list(x) for x in v] for e, v in self.schedule.items()},
             "pending": self._pending,
+            "mode": self.mode,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -144,3 +167,4 @@ class DriftSampler(Sampler[int]):
         self.versions = [None if w is None else np.asarray(w, dtype=np.float64) for w in state["versions"]]
         self.schedule = {int(e): [tuple(x) for x in v] for e, v in state["schedule"].items()}
         self._pending = state.get("pending")
+        self.mode = state.get("mode", "replacement")

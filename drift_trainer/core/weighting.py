@@ -47,9 +47,11 @@ def clip_mean_one(w: np.ndarray, clip: float, iters: int = 20) -> np.ndarray:
 def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None) -> np.ndarray:
     """Weights (n,) with mean 1 over ``mask`` (examples that were scored); unscored examples get 1.
 
-    ``params``: a :class:`WeightingParams` or a config. Rules (``weighting``, flag ``drift_weighting``): ``softmax`` of standardised scores over ``drift_softmax_temperature``;
-    ``prune`` sets the lowest ``drift_prune_fraction`` to 0 and the rest to 1; ``truncate`` keeps (1) the scores
-    between percentiles ``drift_truncate_low`` and ``drift_truncate_high`` and sets the rest to 0. Then weights are
+    ``params``: a :class:`WeightingParams` or a config. Rules (``weighting``, flag ``drift_weighting``): ``softmax``
+    of standardised scores over ``drift_softmax_temperature``; ``prune`` sets the lowest ``drift_prune_fraction`` to 0
+    and the rest to 1; ``truncate`` keeps (1) the scores between percentiles ``drift_truncate_low`` and
+    ``drift_truncate_high`` and sets the rest to 0; ``demote`` keeps 1 for standardised scores ``z >=
+    -drift_demote_threshold`` and ``exp((z + threshold) / drift_softmax_temperature)`` below. Then weights are
     clipped at ``drift_weight_clip`` keeping mean 1, and mixed: ``(1 - drift_uniform_mix) * w + drift_uniform_mix``.
     """
     s = np.asarray(scores, dtype=np.float64)
@@ -69,11 +71,15 @@ def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None
         if n_drop:
             tiebreak = np.random.default_rng(0).random(len(live))  # equal scores: drop a seeded random subset
             w[np.lexsort((tiebreak, live))[:n_drop]] = 0.0
+    elif rule == "demote":
+        # only confident harmful evidence moves a weight: rows above -threshold (in std units) keep weight 1
+        z = standardize(live)
+        w = np.exp(np.minimum(z + p.demote_threshold, 0.0) / p.softmax_temperature)
     elif rule == "truncate":
         lo, hi = np.percentile(live, [p.truncate_low, p.truncate_high])
         w = ((live >= lo) & (live <= hi)).astype(np.float64)
     else:
-        raise ValueError(f"drift_weighting must be 'softmax', 'prune' or 'truncate'; got {rule!r}.")
+        raise ValueError(f"drift_weighting must be 'softmax', 'prune', 'truncate' or 'demote'; got {rule!r}.")
     w = clip_mean_one(w, p.weight_clip)
     mix = p.uniform_mix
     out[mask] = (1.0 - mix) * w + mix

@@ -19,7 +19,8 @@ from drift_trainer.methods.scorers import SCORERS as SCORER_REGISTRY, scorer_hel
 SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")
 PRECONDITIONERS = ("identity", "fisher")
-WEIGHTINGS = ("softmax", "prune", "truncate")
+WEIGHTINGS = ("softmax", "prune", "truncate", "demote")
+SAMPLINGS = ("replacement", "systematic")
 REWEIGHT_MODES = ("sampler", "loss")
 NO_CONTRAST = ("skip", "keep")
 SCORERS = tuple(SCORER_REGISTRY)
@@ -216,8 +217,23 @@ class DriftArguments:
         metadata=_help(
             "How scores become weights. `softmax` of standardised scores over `drift_softmax_temperature`; `prune` "
             "drops the lowest `drift_prune_fraction`; `truncate` keeps scores between the percentiles "
-            "`drift_truncate_low` and `drift_truncate_high` (the TIF rule).",
+            "`drift_truncate_low` and `drift_truncate_high` (the TIF rule); `demote` leaves every example at weight 1 "
+            "except those with confident harmful evidence, a standardised score below `-drift_demote_threshold`, "
+            "whose weight decays as exp((z + threshold) / drift_softmax_temperature).",
             WEIGHTINGS,
+        ),
+    )
+    drift_demote_threshold: float = field(
+        default=1.0,
+        metadata=_help("`demote` weighting: standardised score below minus this counts as harmful evidence (>= 0)."),
+    )
+    drift_sampling: str = field(
+        default="replacement",
+        metadata=_help(
+            "How `sampler` mode draws rows by weight. `replacement`: independent draws (a weight-1 row is seen "
+            "0, 1, 2... times per epoch). `systematic`: systematic sampling over the rest of the epoch, then "
+            "shuffled: each row is drawn floor or ceil of its weight times, so a weight-1 row is seen once per epoch.",
+            SAMPLINGS,
         ),
     )
     drift_softmax_temperature: float = field(
@@ -270,6 +286,8 @@ class DriftArguments:
         _choice(self, "drift_debias", DEBIASINGS)
         _choice(self, "drift_preconditioner", PRECONDITIONERS)
         _choice(self, "drift_weighting", WEIGHTINGS)
+        _choice(self, "drift_sampling", SAMPLINGS)
+        _range(self, "drift_demote_threshold", 0.0, None)
         _choice(self, "drift_reweight_mode", REWEIGHT_MODES)
         _choice(self, "drift_no_contrast", NO_CONTRAST)
         _choice(self, "drift_scorer", tuple(SCORER_REGISTRY))  # scorers registered after import count too

@@ -93,3 +93,38 @@ def test_bad_inputs():
         s.update(np.zeros(5))
     with pytest.raises(ValueError, match="same train_dataset"):
         DriftSampler(6).load_state_dict(s.state_dict())
+
+
+def test_systematic_mode_sees_every_weight_one_row_once_and_follows_weights():
+    w = np.ones(1000)
+    w[:200] = 0.05  # demoted rows
+    w = w / w.mean()
+    counts = {}
+    for mode in ("replacement", "systematic"):
+        s = DriftSampler(1000, seed=3, mode=mode)
+        s.update(w)
+        counts[mode] = np.bincount(list(s), minlength=1000)
+        assert counts[mode].sum() == 1000
+    # with replacement about a third of the full-weight rows go unseen in an epoch; systematically none does
+    assert (counts["replacement"][200:] == 0).mean() > 0.2
+    assert (counts["systematic"][200:] == 0).mean() == 0.0
+    expected = 1000 * w / w.sum()
+    assert np.all(np.abs(counts["systematic"] - expected) < 1.0 + 1e-9)  # floor or ceil of the expected count
+
+
+def test_systematic_mode_is_deterministic_and_replays_a_mid_epoch_switch():
+    s = DriftSampler(60, seed=5, mode="systematic")
+    s.set_epoch(1)
+    it = iter(s)
+    head = [next(it) for _ in range(17)]
+    s.update(np.linspace(0.2, 3, 60))
+    tail = list(it)
+    plain = DriftSampler(60, seed=5)
+    plain.set_epoch(1)
+    uniform = list(plain)
+    assert head == uniform[:17] and tail != uniform[17:] and len(head + tail) == 60  # the switch applied at 17
+    restored = DriftSampler(60, seed=0)
+    restored.load_state_dict(s.state_dict())
+    assert restored.mode == "systematic" and list(restored) == head + tail
+    with pytest.raises(ValueError, match="drift_sampling"):
+        DriftSampler(10, mode="bogus")

@@ -61,3 +61,17 @@ def test_prune_breaks_ties_at_random_not_by_row_order():
     )
     dropped = np.flatnonzero(w == 0)
     assert len(dropped) == 30 and dropped.max() > 50  # not simply the first 30 rows
+
+
+def test_demote_leaves_all_but_confidently_harmful_rows_at_one():
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.0, 0.3, 180), rng.normal(-3.0, 0.3, 20)])  # 20 clearly harmful rows
+    w = scores_to_weights(scores, drift_args(drift_weighting="demote", drift_uniform_mix=0.0))
+    assert abs(w.mean() - 1.0) < 1e-9
+    assert np.ptp(w[:180]) < 0.05 * w[:180].mean()  # the clean bulk keeps one common weight
+    assert w[180:].max() < 0.3 * w[:180].min()
+    assert effective_sample_size(w) > 0.85
+    softmax = scores_to_weights(scores, drift_args(drift_uniform_mix=0.0))
+    assert effective_sample_size(w) > effective_sample_size(softmax)
+    flat = scores_to_weights(rng.normal(size=100), drift_args(drift_weighting="demote", drift_demote_threshold=10.0))
+    np.testing.assert_allclose(flat, 1.0)  # no row far enough below: nothing moves
