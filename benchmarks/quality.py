@@ -1,26 +1,31 @@
-"""Quality benchmark: DRIFT against baseline scorers on three kinds of corrupted SFT data (see README.md here).
+"""Quality benchmark: is DRIFT ever worse than plain SFT, and where is it clearly better? (see README.md here)
 
-For each seed a *base model* (tiny Llama, random init) is first trained on clean two-digit addition (rows disjoint
-from the SFT set) until it half-knows the task, so rollouts are a mix of right and wrong from the first refresh. Then,
-for each corruption kind (``random``, ``systematic``, ``format``) and each configuration, the base model is fine-tuned
-on the corrupted SFT set for the same budget:
+Every configuration is paired with plain SFT on the same seed: the same base model, the same data and corruption, and
+the same batch order up to the first refresh (``DriftSampler`` yields accelerate's own permutation while its weights
+are uniform). Reported per regime and kind, over ``--seeds`` seeds (8 by default):
 
-- ``plain``: plain SFT (``drift_enabled=False``) on the corrupted set,
-- ``clean``: plain SFT on the clean rows of the set alone (the corrupted rows dropped),
-- one run per ``drift_scorer`` (drift, off_policy, cosine, loss, random, uniform, drift_unsigned, drift_raw), with
-  the default captured features (``drift_capture_features``),
-- ``drift_full``: the drift scorer recomputing every row's feature at every refresh (no capture),
-- ``drift_unchecked``: the drift scorer on captured features with the agreement check off.
+- the mean paired difference in final test accuracy against plain SFT and against each baseline, with a 95% bootstrap
+  CI over seeds, and on how many seeds DRIFT is below plain;
+- the share of the gap between plain SFT and the oracle that a configuration closes, on seed means;
+- the weight AUROC: the final weights separating clean (positive) from corrupted rows.
 
-Reported per kind and configuration: AUROC of the refresh's scores separating clean from corrupted rows at each
-refresh, final test accuracy (greedy, exact match, held-out prompts) mean and spread over seeds, and the share of the
-gap between ``plain`` and ``clean`` that the configuration closes, ``(acc - plain) / (clean - plain)``.
+Kinds: ``none`` (clean data), ``random10`` / ``random40`` (10% / 40% of rows get a random wrong answer),
+``systematic`` (half of the carrying pairs lose their carry: a plausible wrong rule), ``format`` (half of the rows
+answer ``#<n>``: learnable, judged wrong), and ``target``: a mixture of addition, subtraction and multiplication in
+equal shares, with queries and test prompts from addition only (the LESS setting); its oracle trains on the addition
+rows and its "corrupted" rows are the off-target ones.
 
-Runs are independent jobs, each written to ``{out}/runs/*.json`` as it finishes: rerunning skips finished jobs, and
-``--aggregate-only`` rebuilds the tables from whatever exists.
+Regimes: ``warm`` (primary): a base model is first trained on clean addition (rows disjoint from every SFT set), then
+fine-tuned at the gentler ``--sft-lr`` for ``--steps``. ``scratch`` (secondary): random init, ``--scratch-steps``.
 
-    PYTHONPATH=. python benchmarks/quality.py            # full: 3 kinds x 3 seeds x 10 configurations
-    PYTHONPATH=. python benchmarks/quality.py --quick    # smoke run: tiny budget, 1 seed, writes to /tmp
+Configurations: ``plain``; ``clean`` (the oracle: plain SFT on the clean rows only); ``drift`` (the library's
+defaults); ``drift_demote`` (``drift_weighting="demote"``), ``drift_systematic`` (``drift_sampling="systematic"``),
+``drift_demote_systematic`` (both); the baselines ``loss``, ``cosine``, ``off_policy``, ``random`` (each a
+``drift_scorer`` at the library's default weighting). Runs are independent jobs written to ``{out}/runs/*.json`` as
+they finish: rerunning skips finished jobs, and ``--aggregate-only`` rebuilds the tables.
+
+    PYTHONPATH=. python benchmarks/quality.py              # full run, about an hour on 2 cores
+    PYTHONPATH=. python benchmarks/quality.py --quick      # 3 seeds, writes to /tmp/drift-quality-quick
 """
 
 from __future__ import annotations
@@ -32,43 +37,58 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-KINDS = ("random", "systematic", "format")
-SCORERS = ("drift", "off_policy", "cosine", "loss", "random", "uniform", "drift_unsigned", "drift_raw")
-# drift_full: the drift scorer with every refresh recomputing every row's feature (drift_capture_features=False);
-# drift_unchecked: captured features with the agreement check off (the cache is trusted however stale)
-CONFIGS = ("plain", "clean") + SCORERS + ("drift_full", "drift_unchecked")
+from quality_stats import aggregate  # noqa: E402 (benchmarks/ is first on sys.path when run as a script)
+
+KINDS = ("none", "random10", "random40", "systematic", "format", "target")
+CORRUPTION = {  # kind -> (toy corruption, fraction of rows drawn for it)
+    "none": ("none", 0.0),
+    "random10": ("random", 0.1),
+    "random40": ("random", 0.4),
+    "systematic": ("systematic", 0.5),
+    "format": ("format", 0.5),
+}
+BASELINES = ("loss", "cosine", "off_policy", "random")
+VARIANTS = {  # configuration -> drift_* options on top of the library's defaults
+    "drift": {},
+    "drift_demote": {"drift_weighting": "demote"},
+    "drift_systematic": {"drift_sampling": "systematic"},
+    "drift_demote_systematic": {"drift_weighting": "demote", "drift_sampling": "systematic"},
+    **{b: {"drift_scorer": b} for b in BASELINES},
+}
+CONFIGS = ("plain", "clean", *VARIANTS)
+REGIMES = ("warm", "scratch")
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--regimes", default="warm", help=f"Comma-separated, of {REGIMES}.")
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--configs", default=",".join(CONFIGS))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="Parallel worker processes (1 torch thread each).")
     p.add_argument("--base-steps", type=int, default=800, help="Steps of the clean base-model training per seed.")
-    p.add_argument("--steps", type=int, default=200, help="SFT steps per run (from the base model).")
-    p.add_argument("--first-refresh", type=int, default=40)
-    p.add_argument("--refresh", type=int, default=40)
+    p.add_argument("--steps", type=int, default=200, help="Warm regime: SFT steps from the base model.")
+    p.add_argument("--scratch-steps", type=int, default=1000, help="Scratch regime: SFT steps from random init.")
+    p.add_argument("--first-refresh", type=int, default=40, help="Warm regime: step of the first refresh.")
+    p.add_argument("--scratch-first-refresh", type=int, default=600)
+    p.add_argument("--refresh", type=int, default=40, help="Steps between refreshes.")
     p.add_argument("--num-train", type=int, default=1000)
-    p.add_argument("--fraction", type=float, default=0.5, help="Share of rows drawn for corruption.")
     p.add_argument("--num-test", type=int, default=300)
     p.add_argument("--num-queries", type=int, default=64)
     p.add_argument("--hidden-size", type=int, default=96)
     p.add_argument("--num-layers", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--quick", action="store_true", help="Smoke run: 1 seed, 2 kinds, 4 configs, tiny budget, /tmp.")
+    p.add_argument("--lr", type=float, default=2e-3, help="Base-model and scratch learning rate.")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="Warm regime: the gentler fine-tuning rate.")
+    p.add_argument("--bootstrap", type=int, default=10000, help="Bootstrap resamples of the paired differences.")
+    p.add_argument("--quick", action="store_true", help="3 seeds, writes to /tmp/drift-quality-quick.")
     p.add_argument("--aggregate-only", action="store_true")
     ns = p.parse_args(argv)
     if ns.quick:
-        ns.seeds, ns.base_steps, ns.steps, ns.first_refresh, ns.refresh = 1, 60, 20, 10, 10
-        ns.num_train, ns.num_test, ns.num_queries, ns.hidden_size, ns.num_layers = 200, 50, 16, 32, 1
-        ns.kinds, ns.configs = "systematic,format", "plain,clean,drift,loss"
+        ns.seeds = 3
         if ns.out == p.get_default("out"):
             ns.out = "/tmp/drift-quality-quick"
     return ns
@@ -90,18 +110,35 @@ def _setup():
     warnings.filterwarnings("ignore")
 
 
-def _model_kwargs(ns):
-    return dict(hidden_size=ns.hidden_size, num_layers=ns.num_layers, lr=ns.lr, batch_size=ns.batch_size)
+def _model_kwargs(ns, lr: float):
+    return dict(hidden_size=ns.hidden_size, num_layers=ns.num_layers, lr=lr, batch_size=ns.batch_size)
+
+
+def kind_data(ns, kind: str, seed: int):
+    """``(train, queries, test)`` of ``kind``: train rows with a ``corrupted`` column, clean addition queries and
+    held-out addition test prompts (none of them in train or queries)."""
+    from drift_trainer.cli.demo import make_data
+    from drift_trainer.cli.toy import addition_dataset, mixture_dataset, query_dataset_from
+
+    if kind != "target":
+        corruption, fraction = CORRUPTION[kind]
+        return make_data(corruption, fraction, ns.num_train, ns.num_test, ns.num_queries, seed)
+    train = mixture_dataset(ns.num_train, seed=1000 + seed)
+    queries = query_dataset_from(addition_dataset(ns.num_queries, seed=2000 + seed))
+    seen = set(train["prompt"]) | set(queries["prompt"])
+    test = addition_dataset(ns.num_test * 2, seed=3000 + seed)
+    keep = [i for i, p in enumerate(test["prompt"]) if p not in seen][: ns.num_test]
+    return train, queries, query_dataset_from(test.select(keep))
 
 
 def base_job(ns, seed: int) -> str:
-    """Train (or reuse) the clean base model of ``seed``; returns its directory."""
+    """Train (or reuse) the clean base model of ``seed`` (warm regime); returns its directory."""
     _setup()
-    from drift_trainer.cli.demo import evaluate_accuracy, make_data, run_one
+    from drift_trainer.cli.demo import make_data, run_one
     from drift_trainer.cli.toy import addition_dataset, build_char_tokenizer
 
     path = os.path.join(ns.out, "base", f"seed{seed}")
-    if os.path.exists(os.path.join(path, "model", "config.json")):
+    if os.path.exists(os.path.join(path, "base.json")):
         return path
     tok = build_char_tokenizer(os.path.join(path, "tokenizer"))
     _, _, test = make_data("none", 0.0, ns.num_train, ns.num_test, ns.num_queries, seed)
@@ -118,193 +155,72 @@ def base_job(ns, seed: int) -> str:
         drift=False,
         progress=False,
         save_model=True,
-        **_model_kwargs(ns),
+        **_model_kwargs(ns, ns.lr),
     )
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(os.path.join(path, "run", "final"))
-    model.save_pretrained(os.path.join(path, "model"))
     with open(os.path.join(path, "base.json"), "w") as f:
-        json.dump(
-            {
-                "seed": seed,
-                "test_accuracy": r.final_accuracy,
-                "check": evaluate_accuracy(model, tok, test),
-                "seconds": r.seconds,
-            },
-            f,
-        )
+        json.dump({"seed": seed, "test_accuracy": r.final_accuracy, "seconds": r.seconds}, f)
     return path
 
 
-def run_job(ns, kind: str, seed: int, config: str) -> dict:
+def run_job(ns, regime: str, kind: str, seed: int, config: str) -> dict:
     _setup()
-    from drift_trainer.cli.demo import ROLLOUT_OPTIONS, make_data, run_one
+    from drift_trainer.cli.demo import ROLLOUT_OPTIONS, run_one
     from drift_trainer.cli.toy import build_char_tokenizer
 
-    out_file = os.path.join(ns.out, "runs", f"{kind}-seed{seed}-{config}.json")
+    name = f"{regime}-{kind}-seed{seed}-{config}"
+    out_file = os.path.join(ns.out, "runs", f"{name}.json")
     if os.path.exists(out_file):
         with open(out_file) as f:
             return json.load(f)
-    base = os.path.join(ns.out, "base", f"seed{seed}")
-    tok = build_char_tokenizer(os.path.join(ns.out, "tok", f"{kind}-{seed}-{config}"))
-    train, queries, test = make_data(kind, ns.fraction, ns.num_train, ns.num_test, ns.num_queries, seed)
-    run_dir = os.path.join(ns.out, "work", f"{kind}-seed{seed}-{config}")
+    tok = build_char_tokenizer(os.path.join(ns.out, "tok", name))
+    train, queries, test = kind_data(ns, kind, seed)
+    warm = regime == "warm"
     common = dict(
         queries=queries,
         test=test,
         tokenizer=tok,
-        output_dir=run_dir,
-        steps=ns.steps,
+        output_dir=os.path.join(ns.out, "work", name),
+        steps=ns.steps if warm else ns.scratch_steps,
         seed=seed,
         progress=False,
-        init_from=os.path.join(base, "model"),
-        warmup_steps=0,
-        **_model_kwargs(ns),
+        init_from=os.path.join(ns.out, "base", f"seed{seed}", "run", "final") if warm else None,
+        warmup_steps=0 if warm else None,
+        **_model_kwargs(ns, ns.sft_lr if warm else ns.lr),
     )
     if config == "plain":
         r = run_one(config, train=train, drift=False, **common)
     elif config == "clean":
-        keep = [i for i, c in enumerate(train["corrupted"]) if not c]
-        r = run_one(config, train=train.select(keep), drift=False, **common)
+        clean_rows = [i for i, c in enumerate(train["corrupted"]) if not c]
+        r = run_one(config, train=train.select(clean_rows), drift=False, **common)
     else:
         r = run_one(
             config,
             train=train,
             drift=True,
-            drift_scorer="drift" if config in ("drift_full", "drift_unchecked") else config,
-            drift_capture_features=config != "drift_full",
-            drift_capture_check_rows=0 if config == "drift_unchecked" else 32,
-            drift_first_refresh_step=ns.first_refresh,
+            drift_first_refresh_step=ns.first_refresh if warm else ns.scratch_first_refresh,
             drift_refresh_steps=ns.refresh,
             drift_num_queries=ns.num_queries,
             **ROLLOUT_OPTIONS,
-            drift_save_artifacts=True,
+            **VARIANTS[config],
             **common,
         )
-    rec = {"kind": kind, "seed": seed, "config": config, **r.to_dict()}
+    rec = {"regime": regime, "kind": kind, "seed": seed, "config": config, **r.to_dict()}
     os.makedirs(os.path.dirname(out_file), exist_ok=True)
     with open(out_file, "w") as f:
         json.dump(rec, f, indent=1)
     return rec
 
 
-def aggregate(ns, command: str) -> dict:
-    runs = []
-    run_dir = os.path.join(ns.out, "runs")
-    for name in sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else []:
-        with open(os.path.join(run_dir, name)) as f:
-            runs.append(json.load(f))
-    bases = {}
-    for s in range(ns.seeds):
-        p = os.path.join(ns.out, "base", f"seed{s}", "base.json")
-        if os.path.exists(p):
-            with open(p) as f:
-                bases[s] = json.load(f)["test_accuracy"]
-    table = {}
-    for kind in ns.kinds.split(","):
-        by = {c: [r for r in runs if r["kind"] == kind and r["config"] == c] for c in ns.configs.split(",")}
-        plain = {r["seed"]: r["final_accuracy"] for r in by.get("plain", [])}
-        clean = {r["seed"]: r["final_accuracy"] for r in by.get("clean", [])}
-        rows = {}
-        for c, rs in by.items():
-            if not rs:
-                continue
-            acc = np.array([r["final_accuracy"] for r in rs])
-            au = [r["auroc"] for r in rs if r.get("auroc")]
-            au_by_refresh = np.nanmean(np.array(au), axis=0).tolist() if au and len({len(a) for a in au}) == 1 else []
-            seeds = [r["seed"] for r in rs if r["seed"] in plain and r["seed"] in clean]
-            gap = None
-            if seeds:
-                p_m = np.mean([plain[s] for s in seeds])
-                c_m = np.mean([clean[s] for s in seeds])
-                a_m = np.mean([r["final_accuracy"] for r in rs if r["seed"] in seeds])
-                gap = float((a_m - p_m) / (c_m - p_m)) if abs(c_m - p_m) > 1e-9 else None
-            rows[c] = {
-                "n": len(rs),
-                "acc_mean": float(acc.mean()),
-                "acc_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                "acc_min": float(acc.min()),
-                "acc_max": float(acc.max()),
-                "auroc_by_refresh": au_by_refresh,
-                "auroc_mean": float(np.nanmean(au_by_refresh)) if au_by_refresh else None,
-                "gap_closed": gap,
-                "seconds_mean": float(np.mean([r["seconds"] for r in rs])),
-            }
-        table[kind] = rows
-    result = {
-        "command": command,
-        "options": vars(ns),
-        "base_accuracy": bases,
-        "table": table,
-        "targets": targets(table),
-    }
-    with open(os.path.join(ns.out, "quality.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(ns.out, "quality.md"), "w") as f:
-        f.write(markdown(result, ns))
-    return result
-
-
-def targets(table: dict) -> dict:
-    """The benchmark's targets, each True / False / None (not enough runs)."""
-    out = {}
-    above_plain = []
-    for rows in table.values():
-        if "drift" in rows and "plain" in rows:
-            above_plain.append(rows["drift"]["acc_mean"] > rows["plain"]["acc_mean"])
-    out["drift_above_plain_all_kinds"] = all(above_plain) if len(above_plain) == len(table) and table else None
-    for kind in ("systematic", "format"):
-        rows = table.get(kind, {})
-        base = [c for c in rows if c in SCORERS and c not in ("drift", "drift_unsigned", "drift_raw")]
-        if "drift" in rows and base:
-            out[f"drift_above_every_baseline_{kind}"] = all(
-                rows["drift"]["acc_mean"] > rows[c]["acc_mean"] for c in base
-            )
-    gaps = [
-        rows["drift"]["gap_closed"]
-        for rows in table.values()
-        if "drift" in rows and rows["drift"]["gap_closed"] is not None
-    ]
-    out["drift_gap_closed_mean"] = float(np.mean(gaps)) if gaps else None
-    out["drift_closes_half_the_gap"] = (out["drift_gap_closed_mean"] >= 0.5) if gaps else None
-    return out
-
-
-def markdown(result: dict, ns) -> str:
-    lines = [
-        "# Quality benchmark",
-        "",
-        f"Made by: `{result['command']}`",
-        "",
-        f"Base models (clean pre-training, {ns.base_steps} steps) test accuracy by seed: "
-        + ", ".join(f"{s}: {a:.3f}" for s, a in sorted(result["base_accuracy"].items())),
-        "",
-        f"SFT: {ns.steps} steps from the base model, {ns.num_train} rows, {ns.fraction:.0%} drawn for corruption, "
-        f"refreshes at step {ns.first_refresh} and every {ns.refresh} after; {ns.seeds} seeds. Accuracy: greedy exact "
-        "match on held-out prompts, mean +- std over seeds [min, max]. AUROC: scores of clean vs corrupted rows, mean "
-        "over seeds, one value per refresh. Gap closed: (acc - plain) / (clean - plain) on seed means.",
-        "",
-    ]
-    for kind, rows in result["table"].items():
-        lines += [
-            f"## {kind}",
-            "",
-            "| config | test accuracy | gap closed | AUROC by refresh | s/run |",
-            "|---|---|---|---|---|",
-        ]
-        for c, r in rows.items():
-            au = ", ".join(f"{a:.2f}" for a in r["auroc_by_refresh"]) or "-"
-            gap = f"{r['gap_closed']:+.2f}" if r["gap_closed"] is not None else "-"
-            lines.append(
-                f"| {c} | {r['acc_mean']:.3f} +- {r['acc_std']:.3f} [{r['acc_min']:.2f}, {r['acc_max']:.2f}] "
-                f"(n={r['n']}) | {gap} | {au} | {r['seconds_mean']:.0f} |"
-            )
-        lines.append("")
-    lines += ["## Targets", ""]
-    for k, v in result["targets"].items():
-        lines.append(f"- {k}: {v if not isinstance(v, float) else f'{v:.3f}'}")
-    return "\n".join(lines) + "\n"
+def jobs_of(ns) -> list[tuple]:
+    jobs = []
+    for regime in ns.regimes.split(","):
+        for seed in range(ns.seeds):
+            for kind in ns.kinds.split(","):
+                for config in ns.configs.split(","):
+                    if config == "clean" and kind == "none":
+                        continue  # the oracle of clean data is plain SFT itself
+                    jobs.append((regime, kind, seed, config))
+    return jobs
 
 
 def main(argv=None) -> int:
@@ -313,23 +229,24 @@ def main(argv=None) -> int:
     os.makedirs(ns.out, exist_ok=True)
     if not ns.aggregate_only:
         started = time.perf_counter()
-        seeds = list(range(ns.seeds))
-        jobs = [(k, s, c) for s in seeds for k in ns.kinds.split(",") for c in ns.configs.split(",")]
+        jobs = jobs_of(ns)
         with ProcessPoolExecutor(max_workers=ns.workers) as pool:
-            for s, fut in [(s, pool.submit(base_job, ns, s)) for s in seeds]:
-                fut.result()
-                with open(os.path.join(ns.out, "base", f"seed{s}", "base.json")) as f:
-                    print(f"base seed {s}: test accuracy {json.load(f)['test_accuracy']:.3f}", flush=True)
+            if "warm" in ns.regimes.split(","):
+                for seed, fut in [(s, pool.submit(base_job, ns, s)) for s in range(ns.seeds)]:
+                    with open(os.path.join(fut.result(), "base.json")) as f:
+                        print(f"base seed {seed}: test accuracy {json.load(f)['test_accuracy']:.3f}", flush=True)
             futs = {pool.submit(run_job, ns, *j): j for j in jobs}
             for i, fut in enumerate(as_completed(futs), 1):
                 r = fut.result()
-                au = ",".join(f"{a:.2f}" for a in r.get("auroc", []))
+                wa = r.get("weight_auroc") or [float("nan")]
                 print(
-                    f"[{i}/{len(jobs)} {time.perf_counter() - started:.0f}s] {r['kind']} seed {r['seed']} "
-                    f"{r['config']}: acc {r['final_accuracy']:.3f} auroc [{au}] ({r['seconds']:.0f}s)",
+                    f"[{i}/{len(jobs)} {time.perf_counter() - started:.0f}s] {r['regime']} {r['kind']} seed "
+                    f"{r['seed']} {r['config']}: acc {r['final_accuracy']:.3f} weight AUROC {wa[-1]:.2f} "
+                    f"({r['seconds']:.0f}s)",
                     flush=True,
                 )
-                aggregate(ns, command)
+                if i % 20 == 0:
+                    aggregate(ns, command)
     result = aggregate(ns, command)
     print(open(os.path.join(ns.out, "quality.md")).read())
     return 0 if result["table"] else 1

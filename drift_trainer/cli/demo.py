@@ -1,12 +1,15 @@
 """``drift-trainer demo``: plain SFT against DRIFT on a tiny model and a synthetic task with known corrupted labels.
 
-Both runs share the model init, the data, the seed and the step budget; only ``drift_enabled`` differs. The task is
-two-digit addition where a share of the training completions is corrupted (by default ``systematic``: the carry is
-dropped, a plausible wrong rule). The demo prints a table (final test accuracy by greedy decoding with exact match,
-rollout accuracy at each refresh, share of sampling weight held by the corrupted examples) and writes a PNG plot plus
-the run artifacts into the output folder it names.
+Both runs start from the same base model (a tiny Llama trained on clean addition, as LLM SFT starts from a pretrained
+model; ``--base-steps 0`` starts from random init) and share the data, the seed and the step budget; only
+``drift_enabled`` differs. The fine-tuning task is two-digit addition where a share of the training completions is
+corrupted (by default ``systematic``: the carry is dropped, a plausible wrong rule). The demo prints a table (final
+and mean test accuracy by greedy decoding with exact match, rollout accuracy at each refresh, share of sampling weight
+held by the corrupted examples) and writes a PNG plot plus the run artifacts into the output folder it names. DRIFT
+runs at the library's defaults except its refresh schedule and rollout sizes, which are those of
+``benchmarks/quality.py``'s warm regime.
 
-The helpers here (:func:`run_one`, :func:`evaluate_accuracy`, :func:`auroc`) are also used by
+The helpers here (:func:`run_one`, :func:`evaluate_accuracy`, :func:`make_data`) are also used by
 ``benchmarks/quality.py``.
 """
 
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from drift_trainer.cli.demo_report import format_table, plot
+from drift_trainer.cli.demo_report import format_table, plot, read_refreshes
 from drift_trainer.cli.toy import (
     Corruption,
     addition_dataset,
@@ -39,19 +42,22 @@ ROLLOUT_OPTIONS = dict(
     drift_num_rollouts=4, drift_rollout_batch_size=256, drift_max_new_tokens=5, drift_feature_batch_size=64
 )
 DEFAULTS = dict(
-    steps=1200,
-    warmup=800,
-    refresh=100,
-    num_train=2000,
+    base_steps=800,
+    base_lr=2e-3,
+    steps=200,
+    warmup=40,
+    refresh=40,
+    num_train=1000,
     num_test=300,
     num_queries=64,
     corruption="systematic",
     fraction=0.5,
     hidden_size=96,
     num_layers=3,
-    lr=2e-3,
+    lr=1e-3,
     batch_size=64,
     seed=0,
+    curve_every=20,
 )
 
 
@@ -66,35 +72,12 @@ class RunResult:
     rollout_accuracy: list[float] = field(default_factory=list)
     corrupted_weight_share: list[float] = field(default_factory=list)  # share of sampling weight on corrupted rows
     auroc: list[float] = field(default_factory=list)  # of the refresh's scores, clean (positive) vs corrupted
+    weight_auroc: list[float] = field(default_factory=list)  # of the weights after the refresh, over every row
     accuracy_curve: list[tuple[int, float]] = field(default_factory=list)
     output_dir: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve of ``scores`` separating ``positive`` (True) from the rest, ties counted half.
-
-    1.0: every positive scores above every negative; 0.5: chance; nan if a class is empty.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    pos = np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks over ties
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def evaluate_accuracy(model, tokenizer, dataset, max_new_tokens: int = 6, batch_size: int = 128) -> float:
@@ -247,30 +230,10 @@ def run_one(
     result = RunResult(name=name, final_accuracy=acc, seconds=time.perf_counter() - start, output_dir=output_dir)
     result.accuracy_curve = list(probe.curve)
     if drift:
-        _read_refreshes(result, os.path.join(output_dir, "drift"), np.asarray(train["corrupted"], dtype=bool))
+        read_refreshes(result, os.path.join(output_dir, "drift"), np.asarray(train["corrupted"], dtype=bool))
     with open(os.path.join(output_dir, "result.json"), "w") as f:
         json.dump(result.to_dict(), f, indent=2)
     return result
-
-
-def _read_refreshes(result: RunResult, root: str, corrupted: np.ndarray) -> None:
-    """Per refresh of a run: its step, rollout accuracy, the corrupted rows' weight share and the AUROC of clean
-    vs corrupted rows by score."""
-    import pandas as pd
-
-    refreshes = sorted(d for d in os.listdir(root) if d.startswith("refresh-")) if os.path.isdir(root) else []
-    for d in refreshes:
-        with open(os.path.join(root, d, "summary.json")) as f:
-            summary = json.load(f)
-        frame = pd.read_parquet(os.path.join(root, d, "scores.parquet"))
-        w = frame["weight"].to_numpy()
-        result.refresh_steps.append(int(summary["step"]))
-        result.rollout_accuracy.append(float(summary["metrics"]["drift/rollout_accuracy"]))
-        result.corrupted_weight_share.append(float(w[corrupted].sum() / w.sum()))
-        # over the rows this refresh scored (with captured features, rows not yet trained may have no score)
-        scored = frame["scored"].to_numpy(bool) if "scored" in frame else np.ones(len(frame), dtype=bool)
-        both = corrupted[scored].any() and (~corrupted[scored]).any()
-        result.auroc.append(auroc(frame["score"].to_numpy()[scored], ~corrupted[scored]) if both else float("nan"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -288,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="drift-demo",
         help="Folder for the plot, table, results and run artifacts.",
     )
+    p.add_argument(
+        "--base-steps",
+        "--base_steps",
+        type=int,
+        default=d["base_steps"],
+        help="Steps of the clean base model both runs start from (warm start, as LLM SFT does; 0: random init).",
+    )
+    p.add_argument("--base-lr", "--base_lr", type=float, default=d["base_lr"], help="Base model learning rate.")
     p.add_argument("--steps", type=int, default=d["steps"], help="Optimizer steps per run.")
     p.add_argument("--warmup", type=int, default=d["warmup"], help="Step of DRIFT's first refresh.")
     p.add_argument("--refresh", type=int, default=d["refresh"], help="Steps between DRIFT refreshes.")
@@ -307,10 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-size", "--hidden_size", type=int, default=d["hidden_size"], help="Model width.")
     p.add_argument("--num-layers", "--num_layers", type=int, default=d["num_layers"], help="Model depth.")
     p.add_argument("--batch-size", "--batch_size", type=int, default=d["batch_size"], help="Train batch size.")
-    p.add_argument("--lr", type=float, default=d["lr"], help="Learning rate.")
+    p.add_argument("--lr", type=float, default=d["lr"], help="Learning rate of the two compared runs.")
     p.add_argument("--scorer", default="drift", choices=list(SCORERS), help="drift_scorer of the second run.")
     p.add_argument(
-        "--curve-every", "--curve_every", type=int, default=100, help="Evaluate test accuracy every N steps (0: off)."
+        "--curve-every",
+        "--curve_every",
+        type=int,
+        default=d["curve_every"],
+        help="Evaluate test accuracy every N steps (0: off).",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for a tiny model).")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
@@ -339,6 +314,27 @@ def _write_results(out: str, argv, ns, table: str, frac: float, plain: RunResult
         json.dump({**results, "seconds": total}, f, indent=2)
 
 
+def _base_model(ns, out: str, test, tokenizer, model: dict) -> str:
+    """Train the clean base model both compared runs start from; returns its directory."""
+    print(f"[0/2] base model: {ns.base_steps} steps of plain SFT on clean addition (other rows)", flush=True)
+    base = run_one(
+        "base",
+        train=addition_dataset(ns.num_train * 2, seed=9000 + ns.seed),
+        queries=None,
+        test=test,
+        tokenizer=tokenizer,
+        output_dir=os.path.join(out, "base"),
+        steps=ns.base_steps,
+        drift=False,
+        lr=ns.base_lr,
+        progress=not ns.quiet,
+        save_model=True,
+        **model,
+    )
+    print(f"      base test accuracy {base.final_accuracy:.3f} ({base.seconds:.0f}s)", flush=True)
+    return os.path.join(out, "base", "final")
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     _quiet(ns.threads)
@@ -354,19 +350,20 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(queries)} queries, {len(test)} test prompts; {ns.steps} steps per run; output: {out}",
         flush=True,
     )
+    model = dict(hidden_size=ns.hidden_size, num_layers=ns.num_layers, batch_size=ns.batch_size, seed=ns.seed)
+    init_from = _base_model(ns, out, test, tokenizer, model) if ns.base_steps > 0 else None
     common = dict(
         train=train,
         queries=queries,
         test=test,
         tokenizer=tokenizer,
         steps=ns.steps,
-        seed=ns.seed,
-        hidden_size=ns.hidden_size,
-        num_layers=ns.num_layers,
         lr=ns.lr,
-        batch_size=ns.batch_size,
         curve_every=ns.curve_every,
         progress=not ns.quiet,
+        init_from=init_from,
+        warmup_steps=0 if init_from else None,
+        **model,
     )
     print("[1/2] plain SFT (drift_enabled=False)", flush=True)
     plain = run_one("plain SFT", output_dir=os.path.join(out, "plain_sft"), drift=False, **common)

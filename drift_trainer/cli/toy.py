@@ -155,3 +155,36 @@ def offline_env() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+TASKS = ("add", "sub", "mul")
+
+
+def mixture_dataset(n: int, seed: int = 0, tasks: tuple[str, ...] = TASKS, target: str = "add") -> Dataset:
+    """A mixture of arithmetic tasks in equal shares: ``add`` (two-digit addition, ``"12+34="``), ``sub`` (``"57-23="``,
+    never negative) and ``mul`` (two digits times one, ``"23*4="``). Columns as :func:`addition_dataset`, plus ``task``;
+    ``corrupted`` marks the rows *off* the ``target`` task (the rows a targeted fine-tune should not spend steps on).
+    """
+    rng = random.Random(seed)
+    rows = {"prompt": [], "completion": [], "answer": [], "corrupted": [], "task": []}
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if task == "add":
+            prompt, answer = f"{a}+{b}=", a + b
+        elif task == "sub":
+            a, b = max(a, b), min(a, b)
+            prompt, answer = f"{a}-{b}=", a - b
+        elif task == "mul":
+            b = rng.randint(2, 9)
+            prompt, answer = f"{a}*{b}=", a * b
+        else:
+            raise ValueError(f"unknown task {task!r}; use {TASKS}")
+        rows["prompt"].append(prompt)
+        rows["completion"].append(str(answer))
+        rows["answer"].append(str(answer))
+        rows["corrupted"].append(task != target)
+        rows["task"].append(task)
+    order = list(range(n))
+    rng.shuffle(order)
+    return Dataset.from_dict({k: [v[i] for i in order] for k, v in rows.items()})

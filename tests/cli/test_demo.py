@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from drift_trainer import cli
-from drift_trainer.cli.demo import auroc
+from drift_trainer.cli.demo_report import auroc
 
 
 def test_demo_writes_table_plot_and_artifacts(tmp_path, capsys):
@@ -19,6 +19,8 @@ def test_demo_writes_table_plot_and_artifacts(tmp_path, capsys):
         "demo",
         "--output-dir",
         str(out),
+        "--base-steps",
+        "8",
         "--steps",
         "24",
         "--warmup",
@@ -67,6 +69,8 @@ def test_demo_writes_table_plot_and_artifacts(tmp_path, capsys):
         assert json.loads((d / "summary.json").read_text())["step"] == step
     # plain SFT wrote no DRIFT artifacts
     assert not (out / "plain_sft" / "drift").exists()
+    # both runs started from the warm-started base model
+    assert (out / "base" / "final" / "config.json").exists() and "mean test accuracy over training" in printed
 
 
 def test_demo_rejects_bad_option(capsys):
