@@ -20,7 +20,8 @@ fine-tuned at the gentler ``--sft-lr`` for ``--steps``. ``scratch`` (secondary):
 
 Configurations: ``plain``; ``clean`` (the oracle: plain SFT on the clean rows only); ``drift`` (the library's
 defaults); ``drift_demote`` (``drift_weighting="demote"``), ``drift_systematic`` (``drift_sampling="systematic"``),
-``drift_demote_systematic`` (both); the baselines ``loss``, ``cosine``, ``off_policy``, ``random`` (each a
+``drift_demote_systematic`` (both), ``drift_t2`` (softmax temperature 2), ``drift_mix30`` (``drift_uniform_mix=0.3``),
+``drift_t2_systematic``; the baselines ``loss``, ``cosine``, ``off_policy``, ``random`` (each a
 ``drift_scorer`` at the library's default weighting). Runs are independent jobs written to ``{out}/runs/*.json`` as
 they finish: rerunning skips finished jobs, and ``--aggregate-only`` rebuilds the tables.
 
@@ -55,6 +56,10 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift_demote": {"drift_weighting": "demote"},
     "drift_systematic": {"drift_sampling": "systematic"},
     "drift_demote_systematic": {"drift_weighting": "demote", "drift_sampling": "systematic"},
+    # gentler versions of the default softmax weighting
+    "drift_t2": {"drift_softmax_temperature": 2.0},
+    "drift_mix30": {"drift_uniform_mix": 0.3},
+    "drift_t2_systematic": {"drift_softmax_temperature": 2.0, "drift_sampling": "systematic"},
     **{b: {"drift_scorer": b} for b in BASELINES},
 }
 CONFIGS = ("plain", "clean", *VARIANTS)

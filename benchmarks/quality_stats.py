@@ -10,7 +10,15 @@ import numpy as np
 
 BASELINES = ("loss", "cosine", "off_policy", "random")
 CORRUPTED = ("random10", "random40", "systematic", "format", "target")
-DRIFTS = ("drift", "drift_demote", "drift_systematic", "drift_demote_systematic")
+DRIFTS = (
+    "drift",
+    "drift_demote",
+    "drift_systematic",
+    "drift_demote_systematic",
+    "drift_t2",
+    "drift_mix30",
+    "drift_t2_systematic",
+)
 
 
 def bootstrap_ci(diffs, resamples: int = 10000, seed: int = 0) -> tuple[float, float]:
