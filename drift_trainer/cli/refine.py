@@ -6,7 +6,7 @@
         --reward math_answer --output_dir refined/ --mode filter --keep_fraction 0.7 --drift_num_rollouts 8
 
 One DRIFT refresh (rollouts on the queries, signing, projected per-example gradients, influence, weights; see
-``drift_trainer.refresh``), run outside any Trainer. Outputs in ``--output_dir``:
+``drift_trainer.core.pipeline``, the same stages as a training-time refresh), run outside any Trainer. Outputs in ``--output_dir``:
 
 - ``scores.parquet``: one row per train example, columns ``index`` (row of the train file), ``score`` (debiased
   influence), ``weight`` (mean 1, as training would sample), ``grad_norm``, ``raw_score`` (before debiasing), ``loss``
@@ -24,7 +24,7 @@ output file is written through a temporary file and a rename. ``work/`` is remov
 
 Several processes: ``torchrun --nproc_per_node 4 -m drift_trainer.cli refine ...`` or, on GPUs,
 ``accelerate launch --multi_gpu --num_processes 4 -m drift_trainer.cli refine ...`` (the same flags). Each process
-holds a full copy of the model; shard ``s`` goes to rank ``s % world_size`` (``refresh.Dist`` over
+holds a full copy of the model; shard ``s`` goes to rank ``s % world_size`` (``core.dist.Dist`` over
 ``torch.distributed``); rank 0 samples the rollouts and broadcasts the target, then reads every shard file and writes
 the outputs. Scores do not depend on the number of processes (shards are fixed by ``--shard_size``), and a run
 interrupted with one process count resumes with another. ``--output_dir`` must be on a disk every process sees (one

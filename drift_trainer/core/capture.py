@@ -1,7 +1,7 @@
 """Features captured during the ordinary training backward, so a refresh rescores only what is stale.
 
 The training backward already runs every target module's output gradient past its input activations: projecting both
-as :class:`~drift_trainer.features.ProjectedGradients` does gives each trained row's feature for two small matmuls per
+as :class:`~drift_trainer.core.features.ProjectedGradients` does gives each trained row's feature for two small matmuls per
 module, with no extra forward or backward. What the training loss adds is a per-row scale: its gradient reaching row
 ``i``'s token log-probabilities is ``-c_i`` at each of its ``n_i`` labelled tokens (``c_i`` folds in the token-mean
 normalisation, gradient accumulation, a mixed-precision loss scale, DeepSpeed's scaling and any per-example loss
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from drift_trainer.core.dist import shard
-from drift_trainer.core.feature_pass import progress_bar
+from drift_trainer.core.feature_pass import TrainFeatures, progress_bar
 from drift_trainer.core.features import ProjectedGradients, float32_math
 from drift_trainer.core.params import CaptureParams
 from drift_trainer.core.storage import feature_storage
@@ -33,7 +33,7 @@ WRITE_EVERY = 16  # captured micro-batches buffered before one bulk write into t
 
 class FeatureCache:
     """Latest feature of every train row, the global step it was computed at (-1: none) and its loss and token
-    count. ``features`` comes from :func:`~drift_trainer.refresh.feature_storage` (memory-mapped when large)."""
+    count. ``features`` comes from :func:`~drift_trainer.core.storage.feature_storage` (memory-mapped when large)."""
 
     def __init__(self, num_rows: int, dim: int, memmap_dir: str | None = None, max_memory_mb: float | None = None):
         self.features = feature_storage(num_rows, dim, memmap_dir, max_memory_mb)
@@ -98,21 +98,6 @@ def stale_order(step_of_row: np.ndarray, seed: int) -> np.ndarray:
     random order (the same on every rank)."""
     tiebreak = np.random.default_rng([int(seed), 4099]).permutation(len(step_of_row))
     return tiebreak[np.argsort(step_of_row[tiebreak], kind="stable")]
-
-
-@dataclass
-class CachedFeatures:
-    """What :meth:`TrainCapture.features_for_refresh` hands the influence step."""
-
-    rows: np.ndarray  # train rows this rank scores
-    features: object  # their features (``len`` and ``[slice]``)
-    loss: np.ndarray
-    num_tokens: np.ndarray
-    per_rank: int  # most rows any rank scores
-    subset: np.ndarray  # every row with a feature (all ranks)
-    num_recomputed: int
-    agreement: float | None  # mean cosine of cached vs recomputed features over the check sample
-    full: bool  # the check failed and every row was recomputed
 
 
 def _recompute(fp, model, view, dist, cache, mine: np.ndarray, spare: np.ndarray, step: int, desc: str, show: bool):
@@ -320,7 +305,7 @@ class TrainCapture:
         return blocks.reshape(bsz, -1)
 
     # ------------------------------------------------------------------ at a refresh
-    def features_for_refresh(self, fp, model, view, params, dist, step, seed, show) -> CachedFeatures:
+    def features_for_refresh(self, fp, model, view, params, dist, step, seed, show) -> TrainFeatures:
         """Check that cached features still agree with the model; if so recompute the stalest rows within the budget,
         else every row, into ``self.cache``; then hand each rank the rows whose latest feature it holds (a row trained
         on several ranks is scored once, by the rank that saw it last)."""
@@ -373,11 +358,11 @@ class TrainCapture:
         key, _, owner = latest()
         owned = np.flatnonzero(owner == rank)
         self.last_refresh_step = int(step)
-        return CachedFeatures(
+        return TrainFeatures(
             rows=owned,
-            features=_CachedRows(cache.features, owned),
+            phi=_CachedRows(cache.features, owned),
             loss=cache.loss[owned],
-            num_tokens=cache.num_tokens[owned],
+            ntok=cache.num_tokens[owned],
             per_rank=int(dist.all_reduce_max(np.asarray([float(len(owned))]))[0]),
             subset=np.flatnonzero(key >= 0),
             num_recomputed=len(recompute) + len(sample),

@@ -58,6 +58,22 @@ class TrainView:
         return out
 
 
+@dataclass
+class TrainFeatures:
+    """This rank's train features for one refresh, and which rows they are (from a feature pass, or from the
+    features captured in training: :meth:`~drift_trainer.core.capture.TrainCapture.features_for_refresh`)."""
+
+    rows: np.ndarray  # train-row positions this rank scores
+    phi: object  # their features, (len(rows), dim), possibly memory-mapped
+    loss: np.ndarray
+    ntok: np.ndarray
+    per_rank: int  # most rows any rank scores (for the gather)
+    subset: np.ndarray  # rows this refresh scored or tried to (all ranks)
+    num_recomputed: int = -1  # rows whose features were computed (-1: every scored row)
+    agreement: float | None = None  # captured features: mean cosine of cached vs recomputed check rows
+    full: bool = False  # captured features: the check failed and every row was recomputed
+
+
 def progress_bar(enabled: bool, total: int, desc: str):
     from tqdm.auto import tqdm
 

@@ -30,6 +30,7 @@ from drift_trainer.core.params import FeatureParams, InfluenceParams, RolloutPar
 from drift_trainer.core.rewards import resolve_reward_funcs
 from drift_trainer.core.rollouts import Rollouts, generate_rollouts, sample_queries
 from drift_trainer.core.signing import sign_rollouts
+from drift_trainer.core.storage import row_chunks
 from drift_trainer.methods.scorers import Scorer, TargetInputs
 
 # one stride per stage that draws random numbers: refresh k (0-based) uses seed + stride * (k + 1)
@@ -174,7 +175,5 @@ def to_user(user_index: np.ndarray, num_examples: int, rows: dict, scores: np.nd
 
 def feature_blocks(phi, dim: int) -> Iterable[np.ndarray]:
     """``phi`` (possibly memory-mapped) in float64 blocks of bounded size, so statistics never copy all of it."""
-    from drift_trainer.core.storage import row_chunks
-
     for sl in row_chunks(len(phi), dim):
         yield np.asarray(phi[sl], dtype=np.float64)

@@ -14,7 +14,7 @@ import numpy as np
 
 from drift_trainer.core import pipeline
 from drift_trainer.core.dist import Dist, shard
-from drift_trainer.core.feature_pass import RowFormat, TrainView, progress_bar, refresh_subset
+from drift_trainer.core.feature_pass import RowFormat, TrainFeatures, TrainView, progress_bar, refresh_subset
 from drift_trainer.core.features import ProjectedGradients
 from drift_trainer.core.influence import inner_products
 from drift_trainer.core.params import RefreshParams
@@ -156,37 +156,11 @@ def score_rows(scorer, params: RefreshParams, g, feats, n_rows: int, dim: int, d
     return rows, scorer.scores(rows["raw"], rows["norm"], rows["loss"], seed, params.influence)
 
 
-@dataclass
-class TrainFeatures:
-    """This rank's train features for one refresh, and which rows they are."""
-
-    rows: np.ndarray  # train-row positions this rank scores
-    phi: object  # their features, (len(rows), dim), possibly memory-mapped
-    loss: np.ndarray
-    ntok: np.ndarray
-    per_rank: int  # most rows any rank scores (for the gather)
-    subset: np.ndarray  # rows this refresh scored or tried to (all ranks)
-    num_recomputed: int = -1  # rows whose features were computed (-1: every scored row)
-    agreement: float | None = None
-    full: bool = False
-
-
 def train_features(fp, model, view, params, dist, step, refresh_index, seed, show, capture=None) -> TrainFeatures:
     """Train features: all rows (or this refresh's block of ``drift_max_train_examples``), sharded over ranks; or,
     with features captured during training, only the stalest rows within ``drift_rescore_budget``."""
     if capture is not None:
-        cf = capture.features_for_refresh(fp, model, view, params.capture, dist, step, seed + 7 * refresh_index, show)
-        return TrainFeatures(
-            cf.rows,
-            cf.features,
-            cf.loss,
-            cf.num_tokens,
-            cf.per_rank,
-            cf.subset,
-            cf.num_recomputed,
-            cf.agreement,
-            cf.full,
-        )
+        return capture.features_for_refresh(fp, model, view, params.capture, dist, step, seed + 7 * refresh_index, show)
     subset = refresh_subset(len(view), params.features.max_train_examples, refresh_index, seed)
     mine_pos, per_rank = shard(len(subset), dist.rank, dist.world_size)
     mine = subset[mine_pos]

@@ -36,25 +36,6 @@ class RefreshOutcome:
     summary: dict
 
 
-@dataclass
-class NoContrastHints:
-    """The options a no-contrast warning names (so the user sees the values to change)."""
-
-    first_step: int = 100
-    max_new_tokens: int = 64
-    num_rollouts: int = 4
-    temperature: float = 1.0
-
-    @classmethod
-    def of(cls, args) -> NoContrastHints:
-        return cls(
-            getattr(args, "drift_first_step", 100),
-            getattr(args, "drift_max_new_tokens", 64),
-            getattr(args, "drift_num_rollouts", 4),
-            getattr(args, "drift_temperature", 1.0),
-        )
-
-
 class Refresher:
     """Runs refreshes over one train view and keeps the :class:`DriftState` between them.
 
@@ -64,7 +45,7 @@ class Refresher:
         fused_lm_head: the model returns TRL's fused per-token log-probabilities.
         seed: the run's seed (every stage seed derives from it and the refresh index).
         options: recorded in each summary (the ``drift_*`` options as a dict).
-        hints: option values named by the no-contrast warning.
+        first_step: the step of the first refresh (named by the no-contrast warning).
         capture: a :class:`~drift_trainer.core.capture.TrainCapture` feeding features from training, or None.
         state: the state to continue from (a resumed run).
         row_format: how train rows are batched and differentiated (default: language-modelling rows; see
@@ -84,7 +65,7 @@ class Refresher:
         seed: int = 0,
         progress: bool = True,
         options: dict | None = None,
-        hints: NoContrastHints | None = None,
+        first_step: int = 100,
         capture=None,
         state: DriftState | None = None,
         row_format=None,
@@ -93,7 +74,7 @@ class Refresher:
         self.view, self.query_dataset, self.reward_funcs = view, query_dataset, reward_funcs
         self.projector, self.tokenizer, self.fused_lm_head = projector, tokenizer, fused_lm_head
         self.seed, self.progress, self.options = int(seed), progress, dict(options or {})
-        self.hints = hints or NoContrastHints()
+        self.first_step = int(first_step)
         self.capture = capture
         self.row_format = row_format
         self.state = state if state is not None else DriftState()
@@ -206,11 +187,11 @@ class Refresher:
         if self.warned_no_contrast:
             return
         self.warned_no_contrast = True
-        h = self.hints
+        r = self.params.rollouts
         if accuracy <= 0.0:
             cause = (
                 "every rollout was judged wrong. Likely: the first refresh comes before the model can answer (raise "
-                f"drift_first_refresh_step, now {h.first_step}); drift_max_new_tokens={h.max_new_tokens} "
+                f"drift_first_refresh_step, now {self.first_step}); drift_max_new_tokens={r.max_new_tokens} "
                 "cuts rollouts before the answer; the queries are formatted unlike the train rows (chat messages vs "
                 "plain text, a different prompt template); or the reward never matches (check drift/rollouts.jsonl "
                 "and the reward's reference column)"
@@ -223,8 +204,8 @@ class Refresher:
         else:
             cause = (
                 f"each query's rollouts agreed with each other (rollout accuracy {accuracy:.2f}): raise "
-                f"drift_num_rollouts (now {h.num_rollouts}) or drift_temperature (now "
-                f"{h.temperature}), or set drift_no_contrast='keep' to let all-right / all-wrong queries count"
+                f"drift_num_rollouts (now {r.num_rollouts}) or drift_temperature (now "
+                f"{r.temperature}), or set drift_no_contrast='keep' to let all-right / all-wrong queries count"
             )
         logger.warning(
             "DRIFT has changed no weights for %d refresh(es) in a row (the train data is drawn as in plain SFT): %s.",

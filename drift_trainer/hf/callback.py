@@ -28,7 +28,7 @@ from drift_trainer.core.capture import FeatureCache, TrainCapture
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.feature_pass import TrainView
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from drift_trainer.core.refresher import NoContrastHints, Refresher
+from drift_trainer.core.refresher import Refresher
 from drift_trainer.core.rewards import check_reward_funcs, resolve_reward_funcs
 from drift_trainer.core.rollouts import check_query_dataset, check_query_format, dataset_format
 from drift_trainer.core.sampler import DriftSampler
@@ -47,6 +47,12 @@ from drift_trainer.methods.scorers import get_scorer
 logger = logging.getLogger("drift_trainer")
 SAMPLER_FILE = "drift_sampler.json"
 FEATURES_FILE = "drift_features.npz"
+
+
+def refresh_due(args, step: int) -> bool:
+    """A refresh runs at ``drift_first_step`` and every ``drift_refresh_steps`` steps after it."""
+    first = args.drift_first_step
+    return step >= first and (step - first) % args.drift_refresh_steps == 0
 
 
 def resolve_drift_args(own_args, trainer_args) -> DriftArguments:
@@ -256,7 +262,7 @@ class DriftCallback(TrainerCallback):
             seed=int(trainer.args.seed),
             progress=self.args.drift_progress,
             options=self.args.drift_options(),
-            hints=NoContrastHints.of(self.args),
+            first_step=self.args.drift_first_step,
             capture=self.capture,
             state=self._state,
         )
@@ -293,8 +299,7 @@ class DriftCallback(TrainerCallback):
             self.sampler.set_epoch(int(state.epoch or 0))
 
     def is_due(self, step: int) -> bool:
-        first = self.args.drift_first_step
-        return step >= first and (step - first) % self.args.drift_refresh_steps == 0
+        return refresh_due(self.args, step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.enabled and self.is_due(state.global_step):

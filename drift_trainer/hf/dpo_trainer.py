@@ -3,14 +3,14 @@
 ``drift_method`` picks the scorer:
 
 - ``uniform``: TRL's DPO untouched (same batches, same loss, same numbers);
-- ``ica``: in-context approximation scores (:mod:`drift_trainer.ica`), min-max weights, computed at the start;
+- ``ica``: in-context approximation scores (:mod:`drift_trainer.methods.ica`), min-max weights, computed at the start;
 - ``lossdiff_irm``: after ``drift_lossdiff_warmup_epochs`` of DPO on all pairs, keep the pairs in the middle bands of
-  LossDiff and IRM (:mod:`drift_trainer.lossdiff`); the rest get weight 0;
+  LossDiff and IRM (:mod:`drift_trainer.methods.lossdiff`); the rest get weight 0;
 - ``drift``: signed on-policy influence, every ``drift_refresh_steps`` steps: rollouts on ``query_dataset`` judged by
   ``reward_funcs`` sign the target, and a pair's "loss" is ``-(log p(y_w|x) - log p(y_l|x))``.
 
 Weights enter the loss per pair, ``sum_i w_i L_i / sum_i w_i`` over each batch (pairs are never resampled), with the
-per-pair losses in :data:`drift_trainer.pairs.PAIR_LOSSES` (DPO ``sigmoid``, ``hinge``, ``ipo``, ``sigmoid_norm``,
+per-pair losses in :data:`drift_trainer.methods.pairs.PAIR_LOSSES` (DPO ``sigmoid``, ``hinge``, ``ipo``, ``sigmoid_norm``,
 and ``simpo``, which TRL 1.16's DPOTrainer does not offer: reference-free, length-normalised, margin
 ``simpo_gamma``). Single process: the scorers of this module do not shard pairs over ranks yet.
 """

@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from drift_trainer.core.refresher import NoContrastHints, Refresher
+from drift_trainer.core.refresher import Refresher
+from drift_trainer.hf.callback import refresh_due
 from drift_trainer.hf.index import INDEX_COLUMN, generation_context
 from drift_trainer.methods.lossdiff import score_and_select, train_validation_model
 from drift_trainer.methods.pairs import PAIR_ROWS, PairView
@@ -124,14 +125,13 @@ class PairDriftCallback(TrainerCallback):
             seed=int(args.seed),
             progress=args.drift_progress,
             options=args.drift_options(),
-            hints=NoContrastHints.of(args),
+            first_step=args.drift_first_step,
             row_format=PAIR_ROWS,
         )
 
     def on_step_end(self, args, state, control, **kwargs):
-        first, step = args.drift_first_step, state.global_step
-        if step >= first and (step - first) % args.drift_refresh_steps == 0:
-            self.refresh(step)
+        if refresh_due(args, state.global_step):
+            self.refresh(state.global_step)
 
     def refresh(self, step: int) -> None:
         tr = self.trainer

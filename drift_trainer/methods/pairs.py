@@ -1,6 +1,7 @@
 """Preference pairs: tokenized rows, sequence log-probabilities and per-pair losses (DPO family and SimPO).
 
-Shared by :mod:`drift_trainer.preference` (the weighted loss, DRIFT pair features) and :mod:`drift_trainer.lossdiff`.
+Shared by :mod:`drift_trainer.hf.dpo_trainer` (the weighted loss), DRIFT pair features (:data:`PAIR_ROWS`) and
+:mod:`drift_trainer.methods.lossdiff`.
 A pair's rows follow TRL's ``DPOTrainer`` preparation: ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids``,
 labels on the completion tokens only; log-probabilities are summed over the completion tokens.
 """

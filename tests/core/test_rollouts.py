@@ -87,7 +87,7 @@ class _Counter:
 
 
 class _OneRank:
-    """A stand-in for refresh.Dist on one of ``world`` ranks whose gather returns ``others`` around its own part."""
+    """A stand-in for core.dist.Dist on one of ``world`` ranks whose gather returns ``others`` around its own part."""
 
     def __init__(self, rank, world, others=None):
         self.rank, self.world_size, self.others = rank, world, others or {}
