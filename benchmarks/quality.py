@@ -60,6 +60,13 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift_t2": {"drift_softmax_temperature": 2.0},
     "drift_mix30": {"drift_uniform_mix": 0.3},
     "drift_t2_systematic": {"drift_softmax_temperature": 2.0, "drift_sampling": "systematic"},
+    # issue 13's further ways: a hybrid with loss, split-half shrinkage, a stable target, a Kronecker preconditioner
+    "drift_loss1": {"drift_loss_mix": 1.0},
+    "drift_reliable": {"drift_reliability_shrink": True},
+    "drift_target_ema": {"drift_target_ema": 0.5},
+    "drift_kronecker": {"drift_preconditioner": "kronecker"},
+    "drift_fisher": {"drift_preconditioner": "fisher"},
+    "drift_reliable_loss1": {"drift_reliability_shrink": True, "drift_loss_mix": 1.0},
     **{b: {"drift_scorer": b} for b in BASELINES},
 }
 CONFIGS = ("plain", "clean", *VARIANTS)

@@ -247,8 +247,8 @@ def _no_contrast(sc: Scoring, rollouts: Rollouts, rollouts_path: str) -> None:
 
 
 def _keeps_features(sc: Scoring) -> bool:
-    """Shards keep the features themselves when the Fisher preconditioner needs every row's before scoring."""
-    return sc.params.influence.preconditioner == "fisher" and sc.scorer.uses_preconditioner
+    """Shards keep the features themselves when a preconditioner (Fisher, Kronecker) needs every row's before scoring."""
+    return sc.params.influence.preconditioner in pipeline.PRECONDITIONED and sc.scorer.uses_preconditioner
 
 
 def write_shard(work: str, s: int, arrays: dict) -> None:
@@ -294,7 +294,10 @@ def influence(sc: Scoring, view: TrainView, n_shards: int, target, rollouts, sig
     cols = [np.concatenate([p[k] for p in parts]) for k in ("raw", "norm", "loss", "ntok")]
     if _keeps_features(sc):
         dim = sc.fpass.projector.dim
-        direction = pipeline.direction(target, sc.scorer, sc.params.influence, lambda: (p["phi"] for p in parts), dim)
+        k = sc.fpass.projector.k
+        direction = pipeline.direction(
+            target, sc.scorer, sc.params.influence, lambda: (p["phi"] for p in parts), dim, k=k
+        )
         cols[0], _ = inner_products((p["phi"] for p in parts), direction)
     rows = pipeline.row_arrays(len(view), ids, *cols)
     seed = pipeline.stage_seed("scores", sc.ra.seed, 0)

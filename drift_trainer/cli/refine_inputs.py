@@ -35,6 +35,8 @@ TRAINING_ONLY = (
     "drift_capture_check_rows",
     "drift_capture_min_agreement",
     "drift_score_ema",
+    "drift_target_ema",
+    "drift_reliability_shrink",
     "drift_reweight_mode",
     "drift_save_artifacts",
 )

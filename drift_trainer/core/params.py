@@ -76,6 +76,9 @@ class InfluenceParams(Params):
     damping: float = 0.1
     debias: str = "normalize"
     norm_exponent: float = 1.0
+    loss_mix: float = 0.0
+    target_ema: float = 0.0
+    reliability_shrink: bool = False
 
 
 @dataclass(frozen=True)

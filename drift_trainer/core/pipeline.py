@@ -25,7 +25,7 @@ import numpy as np
 
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.feature_pass import LM_ROWS, FeaturePass, RowFormat, progress_bar
-from drift_trainer.core.influence import precondition, second_moment
+from drift_trainer.core.influence import kronecker_factors, kronecker_precondition, precondition, second_moment
 from drift_trainer.core.params import FeatureParams, InfluenceParams, RolloutParams, SigningParams
 from drift_trainer.core.rewards import resolve_reward_funcs
 from drift_trainer.core.rollouts import Rollouts, generate_rollouts, sample_queries
@@ -107,21 +107,66 @@ def make_feature_pass(
     )
 
 
-def target(scorer: Scorer, fp: FeaturePass, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast):
-    """The scorer's target ``G`` (``(dim,)``; zeros for scorers without one)."""
+def target(
+    scorer: Scorer,
+    fp: FeaturePass,
+    model,
+    tokenizer,
+    query_dataset,
+    query_rows,
+    rollouts,
+    signs,
+    contrast,
+    halves: bool = False,
+):
+    """The scorer's target ``G`` (``(dim,)``; zeros for scorers without one). ``halves``: return ``(G, halves)``,
+    with ``halves`` the ``(2, dim)`` targets of two disjoint halves of the queries (None for a scorer without a
+    split), computed from the same rollout features."""
     inputs = TargetInputs(fp, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast, fp.projector.dim)
-    return scorer.target(inputs)
+    if not halves:
+        return scorer.target(inputs)
+    parts = scorer.target_halves(inputs)
+    return (scorer.target(inputs), None) if parts is None else (parts.sum(0), parts)
+
+
+def smooth_target(g: np.ndarray, previous: np.ndarray | None, ema: float) -> np.ndarray:
+    """``drift_target_ema``: ``G`` itself when ``ema`` is 0; else the unit target averaged with the previous
+    refresh's (itself smoothed) as ``ema * previous + (1 - ema) * G / ||G||``. Scores are standardised before they
+    become weights, so only the direction of ``G`` matters to them."""
+    g = np.asarray(g, dtype=np.float64)
+    if ema <= 0:
+        return g
+    norm = np.linalg.norm(g)
+    unit = g / norm if norm > 0 else g
+    return unit if previous is None else ema * np.asarray(previous, dtype=np.float64) + (1.0 - ema) * unit
+
+
+PRECONDITIONED = ("fisher", "kronecker")  # preconditioners that read the train features
 
 
 def direction(
-    target_g: np.ndarray, scorer: Scorer, params: InfluenceParams, blocks, dim: int, dist: Dist | None = None
+    target_g: np.ndarray,
+    scorer: Scorer,
+    params: InfluenceParams,
+    blocks,
+    dim: int,
+    dist: Dist | None = None,
+    k: int | None = None,
 ) -> np.ndarray:
-    """``H^-1 G``: the target itself, or (``fisher`` preconditioner, for scorers that use one) the target solved
-    against the damped empirical Fisher of the train features of every rank. ``blocks``: a callable returning an
-    iterable of this rank's feature blocks (only called when the Fisher is needed)."""
+    """``H^-1 G``: the target itself, or (``fisher`` / ``kronecker`` preconditioner, for scorers that use one) the
+    target solved against the damped empirical Fisher, or its per-module Kronecker factors, of the train features of
+    every rank. ``target_g``: ``(dim,)`` or ``(dim, c)``. ``blocks``: a callable returning an iterable of this rank's
+    feature blocks (only called when a preconditioner needs them). ``k``: the projection side (``kronecker``)."""
     params = InfluenceParams.of(params)
-    if params.preconditioner != "fisher" or not scorer.uses_preconditioner:
+    if params.preconditioner not in PRECONDITIONED or not scorer.uses_preconditioner:
         return np.asarray(target_g, dtype=np.float64)
+    if params.preconditioner == "kronecker":
+        if k is None:
+            raise ValueError("direction: the `kronecker` preconditioner needs the projection side k.")
+        s, a, _ = kronecker_factors(blocks(), int(k), dim)
+        if dist is not None:
+            s, a = dist.all_reduce_sum(s), dist.all_reduce_sum(a)
+        return kronecker_precondition(target_g, s, a, params.damping)
     total, count = second_moment(blocks(), dim)
     if dist is not None:
         total = dist.all_reduce_sum(total)

@@ -16,7 +16,7 @@ from drift_trainer.core import pipeline
 from drift_trainer.core.dist import Dist, shard
 from drift_trainer.core.feature_pass import RowFormat, TrainFeatures, TrainView, progress_bar, refresh_subset
 from drift_trainer.core.features import ProjectedGradients
-from drift_trainer.core.influence import inner_products
+from drift_trainer.core.influence import inner_products, split_half_reliability
 from drift_trainer.core.params import RefreshParams
 from drift_trainer.core.rollouts import Rollouts
 from drift_trainer.core.weighting import effective_sample_size, scores_to_weights, standardize
@@ -40,6 +40,8 @@ class RefreshResult:
     capture_agreement: float | None = None  # captured features: mean cosine of cached vs recomputed check rows
     capture_full: bool = False  # captured features: the check failed, every row was recomputed
     reward_threshold: float = 0.5  # a rollout whose reward is >= this counts as correct
+    reliability: float | None = None  # drift_reliability_shrink: split-half reliability of the scores, in [0, 1]
+    target: np.ndarray | None = None  # the unit target direction scored against (smoothed by drift_target_ema)
 
     @property
     def rollout_accuracy(self) -> float:
@@ -84,6 +86,7 @@ def run_refresh(
     progress: bool = True,
     capture=None,
     row_format: RowFormat | None = None,
+    previous_target: np.ndarray | None = None,
 ) -> RefreshResult:
     """Run one refresh and return scores over the user's train examples (identical on every rank).
 
@@ -119,8 +122,11 @@ def run_refresh(
     if not contrast:  # nothing to attribute towards: skip the (costly) feature passes
         return no_contrast_result(step, view.num_examples, rollouts, signs, timings, params.signing.reward_threshold)
     fp = pipeline.make_feature_pass(projector, tokenizer, params.features, fused_lm_head)
+    split = params.influence.reliability_shrink
     with pipeline.timed(timings, "rollout_features"):
-        g = pipeline.target(scorer, fp, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast)
+        g = pipeline.target(scorer, fp, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast, split)
+    g, halves = g if split else (g, None)
+    g = pipeline.smooth_target(g, previous_target, params.influence.target_ema)
     train_fp = (
         fp
         if row_format is None
@@ -130,7 +136,7 @@ def run_refresh(
         feats = train_features(train_fp, model, view, params, dist, step, refresh_index, seed, show, capture)
     with pipeline.timed(timings, "influence"):
         seed_s = pipeline.stage_seed("scores", seed, refresh_index)
-        rows, scores = score_rows(scorer, params, g, feats, len(view), projector.dim, dist, seed_s)
+        rows, scores, reliability = score_rows(scorer, params, g, feats, len(view), projector, dist, seed_s, halves)
     user = pipeline.to_user(view.user_index, view.num_examples, rows, scores, feats.subset)
     return RefreshResult(
         step=step,
@@ -142,18 +148,36 @@ def run_refresh(
         capture_agreement=feats.agreement,
         capture_full=feats.full,
         reward_threshold=params.signing.reward_threshold,
+        reliability=reliability,
+        target=g,
         **user,
     )
 
 
-def score_rows(scorer, params: RefreshParams, g, feats, n_rows: int, dim: int, dist: Dist, seed: int):
-    """Stage 5-6: ``H^-1 G`` (the Fisher all-reduced over ranks), each row's raw score and norm, gathered from every
-    rank into per-row arrays, and the scorer's scores. Returns ``(rows, scores)``, identical on every rank."""
-    d = pipeline.direction(g, scorer, params.influence, lambda: pipeline.feature_blocks(feats.phi, dim), dim, dist)
-    raw, norms = inner_products(pipeline.feature_blocks(feats.phi, dim), d)
-    ids, *cols = pipeline.gather_rows(dist, feats.per_rank, feats.rows, raw, norms, feats.loss, feats.ntok)
+def score_rows(scorer, params: RefreshParams, g, feats, n_rows: int, projector, dist: Dist, seed: int, halves=None):
+    """Stage 5-6: ``H^-1 G`` (the preconditioner all-reduced over ranks), each row's raw score and norm, gathered
+    from every rank into per-row arrays, and the scorer's scores. ``halves``: the ``(2, dim)`` targets of two halves
+    of the evidence, whose scores give the split-half reliability. Returns ``(rows, scores, reliability)`` (None
+    without ``halves``), identical on every rank."""
+    dim = projector.dim
+    columns = np.asarray(g, dtype=np.float64)[:, None]
+    if halves is not None:
+        columns = np.concatenate([columns, np.asarray(halves, dtype=np.float64).T], axis=1)
+
+    def blocks():
+        return pipeline.feature_blocks(feats.phi, dim)
+
+    d = pipeline.direction(columns, scorer, params.influence, blocks, dim, dist, k=projector.k)
+    raw, norms = inner_products(blocks(), d)
+    ids, *cols = pipeline.gather_rows(dist, feats.per_rank, feats.rows, raw[:, 0], norms, feats.loss, feats.ntok)
     rows = pipeline.row_arrays(n_rows, ids, *cols)
-    return rows, scorer.scores(rows["raw"], rows["norm"], rows["loss"], seed, params.influence)
+    scores = scorer.scores(rows["raw"], rows["norm"], rows["loss"], seed, params.influence)
+    if halves is None:
+        return rows, scores, None
+    ids_h, raw_a, raw_b = pipeline.gather_rows(dist, feats.per_rank, feats.rows, raw[:, 1], raw[:, 2])
+    live = rows["tokens"][ids_h] > 0
+    half_scores = [scorer.influence(r[live], rows["norm"][ids_h][live], params.influence) for r in (raw_a, raw_b)]
+    return rows, scores, split_half_reliability(*half_scores)
 
 
 def train_features(fp, model, view, params, dist, step, refresh_index, seed, show, capture=None) -> TrainFeatures:
@@ -179,6 +203,8 @@ def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, pre
         return np.zeros_like(result.scores), np.ones_like(result.scores)
     wp = params.weighting
     z = standardize(result.scores, result.scored)
+    if result.reliability is not None:  # drift_reliability_shrink: evidence the halves disagree on moves little
+        z = z * result.reliability
     known = result.scored
     partial = params.features.max_train_examples is not None or result.num_recomputed >= 0
     if previous_smoothed is not None and partial:
@@ -211,6 +237,7 @@ def refresh_summary(result: RefreshResult, weights: np.ndarray) -> dict:
         "drift/weight_max": float(weights.max()),
         "drift/refresh_seconds": float(sum(result.timings.values())),
         **({"drift/capture_agreement": result.capture_agreement} if result.capture_agreement is not None else {}),
+        **({"drift/reliability": result.reliability} if result.reliability is not None else {}),
     }
 
 

@@ -103,6 +103,7 @@ class Refresher:
             progress=self.progress,
             capture=capture,
             row_format=self.row_format,
+            previous_target=self.state.target,
         )
         previous = self.state
         smoothed, weights, reason = self._weights(result, previous, dist, step)
@@ -131,6 +132,7 @@ class Refresher:
             rollout_accuracy=metrics["drift/rollout_accuracy"],
             reward_mean=metrics["drift/reward_mean"],
             history=previous.history + [summary],
+            target=result.target if result.contrast and result.target is not None else previous.target,
         )
         return RefreshOutcome(result, np.asarray(weights), bool(result.contrast), metrics, summary)
 

@@ -28,6 +28,7 @@ class DriftState:
     rollout_accuracy: float | None = None
     reward_mean: float | None = None
     history: list[dict] = field(default_factory=list)  # one summary dict per refresh (metrics, timings, reasons)
+    target: np.ndarray | None = None  # the latest unit target direction (what drift_target_ema smooths)
 
     def to_dict(self) -> dict:
         def arr(a):
@@ -43,6 +44,7 @@ class DriftState:
             "rollout_accuracy": self.rollout_accuracy,
             "reward_mean": self.reward_mean,
             "history": self.history,
+            "target": arr(self.target),
         }
 
     @classmethod
@@ -60,6 +62,7 @@ class DriftState:
             rollout_accuracy=d.get("rollout_accuracy"),
             reward_mean=d.get("reward_mean"),
             history=list(d.get("history", [])),
+            target=arr(d.get("target")),
         )
 
 

@@ -18,7 +18,7 @@ from drift_trainer.methods.scorers import SCORERS as SCORER_REGISTRY, scorer_hel
 
 SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")
-PRECONDITIONERS = ("identity", "fisher")
+PRECONDITIONERS = ("identity", "fisher", "kronecker")
 WEIGHTINGS = ("softmax", "prune", "truncate", "demote")
 SAMPLINGS = ("replacement", "systematic")
 REWEIGHT_MODES = ("sampler", "loss")
@@ -122,14 +122,44 @@ class DriftArguments:
     drift_preconditioner: str = field(
         default="identity",
         metadata=_help(
-            "Preconditioner H in the projected space. `identity`, or `fisher`: the damped empirical Fisher "
-            "(mean outer product of train features).",
+            "Preconditioner H in the projected space. `identity`; `fisher`: the damped empirical Fisher (mean "
+            "outer product of train features); `kronecker`: per target module, the damped Kronecker factors of "
+            "its k x k feature blocks, S = mean(Phi Phi^T) and A = mean(Phi^T Phi), so H^-1 G = S^-1 G A^-1 "
+            "module by module (K-FAC-style, block-diagonal over modules).",
             PRECONDITIONERS,
         ),
     )
     drift_damping: float = field(
         default=0.1,
-        metadata=_help("Damping of the `fisher` preconditioner, relative to its mean eigenvalue (> 0)."),
+        metadata=_help(
+            "Damping of the `fisher` / `kronecker` preconditioner (of each factor), relative to its mean eigenvalue "
+            "(> 0)."
+        ),
+    )
+    drift_loss_mix: float = field(
+        default=0.0,
+        metadata=_help(
+            "Hybrid with the loss baseline: a rollout scorer's score becomes z(influence) + mix * z(-loss) (z: "
+            "standardised over the scored examples), so high-loss rows (e.g. random label noise) lose weight too. "
+            "0: influence only (>= 0)."
+        ),
+    )
+    drift_target_ema: float = field(
+        default=0.0,
+        metadata=_help(
+            "Stable target: the unit target direction G is smoothed across refreshes, G = ema*previous + "
+            "(1-ema)*current, before scoring (it lives in the fixed projected space). 0: each refresh's own target, "
+            "in [0, 1)."
+        ),
+    )
+    drift_reliability_shrink: bool = field(
+        default=False,
+        metadata=_help(
+            "Scale each refresh's standardised scores by their split-half reliability before weighting: the "
+            "rollouts are split by query into two halves, each half's target scores every row, and the two score "
+            "vectors' correlation r gives the reliability 2r/(1+r) (Spearman-Brown, clipped to [0, 1]). Scores "
+            "that two independent halves of the evidence disagree on move the weights little (e.g. clean data)."
+        ),
     )
     drift_projection_dim: int = field(
         default=16,
@@ -321,6 +351,8 @@ class DriftArguments:
         _range(self, "drift_top_p", 0.0, 1.0, low_open=True)
         _range(self, "drift_norm_exponent", 0.0, 1.0)
         _range(self, "drift_damping", 0.0, None, low_open=True)
+        _range(self, "drift_loss_mix", 0.0, None)
+        _range(self, "drift_target_ema", 0.0, 1.0, high_open=True)
         _range(self, "drift_softmax_temperature", 0.0, None, low_open=True)
         _range(self, "drift_uniform_mix", 0.0, 1.0)
         _range(self, "drift_score_ema", 0.0, 1.0, high_open=True)

@@ -44,6 +44,7 @@ from drift_trainer.core.features import IGNORE_INDEX
 from drift_trainer.core.influence import debias_raw, signed_target
 from drift_trainer.core.params import InfluenceParams
 from drift_trainer.core.rollouts import tokenize_prompt
+from drift_trainer.core.weighting import standardize
 
 REFERENCE_COLUMN = "answer"
 
@@ -81,6 +82,11 @@ class Scorer:
 
     def target(self, inputs: TargetInputs) -> np.ndarray:
         return np.zeros(inputs.dim)
+
+    def target_halves(self, inputs: TargetInputs) -> np.ndarray | None:
+        """``(2, dim)``: the targets of two disjoint halves of the evidence (summing to :meth:`target`), for the
+        split-half reliability of ``drift_reliability_shrink``; None when the scorer has no such split."""
+        return None
 
     def scores(self, raw, norms, losses, seed: int, params: InfluenceParams) -> np.ndarray:
         return np.zeros(len(raw))
@@ -120,17 +126,37 @@ class RolloutScorer(Scorer):
         return signs, contrast
 
     def target(self, inputs: TargetInputs) -> np.ndarray:
+        return self.target_halves(inputs).sum(0)
+
+    def target_halves(self, inputs: TargetInputs) -> np.ndarray:
+        """The signed targets of the rollouts of the even- and the odd-numbered sampled queries."""
+        halves = np.zeros((2, inputs.dim))
         live = np.flatnonzero(inputs.signs != 0)
         if not (inputs.contrast and len(live)):
-            return np.zeros(inputs.dim)
+            return halves
         rows = inputs.rollouts.training_rows()
         rfeat, _, _ = inputs.feature_pass.run(inputs.model, [rows[j] for j in live])
-        return signed_target(rfeat, inputs.signs[live])
+        position = {int(q): i for i, q in enumerate(inputs.query_rows)}
+        half = np.asarray([position.get(int(inputs.rollouts.query_index[j]), j) % 2 for j in live])
+        for h in (0, 1):
+            if (half == h).any():
+                halves[h] = signed_target(rfeat[half == h], inputs.signs[live][half == h])
+        return halves
 
-    def scores(self, raw, norms, losses, seed, params):
+    def influence(self, raw, norms, params) -> np.ndarray:
+        """Debiased influence scores (no loss mix)."""
         if self.debias is None:
             return debias_raw(raw, norms, params.debias, params.norm_exponent)
         return debias_raw(raw, norms, self.debias)
+
+    def scores(self, raw, norms, losses, seed, params):
+        scores = self.influence(raw, norms, params)
+        mix = float(getattr(params, "loss_mix", 0.0) or 0.0)
+        if mix <= 0:
+            return scores
+        live = np.asarray(norms) > 0
+        neg_loss = -np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=0.0)
+        return np.where(live, standardize(scores, live) + mix * standardize(neg_loss, live), 0.0)
 
 
 class DriftScorer(RolloutScorer):

@@ -194,3 +194,61 @@ def test_refresh_with_memmap_and_fisher_matches_in_memory(toy, tmp_path):
     np.testing.assert_allclose(b.scores, a.scores, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(b.grad_norm, a.grad_norm, rtol=1e-6)
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- issue 13's options
+
+
+def test_kronecker_preconditioner_in_a_refresh(toy):
+    from drift_trainer.core.influence import kronecker_factors, kronecker_precondition
+
+    plain = _refresh(toy, _args())
+    kron = _refresh(toy, _args(drift_preconditioner="kronecker"))
+    assert kron.contrast and kron.scored.all()
+    np.testing.assert_allclose(kron.target, plain.target)  # same rollouts, same G
+    # the refresh's scores are the train features against the per-module Kronecker-preconditioned G
+    tok, model, rows, _ = toy
+    projector = ProjectedGradients(select_target_modules(model), 4, seed=0)
+    phi, _, _ = FeaturePass(projector, tok.pad_token_id, 8).run(model, rows)
+    phi = np.asarray(phi, dtype=np.float64)
+    s, a, _ = kronecker_factors([phi], 4, projector.dim)
+    expected = phi @ kronecker_precondition(kron.target, s, a, 0.1) / np.linalg.norm(phi, axis=1)
+    np.testing.assert_allclose(kron.scores, expected, rtol=1e-4, atol=1e-9 * np.abs(expected).max())
+    assert np.corrcoef(kron.scores, plain.scores)[0, 1] < 0.999  # it does precondition
+
+
+def test_reliability_shrink_scales_the_standardised_scores(toy):
+    base = _refresh(toy, _args())
+    shrunk = _refresh(toy, _args(drift_reliability_shrink=True))
+    assert base.reliability is None and 0.0 <= shrunk.reliability <= 1.0
+    np.testing.assert_allclose(shrunk.scores, base.scores, rtol=1e-6)  # the scores themselves are unchanged
+    z_base, _ = new_weights(base, None, None, _args())
+    z, w = new_weights(shrunk, None, None, _args(drift_reliability_shrink=True))
+    np.testing.assert_allclose(z, shrunk.reliability * z_base, atol=1e-12)
+    shrunk.reliability = 0.0  # two halves that disagree: every weight stays 1
+    _, w0 = new_weights(shrunk, None, None, _args(drift_reliability_shrink=True))
+    np.testing.assert_allclose(w0, 1.0)
+
+
+def test_target_ema_smooths_the_unit_target_across_refreshes(toy):
+    first = _refresh(toy, _args(drift_target_ema=0.5))
+    np.testing.assert_allclose(np.linalg.norm(first.target), 1.0)
+    tok, model, rows, queries = toy
+    projector = ProjectedGradients(select_target_modules(model), 4, seed=0)
+    fresh = _refresh(toy, _args(drift_target_ema=0.5), refresh_index=1)  # no previous target: its own unit target
+    torch.manual_seed(0)
+    second = refresh_once(
+        _args(drift_target_ema=0.5),
+        model,
+        tok,
+        train_view(rows),
+        queries,
+        [alternating_reward],
+        projector,
+        refresh_index=1,
+        seed=0,
+        previous_target=first.target,
+    )
+    np.testing.assert_allclose(second.target, 0.5 * first.target + 0.5 * fresh.target, atol=1e-12)
+    plain = _refresh(toy, _args())  # ema 0: the raw target, scores unchanged by the option
+    assert np.linalg.norm(plain.target) != pytest.approx(1.0)

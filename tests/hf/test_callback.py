@@ -113,9 +113,14 @@ def _record(monkeypatch):
     return drawn
 
 
-def test_resumed_run_draws_the_same_stream_as_an_unbroken_one(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"drift_target_ema": 0.5, "drift_reliability_shrink": True, "drift_loss_mix": 1.0}],
+    ids=["defaults", "stable_target"],
+)
+def test_resumed_run_draws_the_same_stream_as_an_unbroken_one(tmp_path, tokenizer, monkeypatch, options):
     drawn = _record(monkeypatch)
-    unbroken = _trainer(tmp_path / "a", tokenizer)
+    unbroken = _trainer(tmp_path / "a", tokenizer, **options)
     unbroken.train()
     full = list(drawn)
     ckpt = tmp_path / "a" / "checkpoint-4"
@@ -124,11 +129,14 @@ def test_resumed_run_draws_the_same_stream_as_an_unbroken_one(tmp_path, tokenize
     os.makedirs(tmp_path / "b")
     shutil.copytree(ckpt, tmp_path / "b" / "checkpoint-4")
     drawn.clear()
-    resumed = _trainer(tmp_path / "b", tokenizer)
+    resumed = _trainer(tmp_path / "b", tokenizer, **options)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.drift_state.num_refreshes == unbroken.drift_state.num_refreshes == 3
     assert drawn == full  # the replayed prefix and every draw after it
     np.testing.assert_array_equal(resumed.drift_state.weights, unbroken.drift_state.weights)
+    if options:  # the smoothed target is part of the state a resume restores
+        assert np.linalg.norm(resumed.drift_state.target) > 0
+        np.testing.assert_array_equal(resumed.drift_state.target, unbroken.drift_state.target)
     losses = [h["loss"] for h in unbroken.state.log_history if "loss" in h]
     resumed_losses = [h["loss"] for h in resumed.state.log_history if "loss" in h]
     np.testing.assert_allclose(resumed_losses[-6:], losses[-6:], rtol=1e-6)

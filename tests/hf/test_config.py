@@ -31,6 +31,8 @@ def test_every_drift_field_has_help():
         ("drift_weight_clip", 0.5, "drift_weight_clip"),
         ("drift_damping", 0.0, "drift_damping"),
         ("drift_first_refresh_step", 0, "drift_first_refresh_step"),
+        ("drift_loss_mix", -0.5, "drift_loss_mix"),
+        ("drift_target_ema", 1.0, "drift_target_ema"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, field, value, message):

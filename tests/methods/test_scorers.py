@@ -103,6 +103,27 @@ def test_scores_per_scorer():
     assert not scorer_scores(args_for("uniform"), raw, norms, losses, 0).any()
 
 
+def test_loss_mix_adds_standardised_low_loss_to_influence():
+    raw = np.array([4.0, -2.0, 1.0, 3.0, 0.0])
+    norms = np.array([4.0, 1.0, 0.5, 1.0, 0.0])  # last row fully masked
+    losses = np.array([0.1, 2.0, 0.5, 3.0, np.nan])
+    live = norms > 0
+
+    def z(x):
+        x = np.asarray(x, dtype=np.float64)
+        return (x - x.mean()) / x.std()
+
+    influence = raw[live] / norms[live]
+    mixed = scorer_scores(args_for("drift", drift_loss_mix=0.5), raw, norms, losses, 0)
+    np.testing.assert_allclose(mixed[live], z(influence) + 0.5 * z(-losses[live]))
+    assert mixed[4] == 0.0
+    # the high-loss row 3 ranks first by influence alone, and loses that place once loss counts
+    assert np.argmax(influence) == 3 and np.argmax(mixed[live]) != 3
+    np.testing.assert_allclose(
+        scorer_scores(args_for("drift", drift_loss_mix=0.0), raw, norms, losses, 0)[live], influence
+    )
+
+
 def test_uniform_keeps_weights_at_one_and_prune_would_not():
     scores = np.zeros(10)
     result = RefreshResult(
