@@ -67,6 +67,8 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift_kronecker": {"drift_preconditioner": "kronecker"},
     "drift_fisher": {"drift_preconditioner": "fisher"},
     "drift_reliable_loss1": {"drift_reliability_shrink": True, "drift_loss_mix": 1.0},
+    "drift_contrast4": {"drift_contrast_rollouts": 4},
+    "drift_adam": {"drift_preconditioner": "adam"},
     **{b: {"drift_scorer": b} for b in BASELINES},
 }
 CONFIGS = ("plain", "clean", *VARIANTS)

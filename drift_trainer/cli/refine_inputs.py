@@ -141,6 +141,11 @@ def parse_args(argv: list[str]) -> tuple[RefineArguments, DriftArguments]:
     refine_args.validate()
     drift_args = DriftArguments(**dataclasses.asdict(drift_flags))
     drift_args.validate_drift()
+    if drift_args.drift_preconditioner == "adam":
+        raise ValueError(
+            "--drift_preconditioner adam reads a training run's Adam second moments, which refine (one scoring pass "
+            "over a saved model) does not have. Use --drift_preconditioner identity, fisher or kronecker."
+        )
     return refine_args, drift_args
 
 

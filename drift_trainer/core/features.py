@@ -130,6 +130,18 @@ class ProjectedGradients:
     def dim(self) -> int:
         return len(self.modules) * self.k * self.k
 
+    def scaled(self, scales: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> ProjectedGradients:
+        """The same projection of the gradient preconditioned as ``D_out G D_in``: module ``i``'s ``P_out`` and
+        ``P_in`` take the diagonal scales ``scales[i] = (out (out,), in (in,))``, so its block is
+        ``(P_out D_out) G (P_in D_in)^T``. Each module gets its own ``P_in`` (scales differ by module)."""
+        out = object.__new__(ProjectedGradients)
+        out.names, out.modules, out.k = self.names, self.modules, self.k
+        out.p_out = [p * so.float().cpu()[None, :] for p, (so, _) in zip(self.p_out, scales)]
+        out.p_in = [p * si.float().cpu()[None, :] for p, (_, si) in zip(self.p_in, scales)]
+        out._group = list(range(len(self.modules)))
+        out._on_device = {}
+        return out
+
     def input_group(self, i: int) -> int:
         """Index of module ``i``'s input projection among the distinct ``P_in`` (modules of one input width share
         one): modules fed the same tensor with the same group project it once."""
@@ -211,6 +223,29 @@ class ProjectedGradients:
             if group is not None:
                 feats = torch.zeros(loss.shape[0], feats.shape[1], device=device).index_add_(0, group.to(device), feats)
         return FeatureBatch(feats.detach().cpu(), loss.detach().float().cpu(), ntok.cpu())
+
+
+def adam_scales(optimizer, modules: Sequence[nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per module, the diagonal scales ``(out (out,), in (in,))`` with ``D_out G D_in ~ G / sqrt(v)``: Adam's second
+    moment ``v`` (``exp_avg_sq`` of the module's weight) factored as row and column means (``v ~ r c^T / mean(r)``,
+    as Adafactor does), so ``1 / sqrt(v) ~ r^-1/2 c^-1/2`` up to one constant. Each scale has mean 1. Modules the
+    optimizer holds no second moment for get ones; None when it holds none for any of them."""
+    opt = optimizer
+    while not hasattr(opt, "state") and hasattr(opt, "optimizer"):  # accelerate's AcceleratedOptimizer and the like
+        opt = opt.optimizer
+    state = getattr(opt, "state", None) or {}
+    scales, found = [], False
+    for m in modules:
+        v = state.get(m.weight, {}).get("exp_avg_sq") if hasattr(state, "get") else None
+        if v is None or tuple(v.shape) != tuple(m.weight.shape):
+            scales.append((torch.ones(m.out_features), torch.ones(m.in_features)))
+            continue
+        found = True
+        v = v.detach().float().cpu()
+        tiny = max(float(v.mean()) * 1e-6, 1e-30)
+        row, col = (v.mean(1) + tiny).rsqrt(), (v.mean(0) + tiny).rsqrt()
+        scales.append((row / row.mean(), col / col.mean()))
+    return scales if found else None
 
 
 def per_example_loss(model: nn.Module, batch: dict, fused_lm_head: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

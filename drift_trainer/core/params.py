@@ -41,6 +41,7 @@ class RolloutParams(Params):
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    contrast_rollouts: int = 0
     ATTRS = {"batch_size": "drift_rollout_batch_size"}
 
 

@@ -20,11 +20,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import numpy as np
 
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.feature_pass import LM_ROWS, FeaturePass, RowFormat, progress_bar
+from drift_trainer.core.features import adam_scales
 from drift_trainer.core.influence import kronecker_factors, kronecker_precondition, precondition, second_moment
 from drift_trainer.core.params import FeatureParams, InfluenceParams, RolloutParams, SigningParams
 from drift_trainer.core.rewards import resolve_reward_funcs
@@ -73,18 +75,30 @@ def sample_and_judge(
     with progress_bar(show, -(-n_batches // world), "drift rollouts") as bar:
         ctx = generation_context() if generation_context is not None else nullcontext(model)
         with ctx as gen_model:
+            funcs = resolve_reward_funcs(reward_funcs)
+            gen_seed = stage_seed("generation", seed, refresh_index)
             rollouts = generate_rollouts(
-                gen_model,
-                tokenizer,
-                query_dataset,
-                query_rows,
-                params,
-                resolve_reward_funcs(reward_funcs),
-                seed=stage_seed("generation", seed, refresh_index),
-                progress=bar,
-                dist=dist,
+                gen_model, tokenizer, query_dataset, query_rows, params, funcs, seed=gen_seed, progress=bar, dist=dist
             )
+            mixed = mixed_queries(rollouts, query_rows) if params.contrast_rollouts > 0 else []
+            if mixed:  # drift_contrast_rollouts: more rollouts where the verdicts already differ
+                more = replace(params, num_rollouts=params.contrast_rollouts)
+                extra = generate_rollouts(
+                    gen_model, tokenizer, query_dataset, mixed, more, funcs, seed=gen_seed + CONTRAST_SEED, dist=dist
+                )
+                rollouts = rollouts.extend(extra)
     return query_rows, rollouts
+
+
+CONTRAST_SEED = 1_000_003  # offset of the extra rollouts' generation seeds from the first round's
+
+
+def mixed_queries(rollouts: Rollouts, query_rows: list[int]) -> list[int]:
+    """The query rows (in sampled order) whose rollouts got different rewards: the queries that carry contrast."""
+    rewards: dict[int, set] = {}
+    for q, r in zip(rollouts.query_index, rollouts.rewards):
+        rewards.setdefault(int(q), set()).add(float(r))
+    return [q for q in query_rows if len(rewards.get(int(q), ())) > 1]
 
 
 def sign(rollouts: Rollouts, params: SigningParams, scorer: Scorer) -> tuple[np.ndarray, bool]:
@@ -142,6 +156,22 @@ def smooth_target(g: np.ndarray, previous: np.ndarray | None, ema: float) -> np.
 
 
 PRECONDITIONED = ("fisher", "kronecker")  # preconditioners that read the train features
+
+
+def adam_projector(projector, optimizer):
+    """``adam`` preconditioner: the projection of ``G / sqrt(v)`` (Adam's second moments, factored per module), which
+    builds the target; train features keep the plain projection. Since ``<Gamma(g_i), G> = <g_i, Gamma(G)>`` for a
+    diagonal ``Gamma``, this scores each row's Adam-preconditioned gradient (LESS) without recomputing any train
+    feature."""
+    scales = adam_scales(optimizer, projector.modules) if optimizer is not None else None
+    if scales is None:
+        raise ValueError(
+            "drift_preconditioner='adam' reads the optimizer's Adam second moments (`exp_avg_sq` of each target "
+            f"module's weight), but {'no optimizer was given' if optimizer is None else type(optimizer).__name__} "
+            "holds none for the target modules (a non-Adam optimizer, DeepSpeed's partitioned state, or a refresh "
+            "before the first optimizer step). Use drift_preconditioner='identity', 'fisher' or 'kronecker'."
+        )
+    return projector.scaled(scales)
 
 
 def direction(

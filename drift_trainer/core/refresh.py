@@ -87,6 +87,7 @@ def run_refresh(
     capture=None,
     row_format: RowFormat | None = None,
     previous_target: np.ndarray | None = None,
+    optimizer=None,
 ) -> RefreshResult:
     """Run one refresh and return scores over the user's train examples (identical on every rank).
 
@@ -122,9 +123,16 @@ def run_refresh(
     if not contrast:  # nothing to attribute towards: skip the (costly) feature passes
         return no_contrast_result(step, view.num_examples, rollouts, signs, timings, params.signing.reward_threshold)
     fp = pipeline.make_feature_pass(projector, tokenizer, params.features, fused_lm_head)
+    target_fp = fp
+    if params.influence.preconditioner == "adam" and scorer.uses_preconditioner:
+        target_fp = pipeline.make_feature_pass(
+            pipeline.adam_projector(projector, optimizer), tokenizer, params.features, fused_lm_head
+        )
     split = params.influence.reliability_shrink
     with pipeline.timed(timings, "rollout_features"):
-        g = pipeline.target(scorer, fp, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast, split)
+        g = pipeline.target(
+            scorer, target_fp, model, tokenizer, query_dataset, query_rows, rollouts, signs, contrast, split
+        )
     g, halves = g if split else (g, None)
     g = pipeline.smooth_target(g, previous_target, params.influence.target_ema)
     train_fp = (

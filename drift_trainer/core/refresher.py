@@ -81,8 +81,11 @@ class Refresher:
         self.no_contrast_run = 0  # refreshes in a row without contrast
         self.warned_no_contrast = False
 
-    def refresh(self, model, step: int, generation_context=None, dist: Dist | None = None) -> RefreshOutcome:
-        """Run one refresh now (every rank must call it); returns the weights to apply and the summary."""
+    def refresh(
+        self, model, step: int, generation_context=None, dist: Dist | None = None, optimizer=None
+    ) -> RefreshOutcome:
+        """Run one refresh now (every rank must call it); returns the weights to apply and the summary.
+        ``optimizer``: the training optimizer (read by the ``adam`` preconditioner)."""
         dist = dist or Dist()
         started = time.perf_counter()
         capture = self.capture if self.capture is not None and not self.capture.disabled else None
@@ -104,6 +107,7 @@ class Refresher:
             capture=capture,
             row_format=self.row_format,
             previous_target=self.state.target,
+            optimizer=optimizer,
         )
         previous = self.state
         smoothed, weights, reason = self._weights(result, previous, dist, step)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -27,6 +27,10 @@ class Rollouts:
 
     def __len__(self) -> int:
         return len(self.rewards)
+
+    def extend(self, other: Rollouts) -> Rollouts:
+        """These rollouts followed by ``other``'s (a new object)."""
+        return Rollouts(**{f.name: list(getattr(self, f.name)) + list(getattr(other, f.name)) for f in fields(self)})
 
     def training_rows(self) -> list[dict]:
         """Each rollout as a tokenized example whose labels are its completion tokens (prompt masked)."""

@@ -193,6 +193,12 @@ class DriftCallback(TrainerCallback):
                 "drift_reweight_mode='loss' needs DriftSFTTrainer (a plain Trainer's loss cannot be reweighted from a "
                 "callback). Use drift_reweight_mode='sampler', or DriftSFTTrainer."
             )
+        if self.args.drift_preconditioner == "adam" and getattr(trainer, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "drift_preconditioner='adam' reads the optimizer's per-weight Adam second moments, which DeepSpeed "
+                "keeps partitioned and flattened. Use drift_preconditioner='identity', 'fisher' or 'kronecker' "
+                "under DeepSpeed."
+            )
         self._route_checkpoint_restore(trainer)
         return self
 
@@ -381,7 +387,9 @@ class DriftCallback(TrainerCallback):
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
         first = self.drift_state.num_refreshes == 0
-        out = self.refresher.refresh(model, step, lambda: generation_context(trainer, model), Dist())
+        out = self.refresher.refresh(
+            model, step, lambda: generation_context(trainer, model), Dist(), optimizer=trainer.optimizer
+        )
         engine = getattr(trainer, "model_wrapped", None)
         if hasattr(engine, "empty_partition_cache"):
             engine.empty_partition_cache()

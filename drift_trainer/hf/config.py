@@ -18,7 +18,7 @@ from drift_trainer.methods.scorers import SCORERS as SCORER_REGISTRY, scorer_hel
 
 SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")
-PRECONDITIONERS = ("identity", "fisher", "kronecker")
+PRECONDITIONERS = ("identity", "fisher", "kronecker", "adam")
 WEIGHTINGS = ("softmax", "prune", "truncate", "demote")
 SAMPLINGS = ("replacement", "systematic")
 REWEIGHT_MODES = ("sampler", "loss")
@@ -78,6 +78,13 @@ class DriftArguments:
     drift_temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the rollouts (> 0)."))
     drift_top_p: float = field(default=1.0, metadata=_help("Nucleus sampling top-p of the rollouts, in (0, 1]."))
     drift_max_new_tokens: int = field(default=64, metadata=_help("Maximum new tokens per rollout."))
+    drift_contrast_rollouts: int = field(
+        default=0,
+        metadata=_help(
+            "More contrast per refresh: after the first `drift_num_rollouts` per query, sample this many more "
+            "rollouts for each query whose rollouts got different rewards (the queries that carry contrast). 0: off."
+        ),
+    )
     drift_reward_threshold: float = field(
         default=0.5,
         metadata=_help("A rollout whose summed reward is >= this counts as correct (for `correctness` signing)."),
@@ -125,7 +132,9 @@ class DriftArguments:
             "Preconditioner H in the projected space. `identity`; `fisher`: the damped empirical Fisher (mean "
             "outer product of train features); `kronecker`: per target module, the damped Kronecker factors of "
             "its k x k feature blocks, S = mean(Phi Phi^T) and A = mean(Phi^T Phi), so H^-1 G = S^-1 G A^-1 "
-            "module by module (K-FAC-style, block-diagonal over modules).",
+            "module by module (K-FAC-style, block-diagonal over modules); `adam`: Adam's second moments, as LESS "
+            "does: each row's gradient is read as G / sqrt(v), with the optimizer's `exp_avg_sq` factored per module "
+            "into row and column means (needs a torch Adam/AdamW optimizer; not under DeepSpeed or in `refine`).",
             PRECONDITIONERS,
         ),
     )
@@ -352,6 +361,8 @@ class DriftArguments:
         _range(self, "drift_norm_exponent", 0.0, 1.0)
         _range(self, "drift_damping", 0.0, None, low_open=True)
         _range(self, "drift_loss_mix", 0.0, None)
+        if int(self.drift_contrast_rollouts) < 0:
+            raise ValueError(f"drift_contrast_rollouts must be >= 0, got {self.drift_contrast_rollouts!r}.")
         _range(self, "drift_target_ema", 0.0, 1.0, high_open=True)
         _range(self, "drift_softmax_temperature", 0.0, None, low_open=True)
         _range(self, "drift_uniform_mix", 0.0, 1.0)

@@ -136,7 +136,7 @@ class PairDriftCallback(TrainerCallback):
     def refresh(self, step: int) -> None:
         tr = self.trainer
         model = tr.accelerator.unwrap_model(tr.model)
-        out = self.refresher.refresh(model, step, lambda: generation_context(tr, model), Dist())
+        out = self.refresher.refresh(model, step, lambda: generation_context(tr, model), Dist(), optimizer=tr.optimizer)
         if out.changed:
             self.weights = out.weights
 

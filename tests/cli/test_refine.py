@@ -424,3 +424,15 @@ def test_help_lists_only_flags_that_take_effect(capsys):
     assert [name for name in TRAINING_ONLY if f"--{name} " in text] == []
     for name in ("drift_scorer", "drift_weighting", "drift_preconditioner", "drift_signing", "drift_feature_memory_mb"):
         assert f"--{name}" in text
+
+
+def test_adam_preconditioner_is_refused_naming_the_alternatives(data, tmp_path):
+    with pytest.raises(ValueError, match="--drift_preconditioner adam .* identity, fisher or kronecker"):
+        refine.parse_args(_args(data, tmp_path / "o", None, "--drift_preconditioner", "adam"))
+
+
+def test_kronecker_preconditioner_scores_every_row(data, tmp_path):
+    out = tmp_path / "kron"
+    assert cli_main(["refine", *_args(data, out, None, "--drift_preconditioner", "kronecker")]) == 0
+    scores = pd.read_parquet(out / "scores.parquet")
+    assert scores["scored"].all() and np.isfinite(scores["score"]).all() and scores["score"].std() > 0

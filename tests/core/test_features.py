@@ -139,3 +139,40 @@ def test_feature_pass_inside_an_autocast_forward_is_float32_and_close_to_fp32(to
     assert mixed.dtype == torch.float32 and torch.isfinite(mixed).all()
     rel = (mixed - fp32).norm(dim=1) / fp32.norm(dim=1)
     assert rel.max() < 2e-2, rel  # bf16 rounding of the forward itself; measured 0.2-0.6%
+
+
+def test_adam_scaled_projection_is_the_projected_adam_preconditioned_gradient(tokenizer):
+    from drift_trainer.core.features import adam_scales
+
+    model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+    modules = select_target_modules(model)
+    rows = _rows(tokenizer, False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    assert adam_scales(opt, [m for _, m in modules]) is None  # no step yet: no second moments
+    for row in rows[:2]:  # two steps, so v is a genuine per-weight statistic
+        loss, _ = per_example_loss(model, collate_right([row], tokenizer.pad_token_id))
+        loss.sum().backward()
+        opt.step()
+        opt.zero_grad()
+    scales = adam_scales(opt, [m for _, m in modules])
+    for (_, m), (so, si) in zip(modules, scales):
+        v = opt.state[m.weight]["exp_avg_sq"]
+        assert so.shape == (m.out_features,) and si.shape == (m.in_features,)
+        assert torch.allclose(so.mean(), torch.tensor(1.0)) and torch.allclose(si.mean(), torch.tensor(1.0))
+        # the factored scales rank rows and columns as 1/sqrt of v's row and column means do
+        assert torch.equal(torch.argsort(so), torch.argsort(v.mean(1).rsqrt()))
+    plain = ProjectedGradients(modules, projection_dim=4, seed=3)
+    scaled = plain.scaled(scales)
+    row = rows[2]
+    out = scaled.compute(model, collate_right([row], tokenizer.pad_token_id))
+    loss, _ = per_example_loss(model, collate_right([row], tokenizer.pad_token_id))
+    grads = torch.autograd.grad(loss.sum(), [m.weight for _, m in modules])
+    exact = torch.cat(
+        [
+            (po @ (so[:, None] * g * si[None, :]) @ pi.T).reshape(-1)
+            for g, pi, po, (so, si) in zip(grads, plain.p_in, plain.p_out, scales)
+        ]
+    )
+    assert ((exact - out.features[0]).norm() / exact.norm()).item() < 1e-4
+    # the plain projection is untouched by scaling
+    assert (plain.compute(model, collate_right([row], tokenizer.pad_token_id)).features[0] - exact).norm() > 1e-3

@@ -252,3 +252,38 @@ def test_target_ema_smooths_the_unit_target_across_refreshes(toy):
     np.testing.assert_allclose(second.target, 0.5 * first.target + 0.5 * fresh.target, atol=1e-12)
     plain = _refresh(toy, _args())  # ema 0: the raw target, scores unchanged by the option
     assert np.linalg.norm(plain.target) != pytest.approx(1.0)
+
+
+def first_query_mixed_reward(prompts, completions, **kwargs):
+    """Mixed verdicts for one query only (the first prompt seen), all wrong for the others."""
+    first = prompts[0]
+    return [float(p == first and i % 2 == 0) for i, p in enumerate(prompts)]
+
+
+def test_contrast_rollouts_go_to_queries_with_mixed_verdicts(toy):
+    from drift_trainer.core.pipeline import mixed_queries
+
+    tok, model, rows, queries = toy
+    base = _refresh(toy, _args(drift_num_rollouts=4))
+    more = _refresh(toy, _args(drift_num_rollouts=4, drift_contrast_rollouts=3))
+    assert len(base.rollouts) == 16  # 4 queries x 4 rollouts, every query mixed under the alternating reward
+    assert len(more.rollouts) == 16 + 4 * 3
+    assert more.rollouts.completion_ids[:16] == base.rollouts.completion_ids  # the first round is unchanged
+    extra_queries = more.rollouts.query_index[16:]
+    assert sorted(set(extra_queries)) == sorted(set(base.rollouts.query_index))
+    # only the queries whose verdicts differ get more
+    projector = ProjectedGradients(select_target_modules(model), 4, seed=0)
+    torch.manual_seed(0)
+    one = refresh_once(
+        _args(drift_num_rollouts=4, drift_contrast_rollouts=3),
+        model,
+        tok,
+        train_view(rows),
+        queries,
+        [first_query_mixed_reward],
+        projector,
+        seed=0,
+    )
+    first = one.rollouts.query_index[0]
+    assert mixed_queries(one.rollouts, sorted(set(one.rollouts.query_index))) == [first]
+    assert len(one.rollouts) == 16 + 3 and set(one.rollouts.query_index[16:]) == {first}

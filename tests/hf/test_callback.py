@@ -151,3 +151,32 @@ def test_scoring_without_reweighting_trains_exactly_like_plain_sft(tmp_path, tok
     curve = [h["loss"] for h in drift.state.log_history if "loss" in h]
     assert len(curve) == 10
     np.testing.assert_allclose(curve, [h["loss"] for h in plain.state.log_history if "loss" in h], rtol=1e-6)
+
+
+def test_adam_preconditioner_reads_the_optimizer_state(tmp_path, tokenizer):
+    adam = _trainer(tmp_path / "adam", tokenizer, drift_preconditioner="adam", save_strategy="no", max_steps=6)
+    adam.train()
+    plain = _trainer(tmp_path / "id", tokenizer, save_strategy="no", max_steps=6)
+    plain.train()
+    assert adam.drift_state.num_refreshes == plain.drift_state.num_refreshes == 2
+    first_adam, first_plain = adam.drift_state.history[0], plain.drift_state.history[0]
+    assert first_adam["contrast"] and first_plain["contrast"]
+    assert np.isfinite(adam.drift_state.scores).all()
+    # same model, data and rollouts up to the first refresh; the Adam-preconditioned target scores differently
+    assert not np.allclose(adam.drift_state.scores, plain.drift_state.scores)
+
+
+def test_adam_preconditioner_is_refused_under_deepspeed(tmp_path, tokenizer, tiny_model):
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    train, queries = addition_data()
+    trainer = Trainer(
+        model=tiny_model,
+        args=tiny_training_args(tmp_path / "ds", drift_preconditioner="adam"),
+        train_dataset=tokenize_dataset(tokenizer, train),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        processing_class=tokenizer,
+    )
+    trainer.is_deepspeed_enabled = True  # what Trainer sets under a DeepSpeed config
+    with pytest.raises(ValueError, match="drift_preconditioner='adam' .* DeepSpeed"):
+        DriftCallback(query_dataset=queries, reward_funcs=digit_start_reward).attach(trainer)

@@ -33,6 +33,7 @@ def test_every_drift_field_has_help():
         ("drift_first_refresh_step", 0, "drift_first_refresh_step"),
         ("drift_loss_mix", -0.5, "drift_loss_mix"),
         ("drift_target_ema", 1.0, "drift_target_ema"),
+        ("drift_contrast_rollouts", -1, "drift_contrast_rollouts"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, field, value, message):
