@@ -19,10 +19,10 @@ Regimes: ``warm`` (primary): a base model is first trained on clean addition (ro
 fine-tuned at the gentler ``--sft-lr`` for ``--steps``. ``scratch`` (secondary): random init, ``--scratch-steps``.
 
 Configurations: ``plain``; ``clean`` (the oracle: plain SFT on the clean rows only); ``drift`` (the library's
-defaults); ``drift_demote`` (``drift_weighting="demote"``), ``drift_systematic`` (``drift_sampling="systematic"``),
-``drift_demote_systematic`` (both), ``drift_t2`` (softmax temperature 2), ``drift_mix30`` (``drift_uniform_mix=0.3``),
-``drift_t2_systematic``; the baselines ``loss``, ``cosine``, ``off_policy``, ``random`` (each a
-``drift_scorer`` at the library's default weighting). Runs are independent jobs written to ``{out}/runs/*.json`` as
+defaults); the candidates in ``VARIANTS`` (each a set of ``drift_*`` options on top of the defaults: weighting rules,
+sampling, the loss hybrid and its gate, split-half shrinkage, a stable target, more contrast rollouts, the
+preconditioners); the baselines ``loss``, ``cosine``, ``off_policy``, ``random`` (each a ``drift_scorer`` at the
+library's default weighting). Runs are independent jobs written to ``{out}/runs/*.json`` as
 they finish: rerunning skips finished jobs, and ``--aggregate-only`` rebuilds the tables.
 
     PYTHONPATH=. python benchmarks/quality.py              # full run, about an hour on 2 cores
@@ -69,6 +69,17 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift_reliable_loss1": {"drift_reliability_shrink": True, "drift_loss_mix": 1.0},
     "drift_contrast4": {"drift_contrast_rollouts": 4},
     "drift_adam": {"drift_preconditioner": "adam"},
+    "drift_loss1_t2": {"drift_loss_mix": 1.0, "drift_softmax_temperature": 2.0},
+    "drift_loss2": {"drift_loss_mix": 2.0},
+    "drift_loss05": {"drift_loss_mix": 0.5},
+    "drift_loss1_gated": {"drift_loss_mix": 1.0, "drift_loss_gate": True},
+    "drift_loss2_gated": {"drift_loss_mix": 2.0, "drift_loss_gate": True},
+    "drift_loss1_systematic": {"drift_loss_mix": 1.0, "drift_sampling": "systematic"},
+    "drift_reliable_loss1_systematic": {
+        "drift_reliability_shrink": True,
+        "drift_loss_mix": 1.0,
+        "drift_sampling": "systematic",
+    },
     **{b: {"drift_scorer": b} for b in BASELINES},
 }
 CONFIGS = ("plain", "clean", *VARIANTS)

@@ -78,6 +78,7 @@ class InfluenceParams(Params):
     debias: str = "normalize"
     norm_exponent: float = 1.0
     loss_mix: float = 0.0
+    loss_gate: bool = False
     target_ema: float = 0.0
     reliability_shrink: bool = False
 

@@ -153,6 +153,14 @@ class DriftArguments:
             "0: influence only (>= 0)."
         ),
     )
+    drift_loss_gate: bool = field(
+        default=False,
+        metadata=_help(
+            "Scale `drift_loss_mix` by the positive part of the correlation between the influence scores and -loss "
+            "over the scored rows: high loss counts against a row only as far as the rollouts corroborate it (label "
+            "noise), not where hard rows help (a weak start model)."
+        ),
+    )
     drift_target_ema: float = field(
         default=0.0,
         metadata=_help(

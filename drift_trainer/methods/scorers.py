@@ -156,7 +156,19 @@ class RolloutScorer(Scorer):
             return scores
         live = np.asarray(norms) > 0
         neg_loss = -np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=0.0)
-        return np.where(live, standardize(scores, live) + mix * standardize(neg_loss, live), 0.0)
+        z_influence, z_loss = standardize(scores, live), standardize(neg_loss, live)
+        if getattr(params, "loss_gate", False):  # loss counts as far as the influence corroborates it
+            mix *= loss_agreement(z_influence[live], z_loss[live])
+        return np.where(live, z_influence + mix * z_loss, 0.0)
+
+
+def loss_agreement(z_influence: np.ndarray, z_neg_loss: np.ndarray) -> float:
+    """``drift_loss_gate``: the positive part of the correlation between influence and low loss over the scored
+    rows. High-loss rows that the rollouts also find harmful (label noise) count; high-loss rows the rollouts find
+    helpful (hard but right, e.g. under a weak start model) do not."""
+    if len(z_influence) < 3 or z_influence.std() == 0 or z_neg_loss.std() == 0:
+        return 0.0
+    return max(0.0, float(np.corrcoef(z_influence, z_neg_loss)[0, 1]))
 
 
 class DriftScorer(RolloutScorer):

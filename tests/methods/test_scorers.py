@@ -235,3 +235,27 @@ def test_drift_ablations_share_rollouts_and_differ_as_documented(tok, setup):
     np.testing.assert_allclose(drift.scores, drift.raw_scores / drift.grad_norm)  # drift: normalize (alpha 1)
     assert (unsigned.signs >= 0).all() and (drift.signs < 0).any()
     assert not np.allclose(unsigned.scores, drift.scores)
+
+
+def test_loss_gate_counts_loss_only_as_far_as_influence_agrees():
+    from drift_trainer.methods.scorers import loss_agreement
+
+    rng = np.random.default_rng(0)
+    n = 200
+    norms = np.ones(n)
+    losses = rng.gamma(2.0, 1.0, size=n)
+    gated = args_for("drift", drift_loss_mix=1.0, drift_loss_gate=True)
+    ungated = args_for("drift", drift_loss_mix=1.0)
+    # influence that disagrees with low loss (hard rows help): the gate shuts the loss term off entirely
+    helpful_hard = losses + 0.1 * rng.normal(size=n)
+    s = scorer_scores(gated, helpful_hard, norms, losses, 0)
+    z = (helpful_hard - helpful_hard.mean()) / helpful_hard.std()
+    np.testing.assert_allclose(s, z)
+    assert not np.allclose(scorer_scores(ungated, helpful_hard, norms, losses, 0), z)
+    # influence that agrees (noisy rows: high loss and harmful): the loss term counts by the correlation
+    harmful_noisy = -losses + rng.normal(size=n)
+    r = loss_agreement(*(((x - x.mean()) / x.std()) for x in (harmful_noisy, -losses)))
+    assert 0.5 < r < 1.0
+    zi = (harmful_noisy - harmful_noisy.mean()) / harmful_noisy.std()
+    zl = (-losses + losses.mean()) / losses.std()
+    np.testing.assert_allclose(scorer_scores(gated, harmful_noisy, norms, losses, 0), zi + r * zl)
