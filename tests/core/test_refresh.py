@@ -77,7 +77,7 @@ def _args(**kw):
     return drift_args(**{**base, **kw})
 
 
-def _refresh(toy, args, refresh_index=0):
+def _refresh(toy, args, refresh_index=0, reward=None, **kwargs):
     tok, model, rows, queries = toy
     projector = ProjectedGradients(select_target_modules(model), args.drift_projection_dim, seed=0)
     torch.manual_seed(0)
@@ -87,10 +87,11 @@ def _refresh(toy, args, refresh_index=0):
         tok,
         train_view(rows),
         queries,
-        [alternating_reward],
+        [reward or alternating_reward],
         projector,
         refresh_index=refresh_index,
         seed=0,
+        **kwargs,
     )
 
 
@@ -233,22 +234,8 @@ def test_reliability_shrink_scales_the_standardised_scores(toy):
 def test_target_ema_smooths_the_unit_target_across_refreshes(toy):
     first = _refresh(toy, _args(drift_target_ema=0.5))
     np.testing.assert_allclose(np.linalg.norm(first.target), 1.0)
-    tok, model, rows, queries = toy
-    projector = ProjectedGradients(select_target_modules(model), 4, seed=0)
     fresh = _refresh(toy, _args(drift_target_ema=0.5), refresh_index=1)  # no previous target: its own unit target
-    torch.manual_seed(0)
-    second = refresh_once(
-        _args(drift_target_ema=0.5),
-        model,
-        tok,
-        train_view(rows),
-        queries,
-        [alternating_reward],
-        projector,
-        refresh_index=1,
-        seed=0,
-        previous_target=first.target,
-    )
+    second = _refresh(toy, _args(drift_target_ema=0.5), refresh_index=1, previous_target=first.target)
     np.testing.assert_allclose(second.target, 0.5 * first.target + 0.5 * fresh.target, atol=1e-12)
     plain = _refresh(toy, _args())  # ema 0: the raw target, scores unchanged by the option
     assert np.linalg.norm(plain.target) != pytest.approx(1.0)
@@ -272,18 +259,7 @@ def test_contrast_rollouts_go_to_queries_with_mixed_verdicts(toy):
     extra_queries = more.rollouts.query_index[16:]
     assert sorted(set(extra_queries)) == sorted(set(base.rollouts.query_index))
     # only the queries whose verdicts differ get more
-    projector = ProjectedGradients(select_target_modules(model), 4, seed=0)
-    torch.manual_seed(0)
-    one = refresh_once(
-        _args(drift_num_rollouts=4, drift_contrast_rollouts=3),
-        model,
-        tok,
-        train_view(rows),
-        queries,
-        [first_query_mixed_reward],
-        projector,
-        seed=0,
-    )
+    one = _refresh(toy, _args(drift_num_rollouts=4, drift_contrast_rollouts=3), reward=first_query_mixed_reward)
     first = one.rollouts.query_index[0]
     assert mixed_queries(one.rollouts, sorted(set(one.rollouts.query_index))) == [first]
     assert len(one.rollouts) == 16 + 3 and set(one.rollouts.query_index[16:]) == {first}
