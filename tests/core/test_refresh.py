@@ -250,7 +250,6 @@ def first_query_mixed_reward(prompts, completions, **kwargs):
 def test_contrast_rollouts_go_to_queries_with_mixed_verdicts(toy):
     from drift_trainer.core.pipeline import mixed_queries
 
-    tok, model, rows, queries = toy
     base = _refresh(toy, _args(drift_num_rollouts=4))
     more = _refresh(toy, _args(drift_num_rollouts=4, drift_contrast_rollouts=3))
     assert len(base.rollouts) == 16  # 4 queries x 4 rollouts, every query mixed under the alternating reward
