@@ -77,7 +77,7 @@ class InfluenceParams(Params):
     damping: float = 0.1
     debias: str = "normalize"
     norm_exponent: float = 1.0
-    loss_mix: float = 0.0
+    loss_mix: float = 1.0
     loss_gate: bool = False
     target_ema: float = 0.0
     reliability_shrink: bool = False

@@ -231,7 +231,7 @@ class DriftCallback(TrainerCallback):
 
     def make_sampler(self, num_rows: int, trainer_args) -> DriftSampler:
         seed = trainer_args.data_seed if trainer_args.data_seed is not None else trainer_args.seed
-        mode = self.args.drift_sampling if self.args is not None else "replacement"
+        mode = self.args.drift_sampling if self.args is not None else "systematic"
         self.sampler = DriftSampler(num_rows, seed=seed, mode=mode)
         return self.sampler
 

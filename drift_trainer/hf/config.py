@@ -146,11 +146,11 @@ class DriftArguments:
         ),
     )
     drift_loss_mix: float = field(
-        default=0.0,
+        default=1.0,
         metadata=_help(
             "Hybrid with the loss baseline: a rollout scorer's score becomes z(influence) + mix * z(-loss) (z: "
             "standardised over the scored examples), so high-loss rows (e.g. random label noise) lose weight too. "
-            "0: influence only (>= 0)."
+            "0: influence only (>= 0). Default 1.0: the quality benchmark's choice (see benchmarks/results/quality.md)."
         ),
     )
     drift_loss_gate: bool = field(
@@ -275,7 +275,7 @@ class DriftArguments:
         metadata=_help("`demote` weighting: standardised score below minus this counts as harmful evidence (>= 0)."),
     )
     drift_sampling: str = field(
-        default="replacement",
+        default="systematic",
         metadata=_help(
             "How `sampler` mode draws rows by weight. `replacement`: independent draws (a weight-1 row is seen "
             "0, 1, 2... times per epoch). `systematic`: systematic sampling over the rest of the epoch, then "

@@ -108,8 +108,14 @@ def test_weight_mode_outputs(data, base_run):
     assert scores["scored"].all() and (scores["grad_norm"] > 0).all() and np.isfinite(scores["loss"]).all()
     assert scores["weight"].mean() == pytest.approx(1.0)
     assert scores["score"].std() > 0
-    # normalize debiasing: score = raw / norm
-    np.testing.assert_allclose(scores["score"], scores["raw_score"] / scores["grad_norm"], rtol=1e-9)
+
+    # the default score: normalize debiasing (raw / norm) plus the loss hybrid, z(influence) + z(-loss)
+    def z(x):
+        x = np.asarray(x, dtype=np.float64)
+        return (x - x.mean()) / x.std()
+
+    influence = scores["raw_score"] / scores["grad_norm"]
+    np.testing.assert_allclose(scores["score"], z(influence) + z(-scores["loss"]), rtol=1e-6, atol=1e-9)
     with open(data["train"]) as f:
         original = [json.loads(line) for line in f]
     with open(base_run / "refined.jsonl") as f:

@@ -83,13 +83,19 @@ def test_unsigned_signs_only_correct_rollouts():
 
 
 def test_scores_per_scorer():
+    # influence alone (drift_loss_mix=0): the debiasing rules; the default loss hybrid is tested below
     raw = np.array([4.0, -2.0, 1.0, 0.0])
     norms = np.array([4.0, 1.0, 0.5, 0.0])  # last row fully masked
     losses = np.array([0.1, 2.0, 0.5, np.nan])
-    np.testing.assert_allclose(scorer_scores(args_for("drift"), raw, norms, losses, 0), [1.0, -2.0, 2.0, 0.0])
-    np.testing.assert_allclose(scorer_scores(args_for("drift_raw"), raw, norms, losses, 0), [4.0, -2.0, 1.0, 0.0])
     np.testing.assert_allclose(
-        scorer_scores(args_for("drift", drift_debias="none"), raw, norms, losses, 0), [4.0, -2.0, 1.0, 0.0]
+        scorer_scores(args_for("drift", drift_loss_mix=0.0), raw, norms, losses, 0), [1.0, -2.0, 2.0, 0.0]
+    )
+    np.testing.assert_allclose(
+        scorer_scores(args_for("drift_raw", drift_loss_mix=0.0), raw, norms, losses, 0), [4.0, -2.0, 1.0, 0.0]
+    )
+    np.testing.assert_allclose(
+        scorer_scores(args_for("drift", drift_debias="none", drift_loss_mix=0.0), raw, norms, losses, 0),
+        [4.0, -2.0, 1.0, 0.0],
     )
     # cosine always normalises (LESS), whatever drift_debias says
     np.testing.assert_allclose(
@@ -224,7 +230,7 @@ def _parity_reward(prompts, completions, **kw):
 
 
 def test_drift_ablations_share_rollouts_and_differ_as_documented(tok, setup):
-    many = dict(drift_num_rollouts=8, drift_max_new_tokens=6)
+    many = dict(drift_num_rollouts=8, drift_max_new_tokens=6, drift_loss_mix=0.0)  # influence alone
     drift = _refresh(tok, setup, args_for("drift", **many), _parity_reward)
     raw = _refresh(tok, setup, args_for("drift_raw", **many), _parity_reward)
     unsigned = _refresh(tok, setup, args_for("drift_unsigned", **many), _parity_reward)
