@@ -151,13 +151,13 @@ class RolloutScorer(Scorer):
 
     def scores(self, raw, norms, losses, seed, params):
         scores = self.influence(raw, norms, params)
-        mix = float(getattr(params, "loss_mix", 0.0) or 0.0)
+        mix = float(params.loss_mix)
         if mix <= 0:
             return scores
         live = np.asarray(norms) > 0
         neg_loss = -np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=0.0)
         z_influence, z_loss = standardize(scores, live), standardize(neg_loss, live)
-        if getattr(params, "loss_gate", False):  # loss counts as far as the influence corroborates it
+        if params.loss_gate:  # loss counts as far as the influence corroborates it
             mix *= loss_agreement(z_influence[live], z_loss[live])
         return np.where(live, z_influence + mix * z_loss, 0.0)
 
