@@ -58,6 +58,10 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift": {},  # today's defaults: drift_loss_mix=1.0, drift_sampling="systematic"
     "drift_v0": dict(V0),  # the earlier defaults: influence only, draws with replacement
     "drift_replacement": {"drift_sampling": "replacement"},  # = the earlier `drift_loss1`
+    # the fast path against its reference: every row recomputed at every refresh (no captured features), and the
+    # earlier capture default (capture at every step; below an agreement of 0.9 every row is recomputed)
+    "drift_full": {"drift_capture_features": False},
+    "drift_fallback": {"drift_capture_window": None, "drift_capture_min_agreement": 0.9},
     "drift_demote": {**V0, "drift_weighting": "demote"},
     "drift_systematic": {**V0, "drift_sampling": "systematic"},
     "drift_demote_systematic": {**V0, "drift_weighting": "demote", "drift_sampling": "systematic"},
@@ -91,7 +95,16 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
 CONFIGS = ("plain", "clean", *VARIANTS)
 # the default run (about an hour on 2 cores): the defaults, the earlier defaults, their one-option neighbours and the
 # baselines; `--configs all` runs every candidate above
-MAIN_CONFIGS = ("plain", "clean", "drift", "drift_v0", "drift_replacement", "drift_systematic", *BASELINES)
+MAIN_CONFIGS = (
+    "plain",
+    "clean",
+    "drift",
+    "drift_full",
+    "drift_v0",
+    "drift_replacement",
+    "drift_systematic",
+    *BASELINES,
+)
 REGIMES = ("warm", "scratch")
 
 

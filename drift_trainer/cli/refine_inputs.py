@@ -32,6 +32,7 @@ TRAINING_ONLY = (
     "drift_max_train_examples",
     "drift_capture_features",
     "drift_rescore_budget",
+    "drift_capture_window",
     "drift_capture_check_rows",
     "drift_capture_min_agreement",
     "drift_score_ema",

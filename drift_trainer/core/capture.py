@@ -306,9 +306,12 @@ class TrainCapture:
 
     # ------------------------------------------------------------------ at a refresh
     def features_for_refresh(self, fp, model, view, params, dist, step, seed, show) -> TrainFeatures:
-        """Check that cached features still agree with the model; if so recompute the stalest rows within the budget,
-        else every row, into ``self.cache``; then hand each rank the rows whose latest feature it holds (a row trained
-        on several ranks is scored once, by the rank that saw it last)."""
+        """Measure how far cached features still agree with the model, recompute the stalest rows within the budget
+        (or every row when the agreement is below ``drift_capture_min_agreement``) into ``self.cache``, then hand each
+        rank the rows whose latest feature it holds (a row trained on several ranks is scored once, by the rank that
+        saw it last). A row is stale when its feature is from before the previous refresh; the agreement is measured
+        on a sample of stale rows (of any cached rows when none is stale) and returned with the stale rows, whose
+        scores the caller shrinks by it."""
         params = CaptureParams.of(params)
         cache = self.cache
         self.flush(write=True)
@@ -326,13 +329,15 @@ class TrainCapture:
             return key, step_of_row, owner
 
         key, step_of_row, owner = latest()
-        # 1. agreement: recompute a seeded sample of cached rows (on the rank holding each) and compare
+        # 1. agreement: recompute a seeded sample of stale cached rows (on the rank holding each) and compare
         agreement = None
         cached = np.flatnonzero(step_of_row >= 0)
-        n_check = min(int(params.capture_check_rows), len(cached))
+        stale = cached[step_of_row[cached] < self.last_refresh_step]
+        pool = stale if len(stale) else cached
+        n_check = min(int(params.capture_check_rows), len(pool))
         sample = np.zeros(0, dtype=np.int64)
         if n_check > 0:
-            sample = np.sort(np.random.default_rng([int(seed), 8191]).choice(cached, n_check, replace=False))
+            sample = np.sort(np.random.default_rng([int(seed), 8191]).choice(pool, n_check, replace=False))
             mine = sample[owner[sample] == rank]
             before = np.asarray(cache.features[mine], dtype=np.float64)
             after = _recompute(fp, model, view, dist, cache, mine, sample, step, "drift features (check)", show)
@@ -342,7 +347,8 @@ class TrainCapture:
             total = dist.all_reduce_sum(np.asarray([cos.sum(), float(live.sum())]))
             agreement = float(total[0] / total[1]) if total[1] > 0 else None
             step_of_row[sample] = step
-        # 2. recompute: the stalest rows within the budget, or every other row when the cache no longer agrees
+        # 2. recompute: the stalest rows within the budget (stalest first, so over several refreshes every row is
+        # recomputed in turn), or every other row when the cache agrees less than drift_capture_min_agreement
         full = agreement is not None and agreement < params.capture_min_agreement
         if full:
             recompute = np.setdiff1d(np.arange(len(cache)), sample)
@@ -355,8 +361,9 @@ class TrainCapture:
         _recompute(
             fp, model, view, dist, cache, recompute[mine_pos], recompute, step, "drift features (stale rows)", show
         )
-        key, _, owner = latest()
+        key, step_of_row, owner = latest()
         owned = np.flatnonzero(owner == rank)
+        stale = (step_of_row >= 0) & (step_of_row < self.last_refresh_step)  # still stale after the recompute
         self.last_refresh_step = int(step)
         return TrainFeatures(
             rows=owned,
@@ -368,4 +375,5 @@ class TrainCapture:
             num_recomputed=len(recompute) + len(sample),
             agreement=agreement,
             full=full,
+            stale=stale,
         )

@@ -72,6 +72,7 @@ class TrainFeatures:
     num_recomputed: int = -1  # rows whose features were computed (-1: every scored row)
     agreement: float | None = None  # captured features: mean cosine of cached vs recomputed check rows
     full: bool = False  # captured features: the check failed and every row was recomputed
+    stale: np.ndarray | None = None  # captured features: (n_rows,) bool, the feature is from before the last refresh
 
 
 def progress_bar(enabled: bool, total: int, desc: str):

@@ -104,7 +104,7 @@ class CaptureParams(Params):
 
     rescore_budget: float = 0.1
     capture_check_rows: int = 32
-    capture_min_agreement: float = 0.9
+    capture_min_agreement: float = 0.0
 
 
 @dataclass(frozen=True)

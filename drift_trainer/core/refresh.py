@@ -42,6 +42,8 @@ class RefreshResult:
     reward_threshold: float = 0.5  # a rollout whose reward is >= this counts as correct
     reliability: float | None = None  # drift_reliability_shrink: split-half reliability of the scores, in [0, 1]
     target: np.ndarray | None = None  # the unit target direction scored against (smoothed by drift_target_ema)
+    stale: np.ndarray | None = None  # captured features: (num_examples,) bool, scored from a feature older than the
+    # previous refresh (its standardised score is shrunk by capture_agreement)
 
     @property
     def rollout_accuracy(self) -> float:
@@ -146,6 +148,10 @@ def run_refresh(
         seed_s = pipeline.stage_seed("scores", seed, refresh_index)
         rows, scores, reliability = score_rows(scorer, params, g, feats, len(view), projector, dist, seed_s, halves)
     user = pipeline.to_user(view.user_index, view.num_examples, rows, scores, feats.subset)
+    if feats.stale is not None:
+        user["stale"] = np.zeros(view.num_examples, dtype=bool)
+        user["stale"][view.user_index] = feats.stale
+        user["stale"] &= user["scored"]
     return RefreshResult(
         step=step,
         rollouts=rollouts,
@@ -213,6 +219,7 @@ def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, pre
     z = standardize(result.scores, result.scored)
     if result.reliability is not None:  # drift_reliability_shrink: evidence the halves disagree on moves little
         z = z * result.reliability
+    z = shrink_stale(z, result)
     known = result.scored
     partial = params.features.max_train_examples is not None or result.num_recomputed >= 0
     if previous_smoothed is not None and partial:
@@ -234,6 +241,15 @@ def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, pre
     return z, weights
 
 
+def shrink_stale(z: np.ndarray, result: RefreshResult) -> np.ndarray:
+    """Standardised scores with the stale rows' (captured features older than the previous refresh) shrunk toward
+    the mean, 0, by the measured agreement of stale cached features with recomputed ones (clipped to [0, 1])."""
+    if result.stale is None or result.capture_agreement is None or not result.stale.any():
+        return z
+    keep = float(np.clip(result.capture_agreement, 0.0, 1.0))
+    return np.where(result.stale, z * keep, z)
+
+
 def refresh_summary(result: RefreshResult, weights: np.ndarray) -> dict:
     """Metrics of a refresh, keyed as they are logged (``drift/*``)."""
     rewards = np.asarray(result.rollouts.rewards, dtype=np.float64)
@@ -246,6 +262,11 @@ def refresh_summary(result: RefreshResult, weights: np.ndarray) -> dict:
         "drift/refresh_seconds": float(sum(result.timings.values())),
         **({"drift/capture_agreement": result.capture_agreement} if result.capture_agreement is not None else {}),
         **({"drift/reliability": result.reliability} if result.reliability is not None else {}),
+        **(
+            {"drift/stale_fraction": float(result.stale[result.scored].mean())}
+            if result.stale is not None and result.scored.any()
+            else {}
+        ),
     }
 
 

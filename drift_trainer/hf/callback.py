@@ -55,6 +55,21 @@ def refresh_due(args, step: int) -> bool:
     return step >= first and (step - first) % args.drift_refresh_steps == 0
 
 
+def next_refresh_step(args, step: int) -> int:
+    """The first refresh step at or after ``step``."""
+    first, every = args.drift_first_step, args.drift_refresh_steps
+    return first if step <= first else first + -(-(step - first) // every) * every
+
+
+def capture_window_steps(args, num_rows: int, rows_per_step: int) -> int | None:
+    """Training steps before each refresh during which features are captured (``drift_capture_window`` epochs of
+    ``num_rows`` at ``rows_per_step``, at least 1); None: every step."""
+    window = args.drift_capture_window
+    if window is None:
+        return None
+    return max(1, int(np.ceil(float(window) * num_rows / max(int(rows_per_step), 1) - 1e-9)))
+
+
 def resolve_drift_args(own_args, trainer_args) -> DriftArguments:
     """The DRIFT options: ``own_args`` when given, else the trainer's args when they carry ``drift_*`` fields, else
     the defaults."""
@@ -112,6 +127,7 @@ class DriftCallback(TrainerCallback):
         self.view: TrainView | None = None
         self.projector: ProjectedGradients | None = None
         self.capture: TrainCapture | None = None
+        self._capture_window: int | None = None  # steps before each refresh with capture on (None: every step)
         self._row_of_user: np.ndarray | None = None  # user-dataset index -> train row, for the capture
         self.loss_weights = None  # per user example, read by DriftSFTTrainer in `loss` mode
         self._loaded_checkpoint: str | None = None
@@ -279,9 +295,11 @@ class DriftCallback(TrainerCallback):
             self.capture = None
         if not (self.args.drift_capture_features and self.capture_features):
             return
-        a = self.args
+        a, targs = self.args, self.trainer.args
         cache = FeatureCache(len(self.view), self.projector.dim, a.drift_feature_memmap_dir, a.drift_feature_memory_mb)
         self.capture = TrainCapture(self.projector, cache)
+        rows_per_step = targs.per_device_train_batch_size * targs.gradient_accumulation_steps * targs.world_size
+        self._capture_window = capture_window_steps(a, len(self.view), rows_per_step)
         if self._loaded_checkpoint is not None:
             self._load_features(self._loaded_checkpoint)
 
@@ -291,6 +309,16 @@ class DriftCallback(TrainerCallback):
         if self.capture is not None:
             self.capture.flush(write=True)
             self.capture.remove()
+
+    def capture_due(self, global_step: int) -> bool:
+        """Whether the training step after ``global_step`` completed steps is inside the capture window before the
+        next refresh (``drift_capture_window``)."""
+        if self.capture is None or self.capture.disabled:
+            return False
+        if self._capture_window is None:
+            return True
+        step = int(global_step) + 1
+        return next_refresh_step(self.args, step) - step < self._capture_window
 
     def capture_rows(self, user_index) -> np.ndarray:
         """Train-row positions of the user-dataset indices ``user_index`` (as the collator's ``drift_index``)."""

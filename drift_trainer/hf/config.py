@@ -228,20 +228,32 @@ class DriftArguments:
             "feature cost to about this fraction of the training time."
         ),
     )
+    drift_capture_window: float | None = field(
+        default=1.0,
+        metadata=_help(
+            "With `drift_capture_features`: capture only during the training steps just before each refresh that "
+            "train about this many epochs of rows (1.0: the last epoch's worth of steps, at most the whole interval), "
+            "so each captured feature is recent and the steps in between pay nothing. None (`null` in a YAML "
+            "config): capture at every step."
+        ),
+    )
     drift_capture_check_rows: int = field(
         default=32,
         metadata=_help(
-            "With `drift_capture_features`: cached rows (a seeded sample) whose features each refresh recomputes to "
-            "check that the cache still agrees with the model (their mean cosine similarity is logged as "
-            "`drift/capture_agreement`). 0 skips the check."
+            "With `drift_capture_features`: cached rows (a seeded sample, from the stale ones when there are any) "
+            "whose features each refresh recomputes to measure how far the cache still agrees with the model (their "
+            "mean cosine similarity, logged as `drift/capture_agreement`). Stale rows' standardised scores are shrunk "
+            "toward the mean by this agreement, so a stale feature moves its row's weight less. 0 skips the check "
+            "(and the shrinkage)."
         ),
     )
     drift_capture_min_agreement: float = field(
-        default=0.9,
+        default=0.0,
         metadata=_help(
-            "With `drift_capture_features`: when the check's mean cosine between cached and recomputed features is "
-            "below this, cached features are too stale to trust (the model moves fast: high learning rate) and the "
-            "refresh recomputes every row, as without capture. In [0, 1]; 0 always trusts the cache."
+            "With `drift_capture_features`: when the check's agreement is below this, the refresh recomputes every "
+            "row, as without capture, and two such refreshes in a row turn capture off. A refresh then costs O(train "
+            "set). Default 0: never; the stale rows are recomputed within `drift_rescore_budget` (stalest first, so "
+            "a full rescoring is spread over several refreshes) and shrunk by the agreement. In [0, 1]."
         ),
     )
     drift_feature_memmap_dir: str | None = field(
@@ -357,6 +369,8 @@ class DriftArguments:
         _range(self, "drift_feature_memory_mb", 0.0, None, low_open=True)
         _range(self, "drift_rescore_budget", 0.0, None)
         _range(self, "drift_capture_min_agreement", 0.0, 1.0)
+        if self.drift_capture_window is not None:
+            _range(self, "drift_capture_window", 0.0, None, low_open=True)
         if int(self.drift_capture_check_rows) < 0:
             raise ValueError(f"drift_capture_check_rows must be >= 0, got {self.drift_capture_check_rows!r}.")
         if self.drift_first_refresh_step is not None and self.drift_first_refresh_step < 1:

@@ -138,7 +138,8 @@ class DriftSFTTrainer(SFTTrainer):
         index = inputs.pop(INDEX_COLUMN, None)
         training = index is not None and model.training  # train rows (only they carry an index), in a train step
         weights = self._drift_loss_weights() if training else None
-        capture = self.drift_callback.capture if training and torch.is_grad_enabled() else None
+        due = training and torch.is_grad_enabled() and self.drift_callback.capture_due(self.state.global_step)
+        capture = self.drift_callback.capture if due else None
         if weights is None and capture is None:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch

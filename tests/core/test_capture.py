@@ -9,7 +9,7 @@ import pytest
 from drift_trainer.core.capture import FeatureCache, rescore_budget, stale_order
 from drift_trainer.core.feature_pass import FeaturePass
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
-from tests.helpers import addition_data, tiny_config, tiny_trainer
+from tests.helpers import addition_data, drift_args, tiny_config, tiny_trainer
 
 
 def _trainer(tmp_path, tokenizer, model, n=40, peft_config=None, **overrides):
@@ -57,7 +57,8 @@ def test_captured_features_equal_a_feature_pass(tmp_path, tokenizer, tiny_model,
     """At learning rate 0 the model never changes, so every captured feature must equal a fresh feature pass."""
     from drift_trainer.cli.toy import build_tiny_llama
 
-    opts = {"learning_rate": 0.0, "max_steps": 6, "drift_refresh_steps": 100, **overrides}
+    # no refresh within the run, so capture at every step (the window before a refresh is the subject elsewhere)
+    opts = {"learning_rate": 0.0, "max_steps": 6, "drift_refresh_steps": 100, "drift_capture_window": None, **overrides}
     trainer = _trainer(tmp_path, tokenizer, tiny_model, peft_config=_lora() if lora else None, **opts)
     trainer.train()
     cb = trainer.drift_callback
@@ -133,8 +134,16 @@ def test_budget_zero_scores_only_trained_rows(tmp_path, tokenizer, tiny_model):
 def test_agreement_check_falls_back_to_full_rescoring_when_the_cache_is_stale(
     tmp_path, tokenizer, tiny_model, learning_rate, caplog
 ):
+    # the fallback is opt-in (drift_capture_min_agreement, default 0: never)
     trainer = _trainer(
-        tmp_path, tokenizer, tiny_model, n=200, max_steps=4, learning_rate=learning_rate, drift_capture_check_rows=8
+        tmp_path,
+        tokenizer,
+        tiny_model,
+        n=200,
+        max_steps=4,
+        learning_rate=learning_rate,
+        drift_capture_check_rows=8,
+        drift_capture_min_agreement=0.9,
     )
     with caplog.at_level(logging.WARNING, logger="drift_trainer"):
         trainer.train()
@@ -155,7 +164,14 @@ def test_agreement_check_falls_back_to_full_rescoring_when_the_cache_is_stale(
 
 def test_capture_turns_itself_off_after_two_stale_checks(tmp_path, tokenizer, tiny_model, caplog):
     trainer = _trainer(
-        tmp_path, tokenizer, tiny_model, n=200, max_steps=12, learning_rate=3e-2, drift_capture_check_rows=8
+        tmp_path,
+        tokenizer,
+        tiny_model,
+        n=200,
+        max_steps=12,
+        learning_rate=3e-2,
+        drift_capture_check_rows=8,
+        drift_capture_min_agreement=0.9,
     )
     with caplog.at_level(logging.WARNING, logger="drift_trainer"):
         trainer.train()
@@ -167,6 +183,85 @@ def test_capture_turns_itself_off_after_two_stale_checks(tmp_path, tokenizer, ti
     # afterwards: plain full rescoring, no check
     for h in checked[2:]:
         assert h["capture_agreement"] is None and h["num_recomputed"] == 200
+
+
+def test_stale_cache_costs_a_bounded_refresh_by_default(tmp_path, tokenizer, tiny_model):
+    """At a learning rate that makes cached features stale fast, the default never falls back to rescoring every
+    row: each refresh recomputes the check sample plus the budget, capture stays on, and the stale rows' scores are
+    shrunk by the measured agreement."""
+    trainer = _trainer(
+        tmp_path, tokenizer, tiny_model, n=200, max_steps=12, learning_rate=3e-2, drift_capture_check_rows=8
+    )
+    trainer.train()
+    history = [h for h in trainer.drift_state.history if h["contrast"]]
+    assert len(history) >= 2
+    for h in history:
+        assert not h["capture_full_rescoring"] and h["capture_on"]
+        assert h["num_recomputed"] <= 8 + 2  # the check rows + ceil(0.1 x 16 rows trained), never all 200
+    later = history[-1]
+    assert later["capture_agreement"] < 0.9  # stale indeed: the old default would have rescored all 200 rows
+    assert 0 < later["metrics"]["drift/stale_fraction"] < 1
+    assert not trainer.drift_callback.capture.disabled
+
+
+def test_stale_rows_are_shrunk_by_the_agreement():
+    from drift_trainer.core.refresh import RefreshResult, new_weights
+    from drift_trainer.core.rollouts import Rollouts
+
+    rng = np.random.default_rng(0)
+    n = 50
+    scores = rng.normal(size=n)
+    stale = np.arange(n) % 2 == 0
+
+    def result(agreement, stale_rows):
+        return RefreshResult(
+            step=10,
+            scores=scores,
+            raw_scores=scores,
+            grad_norm=np.ones(n),
+            loss=np.ones(n),
+            scored=np.ones(n, dtype=bool),
+            rollouts=Rollouts(),
+            signs=np.ones(4),
+            contrast=True,
+            num_recomputed=5,
+            capture_agreement=agreement,
+            stale=stale_rows,
+        )
+
+    args = drift_args(drift_score_ema=0.0)
+    z_fresh, _ = new_weights(result(0.4, None), None, None, args)
+    z, weights = new_weights(result(0.4, stale), None, None, args)
+    np.testing.assert_allclose(z[stale], 0.4 * z_fresh[stale])
+    np.testing.assert_allclose(z[~stale], z_fresh[~stale])
+    # a stale row's weight is closer to 1 than it would be from a fresh feature of the same score
+    _, w_fresh = new_weights(result(0.4, None), None, None, args)
+    assert np.abs(np.log(weights[stale])).mean() < np.abs(np.log(w_fresh[stale])).mean()
+    z_exact, _ = new_weights(result(1.0, stale), None, None, args)  # agreement 1: nothing to shrink
+    np.testing.assert_allclose(z_exact, z_fresh)
+
+
+@pytest.mark.parametrize("window,first_captured", [(1.0, 5), (0.5, 10), (None, 0)])
+def test_capture_runs_only_in_the_window_before_a_refresh(tmp_path, tokenizer, tiny_model, window, first_captured):
+    """40 rows at 4 per step: one epoch is 10 steps, so a window of 1.0 captures the last 10 of the 15 steps before
+    the refresh at step 15 (global steps 5..14 at the forward), 0.5 the last 5, None every step."""
+    trainer = _trainer(
+        tmp_path,
+        tokenizer,
+        tiny_model,
+        n=40,
+        max_steps=15,
+        drift_refresh_steps=15,
+        drift_capture_window=window,
+        drift_capture_check_rows=0,
+        drift_rescore_budget=0.0,
+    )
+    trainer.train()
+    (summary,) = trainer.drift_state.history
+    steps = trainer.drift_callback.capture.cache.step
+    captured = steps[steps >= 0]
+    assert captured.min() == first_captured and captured.max() == 14
+    assert summary["num_scored"] == len(captured)
 
 
 @pytest.mark.parametrize("option", [{"drift_capture_features": False}, {"drift_max_train_examples": 1000}])
@@ -230,3 +325,5 @@ def test_rescore_budget_is_validated(tmp_path):
         tiny_config(tmp_path, drift_capture_min_agreement=1.5)
     with pytest.raises(ValueError, match="drift_capture_check_rows"):
         tiny_config(tmp_path, drift_capture_check_rows=-1)
+    with pytest.raises(ValueError, match="drift_capture_window"):
+        tiny_config(tmp_path, drift_capture_window=0.0)
