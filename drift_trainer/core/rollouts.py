@@ -24,6 +24,7 @@ class Rollouts:
     prompt_ids: list[list[int]] = field(default_factory=list)
     completion_ids: list[list[int]] = field(default_factory=list)  # up to and including the first EOS
     rewards: list[float] = field(default_factory=list)
+    decode_steps: list[int] = field(default_factory=list)  # tokens its generate call decoded per row (>= its own)
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -160,6 +161,27 @@ def _cut_at_eos(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
     return ids
 
 
+def length_batches(prompt_lengths: list[int], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """The ``generate`` calls of one refresh, chosen by length: prompts shortest first, each call at most
+    ``batch_size`` rollouts and at most ``batch_size x (mean prompt length + max_new_tokens)`` tokens (its rows padded
+    to its longest prompt), so calls of long prompts carry fewer rows and each pads little. Each call lists its
+    rollouts in their original order."""
+    lengths = np.asarray(prompt_lengths, dtype=np.int64)
+    if not len(lengths):
+        return []
+    budget = batch_size * (float(lengths.mean()) + max_new_tokens)
+    batches, current, width = [], [], 0
+    for i in np.argsort(lengths, kind="stable").tolist():
+        grown = max(width, int(lengths[i]))
+        if current and (len(current) >= batch_size or (len(current) + 1) * (grown + max_new_tokens) > budget):
+            batches.append(sorted(current))
+            current, grown = [], int(lengths[i])
+        current.append(i)
+        width = grown
+    batches.append(sorted(current))
+    return batches
+
+
 def generate_rollouts(
     model,
     tokenizer,
@@ -176,7 +198,7 @@ def generate_rollouts(
     or a config).
 
     ``model`` must already be ready for generation (unwrapped / gathered). Runs in eval mode without grad and restores
-    the previous mode. The rollouts are cut into ``generate`` calls of ``params.batch_size``; call ``c`` samples
+    the previous mode. The rollouts are cut into ``generate`` calls by length (:func:`length_batches`); call ``c`` samples
     under ``torch.random.fork_rng`` seeded by ``seed + c``, so the training RNG stream is left as it was and the
     rollouts do not depend on how many processes share the work. With ``dist`` (a :class:`refresh.Dist` over several
     ranks) rank ``r`` makes calls ``r, r + world, ...`` and judges its own rollouts; every rank makes the same number of
@@ -189,14 +211,14 @@ def generate_rollouts(
     rows = [query_dataset[int(i)] for i in query_rows]
     flat = [(qi, row) for qi, row in zip(query_rows, rows) for _ in range(k)]
     prompt_ids = [tokenize_prompt(tokenizer, row["prompt"]) for _, row in flat]
-    bs = max(1, params.batch_size)
-    batches = [list(range(s, min(s + bs, len(flat)))) for s in range(0, len(flat), bs)]
+    batches = length_batches([len(p) for p in prompt_ids], max(1, params.batch_size), params.max_new_tokens)
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     mine = list(range(rank, len(batches), world))
     calls = max(-(-len(batches) // world), num_calls or 0)
     device = next(model.parameters()).device
     pad = gen_cfg.pad_token_id
     done: dict[int, list[int]] = {}  # flat index -> completion ids (this rank's rollouts)
+    steps: dict[int, int] = {}  # flat index -> tokens its call decoded (the call runs until its last row's EOS)
     was_training = model.training
     model.eval()
     devices = [device] if device.type == "cuda" else []
@@ -212,6 +234,7 @@ def generate_rollouts(
                 if j < len(mine):
                     for row_i, seq in zip(batches[c], gen[:, ids.shape[1] :].tolist()):
                         done[row_i] = _cut_at_eos(seq, gen_cfg.eos_token_id, pad)
+                        steps[row_i] = gen.shape[1] - ids.shape[1]
     finally:
         model.train(was_training)
     local = sorted(done)
@@ -222,21 +245,22 @@ def generate_rollouts(
         if dist is None or world == 1:
             raise
         error = f"{type(exc).__name__}: {exc}"
-    parts = [(local, [done[i] for i in local], rewards, error)]
+    parts = [(local, [done[i] for i in local], rewards, [steps[i] for i in local], error)]
     if dist is not None and world > 1:
         parts = dist.all_gather_object(parts[0])
     errors = [e for *_, e in parts if e]
     if errors:
         raise RuntimeError(f"Judging rollouts failed on a rank: {errors[0]}")
-    merged = sorted((i, comp, r) for idx, comps, rws, _ in parts for i, comp, r in zip(idx, comps, rws))
+    merged = sorted((i, comp, r, n) for idx, comps, rws, ns, _ in parts for i, comp, r, n in zip(idx, comps, rws, ns))
     out = Rollouts()
-    for i, comp, reward in merged:
+    for i, comp, reward, n in merged:
         qi, row = flat[i]
         out.query_index.append(int(qi))
         out.prompts.append(row["prompt"])
         out.prompt_ids.append(prompt_ids[i])
         out.completion_ids.append(comp)
         out.rewards.append(reward)
+        out.decode_steps.append(int(n))
     out.completions = _completions(tokenizer, out.prompts, out.completion_ids)
     return out
 

@@ -73,7 +73,12 @@ class DriftArguments:
     )
     drift_num_rollouts: int = field(default=4, metadata=_help("Rollouts sampled per query at each refresh."))
     drift_rollout_batch_size: int = field(
-        default=16, metadata=_help("Sequences per `generate` call (each call is one batch of prompts x rollouts).")
+        default=16,
+        metadata=_help(
+            "Most sequences per `generate` call. Calls are chosen by length: prompts shortest first, and a call of "
+            "long prompts carries fewer rows, so that no call holds more than this x (mean prompt length + "
+            "`drift_max_new_tokens`) tokens."
+        ),
     )
     drift_temperature: float = field(default=1.0, metadata=_help("Sampling temperature of the rollouts (> 0)."))
     drift_top_p: float = field(default=1.0, metadata=_help("Nucleus sampling top-p of the rollouts, in (0, 1]."))

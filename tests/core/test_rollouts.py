@@ -4,7 +4,13 @@ import torch
 from datasets import Dataset
 
 from drift_trainer.cli.toy import addition_dataset, query_dataset_from
-from drift_trainer.core.rollouts import check_query_dataset, generate_rollouts, generation_config, sample_queries
+from drift_trainer.core.rollouts import (
+    check_query_dataset,
+    generate_rollouts,
+    generation_config,
+    length_batches,
+    sample_queries,
+)
 from drift_trainer.hf.config import DriftArguments
 from tests.helpers import digit_start_reward
 
@@ -34,6 +40,29 @@ def test_rollouts_match_unbatched_generation_and_restore_state(tokenizer, tiny_m
         single = generate_rollouts(tiny_model, tokenizer, queries, [q], args, [digit_start_reward], seed=1)
         assert single.completion_ids[0] == batched.completion_ids[3 * j]
     np.testing.assert_array_equal(out.rewards, digit_start_reward(None, out.completions))
+
+
+def test_rollout_calls_are_chosen_by_length():
+    lengths = [5, 40, 6, 5, 41, 7, 5, 6]
+    batches = length_batches(lengths, batch_size=4, max_new_tokens=8)
+    assert sorted(i for b in batches for i in b) == list(range(8))  # every rollout once
+    assert all(b == sorted(b) for b in batches)  # in their original order within a call
+    budget = 4 * (np.mean(lengths) + 8)
+    for b in batches:
+        assert len(b) <= 4 and len(b) * (max(lengths[i] for i in b) + 8) <= budget or len(b) == 1
+    # the short prompts share calls of 4, the two long ones get calls of their own size
+    assert [sorted(lengths[i] for i in b) for b in batches] == [[5, 5, 5, 6], [6, 7], [40], [41]]
+    # equal lengths: plain chunks of batch_size in order
+    assert length_batches([3] * 6, 4, 2) == [[0, 1, 2, 3], [4, 5]]
+    assert length_batches([], 4, 2) == []
+
+
+def test_rollouts_record_what_each_call_decoded(tokenizer, tiny_model):
+    queries = query_dataset_from(addition_dataset(4, seed=1))
+    out = generate_rollouts(tiny_model, tokenizer, queries, [0, 1, 2, 3], _args(), [digit_start_reward], seed=3)
+    assert len(out.decode_steps) == len(out)
+    for ids, steps in zip(out.completion_ids, out.decode_steps):
+        assert len(ids) <= steps <= 5  # a call decodes until its last row ends (EOS or max_new_tokens)
 
 
 def test_rollouts_are_seeded(tokenizer, tiny_model):
@@ -93,7 +122,7 @@ class _OneRank:
         self.rank, self.world_size, self.others = rank, world, others or {}
 
     def all_gather_object(self, obj):
-        return [obj if r == self.rank else self.others.get(r, ([], [], [], None)) for r in range(self.world_size)]
+        return [obj if r == self.rank else self.others.get(r, ([], [], [], [], None)) for r in range(self.world_size)]
 
 
 def test_rollouts_shared_by_ranks_equal_single_process_ones(tokenizer, tiny_model):
@@ -123,7 +152,7 @@ def test_rollouts_shared_by_ranks_equal_single_process_ones(tokenizer, tiny_mode
 
 def test_a_reward_failing_on_one_rank_fails_every_rank(tokenizer, tiny_model):
     queries = query_dataset_from(addition_dataset(2, seed=1))
-    failed = ([], [], [], "KeyError: 'answer'")
+    failed = ([], [], [], [], "KeyError: 'answer'")
     with pytest.raises(RuntimeError, match="Judging rollouts failed on a rank: KeyError"):
         generate_rollouts(
             tiny_model,
