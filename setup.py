@@ -24,6 +24,9 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.17"],
         "test": ["pytest>=8", "deepspeed>=0.17"],
+        # peers for benchmarks/peers.py only, never a dependency of the package (bergson declares torchvision and
+        # torchaudio: on a CPU-only machine prefer the isolated `pip install --no-deps --target` in its docstring)
+        "bench": ["dattri-llm==0.1.0", "dattri==0.3.0", "bergson==2.5.1"],
     },
     entry_points={"console_scripts": ["drift-trainer=drift_trainer.cli:main"]},
 )

@@ -13,13 +13,16 @@ moves both sides alike.
 
 Sections, one module each (its docstring says what it measures; targets in brackets):
 
-1. ``throughput`` (``overhead_throughput.py``): feature pass over training step, examples/s  [>= 1.0].
+1. ``throughput`` (``overhead_throughput.py``): feature pass over training step, examples/s  [>= 2.0].
 2. ``exact`` (``overhead_exact.py``): hook features against exact per-example gradients (loop, ``torch.func``)
    [>= 10x faster; same scores].
 3. ``e2e`` and ``capture`` (``overhead_e2e.py``): ``DriftSFTTrainer.train()`` over the same run with
-   ``drift_enabled=False``  [<= 1.15], and the per-step cost of capturing features in the training backward.
+   ``drift_enabled=False``  [<= 1.15], and the per-step cost of capturing features in the training backward;
+   ``regimes`` (``overhead_regimes.py``): the same in the quality benchmark's warm and scratch regimes
+   [warm <= 1.10, scratch <= 1.5].
 4. ``memory`` (``overhead_memory.py``): feature bytes per example; peak memory of each operation in a fresh process.
-5. ``growth`` (``overhead_growth.py``): time of one refresh against train-set, projection and model size.
+5. ``growth`` (``overhead_growth.py``): time of one refresh against train-set, projection and model size, and
+   of the default path's refresh at a fixed interval [slope about 0].
 6. ``block`` (``overhead_block.py``): captured features and block rescoring against full rescoring.
 
 The report is ``overhead_report.py``; shared helpers and the sizes of each section are in ``common.py``. A section
@@ -43,6 +46,7 @@ from overhead_e2e import bench_capture, bench_e2e
 from overhead_exact import bench_exact
 from overhead_growth import bench_growth
 from overhead_memory import bench_memory, memory_probe
+from overhead_regimes import bench_regimes
 from overhead_report import markdown
 from overhead_throughput import bench_throughput
 
@@ -51,6 +55,7 @@ SECTIONS = {
     "exact": bench_exact,
     "capture": bench_capture,
     "e2e": bench_e2e,
+    "regimes": bench_regimes,
     "memory": bench_memory,
     "growth": bench_growth,
     "block": bench_block,
@@ -70,7 +75,7 @@ def _merge(previous: dict, res: dict, command: str) -> tuple[dict, str]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_run_options(p)
-    p.add_argument("--sections", default="throughput,exact,capture,e2e,memory,growth,block")
+    p.add_argument("--sections", default="throughput,exact,capture,e2e,regimes,memory,growth,block")
     p.add_argument("--out", default=RESULTS, help="directory for overhead.json and overhead.md")
     p.add_argument("--merge", action="store_true", help="update the sections run now in an existing overhead.json")
     p.add_argument("--_probe", help=argparse.SUPPRESS)  # as overhead_memory.py --_probe (one memory probe)

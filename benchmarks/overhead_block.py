@@ -57,6 +57,7 @@ def _trajectory_setup(cfg, lr: float) -> SimpleNamespace:
         "full": DriftArguments(**common, drift_capture_features=False),
         "block": DriftArguments(**common, drift_capture_features=False, drift_max_train_examples=block),
         "capture": DriftArguments(**common),
+        "capture_fallback": DriftArguments(**common, drift_capture_min_agreement=0.9),
         "capture_unchecked": DriftArguments(**common, drift_capture_check_rows=0),
     }
     projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
@@ -173,8 +174,9 @@ def _print_refresh(lr: float, r: int, rec: dict) -> None:
 
 def _fast_path_trajectory(cfg, lr: float) -> dict:
     """One training trajectory; at each refresh the full path and the fast paths score the same model with the same
-    rollouts: block rescoring (``drift_max_train_examples``), captured features as by default (budget 0.1, agreement
-    check at 0.9), and captured features with the check off (what the cache alone gives)."""
+    rollouts: block rescoring (``drift_max_train_examples``), captured features as by default (budget 0.1, stale rows
+    shrunk by the 32-row check's agreement), with the opt-in fallback to full rescoring below an agreement of 0.9, and
+    with the check off (what the cache alone gives)."""
     t = _trajectory_setup(cfg, lr)
     state = {name: (None, None) for name in t.paths}
     _train(cfg, t, cfg.block_warmup)

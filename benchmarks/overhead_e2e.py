@@ -140,16 +140,19 @@ def e2e_variants(cfg) -> dict:
     full = {"drift_capture_features": False}  # every refresh recomputes every row (the pre-capture default)
     hi, lo = HI, LO
     unchecked = {"drift_capture_check_rows": 0}  # captured features trusted however stale (no agreement check)
+    fallback = {"drift_capture_min_agreement": 0.9, "drift_capture_window": None}  # the earlier capture default
     variants = {
         "plain": (n0, None, hi),
         "default": (n0, {}, hi),
         "full_rescoring": (n0, full, hi),
+        "fallback": (n0, fallback, hi),
         "unchecked": (n0, unchecked, hi),
         "unchecked_budget_0": (n0, {**unchecked, "drift_rescore_budget": 0.0}, hi),
         "refresh_25": (n0, {"drift_refresh_steps": 25}, hi),
         "refresh_25_full": (n0, {"drift_refresh_steps": 25, **full}, hi),
         "refresh_25_unchecked": (n0, {"drift_refresh_steps": 25, **unchecked}, hi),
         f"train_{4 * n0}": (4 * n0, {}, hi),
+        f"train_{16 * n0}": (16 * n0, {}, hi),
         f"train_{4 * n0}_full": (4 * n0, full, hi),
         f"train_{4 * n0}_full_block_{n0}": (4 * n0, {"drift_max_train_examples": n0, **full}, hi),
         f"train_{4 * n0}_unchecked": (4 * n0, unchecked, hi),

@@ -10,23 +10,32 @@ from common import fmt
 
 def _md_throughput(res: dict) -> list[str]:
     L = [
-        "## 1. Feature throughput vs training (target >= 1.0)",
+        "## 1. Feature throughput vs training (target >= 2.0)",
         "",
         "| model | params | data (mean tokens) | batch | feature dim | train ex/s | features ex/s | ratio | "
-        "FeaturePass ex/s | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "FeaturePass ex/s | ratio | FeaturePass, upper half ex/s (modules) | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["throughput"]:
+        top = r.get("ratio_feature_pass_top_half")
         L.append(
             f"| {r['model']} | {r['params']:,} | {r['data']} ({r['mean_tokens']:.0f}) | {r['batch_size']} | "
             f"{r['feature_dim']} | {r['train_ex_per_s']:.0f} | {r['features_ex_per_s']:.0f} | "
-            f"**{r['ratio_compute']:.2f}** | {r['feature_pass_ex_per_s']:.0f} | {r['ratio_feature_pass']:.2f} |"
+            f"**{r['ratio_compute']:.2f}** | {r['feature_pass_ex_per_s']:.0f} | {r['ratio_feature_pass']:.2f} | "
+            + (
+                f"{r['feature_pass_top_half_ex_per_s']:.0f} ({r['top_half_modules']} of {r['modules']}) | "
+                f"**{top:.2f}** |"
+                if top is not None
+                else "- | - |"
+            )
         )
     L += [
         "",
         "Training = forward + backward + AdamW step on the same padded batches; features = "
         "`ProjectedGradients.compute` on those batches (eval mode, one forward + one `autograd.grad`); "
-        "FeaturePass = `FeaturePass.run` over the same rows (length-sorted batches, results stored).",
+        "FeaturePass = `FeaturePass.run` over the same rows (length-sorted batches, results stored); upper half: "
+        "the target modules of the upper half of the blocks only (`drift_target_layers=0.5`), the blocks below run "
+        "without an autograd graph.",
         "",
     ]
     return L
@@ -85,8 +94,9 @@ def _md_e2e(res: dict) -> list[str]:
         f"Tiny Llama, {e['steps']} steps, batch {e['batch_size']}, {e['repeats']} interleaved repeats, at two "
         "constant learning rates (each DRIFT run paired with the plain run at its rate); all other options at "
         "their defaults (32 queries x 4 rollouts, max 64 new tokens, projection 16, artifacts written, capture "
-        "with budget 0.1 and a 32-row agreement check at 0.9). The check's mean cosine per refresh is listed; "
-        "'(full)' marks a refresh where it fell below 0.9 and every row was recomputed. `unchecked`: the check "
+        "in the last epoch before each refresh with budget 0.1 and a 32-row agreement check whose cosine shrinks "
+        "stale rows' scores). The check's mean cosine per refresh is listed; '(full)' marks a refresh that "
+        "recomputed every row (`fallback`: `drift_capture_min_agreement=0.9`, the earlier default). `unchecked`: the check "
         "off (`drift_capture_check_rows=0`), the cache trusted however stale: the speed of the fast path alone "
         "(its fidelity is section 6). `warm_*`: from a model first trained "
         f"{res['config'].get('warm_steps', 600)} steps (lr 3e-3) on other, clean addition rows, then fine-tuned "
@@ -194,6 +204,24 @@ def _md_growth(res: dict) -> list[str]:
         f"{ts['fit_refresh']['intercept_s']:.2f} s (rollouts), R^2 {ts['fit_refresh']['r2']:.4f}.",
         "",
     ]
+    dp = g.get("default_path")
+    if dp:
+        L += [
+            "Default path (features captured in training, stale rows recomputed within the budget): seconds per "
+            "refresh in `DriftSFTTrainer` runs at a fixed interval (a refresh every 50 steps of batch 8, 400 rows "
+            "trained in between; warmed-up tiny model, lr 2e-5), against the train-set size:",
+            "",
+            "| train examples | " + " | ".join(map(str, dp["x"])) + " |",
+            "|---" * (len(dp["x"]) + 1) + "|",
+            "| refresh s | " + " | ".join(f"{v:.3f}" for v in dp["refresh_s"]) + " |",
+            "| features + influence s | " + " | ".join(f"{v:.3f}" for v in dp["features_influence_s"]) + " |",
+            "| rows recomputed per refresh | " + " | ".join(str(r) for r in dp["recomputed"]) + " |",
+            "",
+            f"Fit: {dp['fit_refresh']['slope_s_per_unit'] * 1e3:.4f} ms per example (full rescoring above: "
+            f"{ts['fit_refresh']['slope_s_per_unit'] * 1e3:.3f}), intercept {dp['fit_refresh']['intercept_s']:.3f} s, "
+            f"log-log exponent {dp['fit_refresh']['loglog_exponent']:.2f}.",
+            "",
+        ]
     p, mm = g["projection"], g["model"]
     L += _sentence(
         f"Projection size ({g['examples_fixed']} examples, tiny model): ",
@@ -221,10 +249,12 @@ def _md_block(res: dict) -> list[str]:
         "AdamW, constant rate, capture hooks recording each trained row's feature). At each refresh four paths "
         "score the same model with the same rollouts, each keeping its own smoothed scores and weights: **full** "
         "(every row recomputed: the reference), **block** (`drift_max_train_examples`, no capture), "
-        "**capture** (the default: cached features, stale rows within `drift_rescore_budget`=0.1 x rows "
-        "trained since the previous refresh, and the 32-row agreement check that falls back to full rescoring "
-        "below a mean cosine of 0.9) and **unchecked** (the same cache with the check off: what cached features "
-        "alone give). Pearson/Spearman are against the full path; 'scores' are this refresh's own scores over "
+        "**capture** (the default: cached features, stale rows recomputed within `drift_rescore_budget`=0.1 x rows "
+        "trained since the previous refresh, stalest first, and the other stale rows' scores shrunk by the "
+        "agreement a 32-row check measures), **fallback** (the same with `drift_capture_min_agreement=0.9`: below "
+        "that agreement every row is recomputed; the earlier default) and **unchecked** (the cache with the check "
+        "off: what cached features alone give). Capture runs at every step here (the trainer's "
+        "`drift_capture_window` would capture only the last epoch before a refresh, fresher still). Pearson/Spearman are against the full path; 'scores' are this refresh's own scores over "
         "the rows both paths scored, 'smoothed' and 'weights' what each path's weights come from.",
         "",
     ]
@@ -241,7 +271,8 @@ def _md_block(res: dict) -> list[str]:
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in t["refreshes"]:
-            L += [_md_block_row(r, name) for name in ("full", "block", "capture", "capture_unchecked")]
+            names = ("full", "block", "capture", "capture_fallback", "capture_unchecked")
+            L += [_md_block_row(r, name) for name in names if f"{name}_s" in r]
         L.append("")
     return L
 
@@ -258,12 +289,41 @@ def _md_block_row(r: dict, name: str) -> str:
         )
     return (
         f"| {r['refresh']} | {r['step']} | {r['rollout_accuracy']:.2f} | "
-        f"{name.replace('capture_unchecked', 'unchecked')} | {r[f'{name}_s']:.2f} | "
+        f"{name.replace('capture_unchecked', 'unchecked').replace('capture_fallback', 'fallback')} | "
+        f"{r[f'{name}_s']:.2f} | "
         f"{r[f'{name}_recomputed']} / {r[f'{name}_scored']} | {agree_s} | "
         f"{'-' if name == 'full' else scores_s} | {fmt(r.get(f'{name}_pearson_smoothed'), 3)} | "
         f"{fmt(r.get(f'{name}_spearman_smoothed'), 3)} | {fmt(r.get(f'{name}_pearson_weights'), 3)} | "
         f"{fmt(r.get('corrupted_mean_weight_full') if name == 'full' else r.get(f'{name}_corrupted_mean_weight'), 3)} |"
     )
+
+
+def _md_regimes(res: dict) -> list[str]:
+    g = res["regimes"]
+    L = [
+        "## 3c. End to end in the quality benchmark's regimes (target: warm <= 1.10 at the default schedule; "
+        "scratch <= 1.5)",
+        "",
+        f"`benchmarks/quality.py`'s runs (kind `{g['kind']}`, seed {g['seed']}): `warm` fine-tunes its clean base "
+        "model at its gentle rate for 200 steps, `scratch` trains from random init at the high rate for 1000; batch "
+        "64 over 1,000 rows. `drift`: the library's defaults (a refresh every 100 steps); `dense`: the quality "
+        "benchmark's schedule (from step 40, or 600 from scratch, every 40); `full`: `drift_capture_features=False`. "
+        f"Time of `train()` alone, {g['repeats']} interleaved repeats (scratch: 2).",
+        "",
+        "| variant | steps | refreshes | rows recomputed per refresh | agreement | train() s | ratio vs plain | "
+        "ratio within run | refresh s | stage seconds (last repeat) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in g["table"]:
+        agree = ", ".join("-" if a is None else f"{a:.2f}" for a in r["agreement"]) or "-"
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items())
+        L.append(
+            f"| {r['variant']} | {r['steps']} | {r['refreshes']} | {r['recomputed_per_refresh'] or '-'} | {agree} | "
+            f"{r['wall_s']:.1f} | **{r['ratio_vs_plain']:.3f}** | {r['ratio_internal']:.3f} | {r['refresh_s']:.2f} | "
+            f"{stages} |"
+        )
+    L.append("")
+    return L
 
 
 def markdown(res: dict, command: str) -> str:
@@ -282,6 +342,8 @@ def markdown(res: dict, command: str) -> str:
         L += _md_exact(res)
     if "e2e" in res:
         L += _md_e2e(res)
+    if "regimes" in res:
+        L += _md_regimes(res)
     if "capture" in res:
         L += _md_capture(res)
     if "memory" in res:

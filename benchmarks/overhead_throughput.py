@@ -2,7 +2,9 @@
 
 The feature pass is ``ProjectedGradients.compute`` on the very batches training sees, and ``FeaturePass.run``, which
 sorts by length; the training step is forward + backward + AdamW step of the same model, batch size and sequences
-[target >= 1.0]. The two sides are interleaved batch by batch, so both see the same machine load.
+[target >= 2.0]. The two sides are interleaved batch by batch, so both see the same machine load. ``FeaturePass
+top half``: the same pass with the target modules in the upper half of the blocks only (``drift_target_layers``),
+where the lower blocks run without an autograd graph and the backward stops at the lowest target block.
 
     PYTHONPATH=. python benchmarks/overhead_throughput.py --quick    # this section alone (prints JSON)
 """
@@ -31,14 +33,15 @@ from drift_trainer.core.features import ProjectedGradients, select_target_module
 offline_setup()
 
 
-def _time_interleaved(cfg, model, opt, projector, fpass, batches, rows):
-    """Per repeat: seconds of training steps, of ``compute`` on the same batches, and of one ``FeaturePass.run``."""
+def _time_interleaved(cfg, model, opt, projector, fpass, batches, rows, fpass_top):
+    """Per repeat: seconds of training steps, of ``compute`` on the same batches, of one ``FeaturePass.run`` and of
+    one ``FeaturePass.run`` with the upper-half targets."""
     model.train()
     train_step(model, opt, batches[0])  # warm-up (allocates the optimizer state)
     model.eval()
     projector.compute(model, batches[0])
     model.train()
-    t_train, t_feat, t_pass = [], [], []
+    t_train, t_feat, t_pass, t_top = [], [], [], []
     for _ in range(cfg.repeats):
         tt = tf = 0.0
         for b in batches:  # interleaved batch by batch: both sides see the same machine load
@@ -55,7 +58,10 @@ def _time_interleaved(cfg, model, opt, projector, fpass, batches, rows):
         s = time.perf_counter()
         fpass.run(model, rows)
         t_pass.append(time.perf_counter() - s)
-    return t_train, t_feat, t_pass
+        s = time.perf_counter()
+        fpass_top.run(model, rows)
+        t_top.append(time.perf_counter() - s)
+    return t_train, t_feat, t_pass, t_top
 
 
 def bench_throughput(cfg) -> list[dict]:
@@ -67,10 +73,15 @@ def bench_throughput(cfg) -> list[dict]:
         batches = batches_of(rows, cfg.batch_size)
         projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
         fpass = FeaturePass(projector, tokenizer().pad_token_id, cfg.batch_size)
+        top = ProjectedGradients(
+            select_target_modules(model, top_layers=model.config.num_hidden_layers // 2), cfg.projection_dim
+        )
+        fpass_top = FeaturePass(top, tokenizer().pad_token_id, cfg.batch_size)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        t_train, t_feat, t_pass = _time_interleaved(cfg, model, opt, projector, fpass, batches, rows)
+        t_train, t_feat, t_pass, t_top = _time_interleaved(cfg, model, opt, projector, fpass, batches, rows, fpass_top)
         r_compute = [tt / tf for tt, tf in zip(t_train, t_feat)]
         r_pass = [tt / tp for tt, tp in zip(t_train, t_pass)]
+        r_top = [tt / tp for tt, tp in zip(t_train, t_top)]
         out.append(
             {
                 **case_head(model_name, model, data, length),
@@ -84,13 +95,19 @@ def bench_throughput(cfg) -> list[dict]:
                 "feature_pass_ex_per_s": n / median(t_pass),
                 "ratio_compute": median(r_compute),
                 "ratio_feature_pass": median(r_pass),
+                "top_half_modules": len(top.modules),
+                "modules": len(projector.modules),
+                "feature_pass_top_half_ex_per_s": n / median(t_top),
+                "ratio_feature_pass_top_half": median(r_top),
                 "ratio_compute_per_repeat": [round(r, 3) for r in r_compute],
             }
         )
         print(
             f"  throughput {model_name:6s} {out[-1]['data']:10s}: train {out[-1]['train_ex_per_s']:.0f} ex/s, "
             f"features {out[-1]['features_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_compute']:.2f}), "
-            f"FeaturePass {out[-1]['feature_pass_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_feature_pass']:.2f})",
+            f"FeaturePass {out[-1]['feature_pass_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_feature_pass']:.2f}), "
+            f"top half {out[-1]['feature_pass_top_half_ex_per_s']:.0f} ex/s "
+            f"(x{out[-1]['ratio_feature_pass_top_half']:.2f})",
             flush=True,
         )
     return out

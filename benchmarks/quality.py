@@ -62,6 +62,9 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # earlier capture default (capture at every step; below an agreement of 0.9 every row is recomputed)
     "drift_full": {"drift_capture_features": False},
     "drift_fallback": {"drift_capture_window": None, "drift_capture_min_agreement": 0.9},
+    # cheaper features: the target modules of the upper blocks only (2 of the toy's 3; the last one)
+    "drift_top_half": {"drift_target_layers": 0.5},
+    "drift_top1": {"drift_target_layers": 1},
     "drift_demote": {**V0, "drift_weighting": "demote"},
     "drift_systematic": {**V0, "drift_sampling": "systematic"},
     "drift_demote_systematic": {**V0, "drift_weighting": "demote", "drift_sampling": "systematic"},

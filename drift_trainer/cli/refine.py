@@ -154,7 +154,9 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
             ra.assistant_only_loss,
         )
     projector = ProjectedGradients(
-        select_target_modules(model, da.drift_target_modules), da.drift_projection_dim, da.drift_projection_seed
+        select_target_modules(model, da.drift_target_modules, da.drift_target_layers),
+        da.drift_projection_dim,
+        da.drift_projection_seed,
     )
     fpass = pipeline.make_feature_pass(projector, tokenizer, params.features)
     sc = Scoring(

@@ -12,6 +12,7 @@ Precision: activations and output gradients are projected in float32 whatever th
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -39,13 +40,43 @@ def _is_lora_layer(module: nn.Module) -> bool:
     return isinstance(module, LoraLayer)
 
 
-def select_target_modules(model: nn.Module, spec: str = "auto") -> list[tuple[str, nn.Linear]]:
+def block_index(name: str) -> int | None:
+    """The transformer block a module name is in: its first numeric component (``model.layers.3.mlp.up_proj`` -> 3),
+    None outside any block."""
+    match = _BLOCK.search(f".{name}.")
+    return int(match.group(1)) if match else None
+
+
+_BLOCK = re.compile(r"\.(\d+)\.")
+
+
+def select_target_modules(
+    model: nn.Module, spec: str = "auto", top_layers: float | None = None
+) -> list[tuple[str, nn.Linear]]:
     """The ``(name, nn.Linear)`` modules whose weight gradients make the features, in a stable order.
 
     ``auto``: the LoRA ``lora_A``/``lora_B`` Linear modules of every active adapter on a PEFT model, otherwise every
     trainable ``nn.Linear`` except the LM head. ``all-linear``: every trainable ``nn.Linear`` except the LM head.
     Otherwise a comma-separated list of name substrings matched against trainable ``nn.Linear`` modules.
+    ``top_layers``: keep only those in the last ``top_layers`` transformer blocks (by :func:`block_index`); a value
+    below 1 is a fraction of the blocks (rounded up: 0.5 keeps the upper half).
     """
+    chosen = _select(model, spec)
+    if top_layers is None:
+        return chosen
+    blocks = sorted({b for b in (block_index(n) for n, _ in chosen) if b is not None})
+    if not blocks:
+        raise ValueError(
+            f"drift_target_layers={top_layers} needs target modules inside numbered transformer blocks (names like "
+            f"`model.layers.3.mlp.up_proj`); drift_target_modules={spec!r} chose {[n for n, _ in chosen][:4]}. Unset "
+            "drift_target_layers."
+        )
+    n_keep = int(np.ceil(top_layers * len(blocks) - 1e-9)) if top_layers < 1 else int(top_layers)
+    keep = set(blocks[-max(n_keep, 1) :])
+    return [(n, m) for n, m in chosen if block_index(n) in keep]
+
+
+def _select(model: nn.Module, spec: str) -> list[tuple[str, nn.Linear]]:
     named = list(model.named_modules())
     lora_children: set[int] = set()
     lora = []
@@ -194,6 +225,30 @@ class ProjectedGradients:
             for h in handles:
                 h.remove()
 
+    @contextlib.contextmanager
+    def graph_from_first_target(self, model: nn.Module):
+        """Record the autograd graph only from the first target module on, in every forward of ``model``: what runs
+        before it (the embeddings and the blocks below the lowest target module) runs without a graph, and the
+        backward towards the target outputs stops there. The features are unchanged: they need gradients at the
+        target modules' outputs only, and everything before the first of them is a constant to those."""
+        started = torch.is_grad_enabled()
+
+        def root_pre_hook(module, args, kwargs=None):
+            torch.set_grad_enabled(False)  # each forward starts without a graph
+
+        def target_pre_hook(module, args):
+            if not torch.is_grad_enabled():
+                torch.set_grad_enabled(True)
+
+        handles = [model.register_forward_pre_hook(root_pre_hook)]
+        handles += [m.register_forward_pre_hook(target_pre_hook) for m in self.modules]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            torch.set_grad_enabled(started)
+
     def compute(self, model: nn.Module, batch: dict, fused_lm_head: bool = False, loss_fn=None) -> FeatureBatch:
         """Features of every example of a right-padded ``batch`` (``input_ids``, ``attention_mask``, ``labels``).
 
@@ -207,7 +262,7 @@ class ProjectedGradients:
         of row terms).
         """
         device = batch["input_ids"].device
-        with torch.enable_grad(), self.capture() as records:
+        with self.graph_from_first_target(model), self.capture() as records:
             loss, ntok = (loss_fn or per_example_loss)(model, batch, fused_lm_head)
             pairs = [(i, a, out) for i, rec in enumerate(records) for a, out in rec if out.requires_grad]
             grads = torch.autograd.grad(loss.sum(), [o for _, _, o in pairs], allow_unused=True) if pairs else []

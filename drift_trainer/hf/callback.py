@@ -268,7 +268,7 @@ class DriftCallback(TrainerCallback):
                 self._load_sampler(self._loaded_checkpoint)
         unwrapped = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else model
         self.projector = ProjectedGradients(
-            select_target_modules(unwrapped, self.args.drift_target_modules),
+            select_target_modules(unwrapped, self.args.drift_target_modules, self.args.drift_target_layers),
             self.args.drift_projection_dim,
             self.args.drift_projection_seed,
         )

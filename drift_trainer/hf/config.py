@@ -197,6 +197,16 @@ class DriftArguments:
             "nn.Linear except the LM head), `all-linear`, or comma-separated name substrings (e.g. `q_proj,v_proj`)."
         ),
     )
+    drift_target_layers: float | None = field(
+        default=None,
+        metadata=_help(
+            "Keep only the target modules in the last N transformer blocks (nearest the output); a value below 1 is "
+            "a fraction of the blocks, rounded up (0.5: the upper half). A feature pass then "
+            "runs the blocks below without an autograd graph and its backward stops at the lowest target block: "
+            "cheaper features from fewer modules (benchmarks/results/overhead.md measures the speed, quality.md "
+            "the quality). Default: every block."
+        ),
+    )
     drift_feature_batch_size: int = field(
         default=16, metadata=_help("Examples per forward+backward of the feature pass.")
     )
@@ -366,6 +376,12 @@ class DriftArguments:
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        layers = self.drift_target_layers
+        if layers is not None and not (0 < layers < 1 or (layers >= 1 and float(layers).is_integer())):
+            raise ValueError(
+                "drift_target_layers must be a whole number of blocks >= 1, a fraction of the blocks in (0, 1), or "
+                f"None for every block; got {layers!r}."
+            )
         if self.drift_max_train_examples is not None and int(self.drift_max_train_examples) < 1:
             raise ValueError(
                 f"drift_max_train_examples must be a positive integer (or None to score every example), got "

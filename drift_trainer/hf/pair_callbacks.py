@@ -111,7 +111,7 @@ class PairDriftCallback(TrainerCallback):
         rows = tr.prepared_rows()
         view = PairView(rows, np.asarray([r[INDEX_COLUMN] for r in rows], dtype=np.int64), self.num_pairs)
         projector = ProjectedGradients(
-            select_target_modules(model, args.drift_target_modules),
+            select_target_modules(model, args.drift_target_modules, args.drift_target_layers),
             args.drift_projection_dim,
             args.drift_projection_seed,
         )

@@ -107,6 +107,62 @@ def test_target_module_spec(tiny_model):
         select_target_modules(tiny_model, "no_such_module")
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_top_layer_targets_run_the_lower_blocks_without_a_graph(tokenizer, tiny_model, lora):
+    """drift_target_layers=1 keeps the last block's modules; the lower block runs without an autograd graph (no
+    forward of it records one) and the features still equal the exact projected per-example gradients."""
+    model = tiny_model
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+    model.eval()
+    modules = select_target_modules(model, "auto", top_layers=1)
+    assert modules and all(".layers.1." in n for n, _ in modules)
+    assert len(select_target_modules(model, "auto", top_layers=5)) == len(select_target_modules(model, "auto"))
+    assert select_target_modules(model, "auto", top_layers=0.5) == modules  # half of 2 blocks: the upper one
+    projector = ProjectedGradients(modules, projection_dim=4, seed=2)
+    recorded = {}
+
+    def watch(name):
+        def hook(module, args, output):
+            recorded[name] = output.requires_grad
+
+        return hook
+
+    blocks = [m for n, m in model.named_modules() if n.endswith(("layers.0", "layers.1"))]
+    handles = [b.register_forward_hook(watch(i)) for i, b in enumerate(blocks)]
+    rows = _rows(tokenizer, False)
+    out = projector.compute(model, collate_right(rows, tokenizer.pad_token_id))
+    for h in handles:
+        h.remove()
+    assert recorded == {0: False, 1: True}  # the block below the targets built no graph
+    assert torch.is_grad_enabled()  # the grad mode is restored
+    for i, row in enumerate(rows):
+        exact = _exact_projected(model, modules, projector, row, tokenizer.pad_token_id)
+        assert ((exact - out.features[i]).norm() / exact.norm()).item() < 1e-4
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_target_layers_is_validated(tmp_path, bad):
+    from tests.helpers import tiny_config
+
+    with pytest.raises(ValueError, match="drift_target_layers"):
+        tiny_config(tmp_path, drift_target_layers=bad)
+
+
+def test_top_layers_needs_numbered_blocks():
+    model = torch.nn.Module()
+    model.proj = torch.nn.Linear(2, 2)  # no numbered block anywhere
+    with pytest.raises(ValueError, match="drift_target_layers"):
+        select_target_modules(model, "all-linear", top_layers=1)
+
+
 def test_example_labels_variants():
     assert example_labels({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}) == [-100, 6, 7]
     assert example_labels({"input_ids": [5, 6, 7], "completion_mask": [0, 0, 1]}) == [-100, -100, 7]
