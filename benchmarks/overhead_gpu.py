@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import sft_rows  # noqa: E402 (benchmarks/ is first on sys.path when run as a script)
+
 from drift_trainer.cli.toy import addition_dataset, build_char_tokenizer, offline_env, query_dataset_from  # noqa: E402
 
 SHAPES = {
@@ -99,21 +101,12 @@ def autocast(device: str):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
-def tokenized_rows(tok, data) -> list[dict]:
-    rows = []
-    for p, c in zip(data["prompt"], data["completion"]):
-        prompt = tok(p, add_special_tokens=False)["input_ids"]
-        full = prompt + tok(c, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append({"input_ids": full, "labels": [-100] * len(prompt) + full[len(prompt) :]})
-    return rows
-
-
 def bench_throughput(ns, tok) -> dict:
     from drift_trainer.core.feature_pass import FeaturePass
     from drift_trainer.core.features import ProjectedGradients, collate_right, select_target_modules
 
     model = build_model(ns.shape, tok, ns.device)
-    rows = tokenized_rows(tok, long_addition(ns.tp_rows, ns.context, seed=1))
+    rows = sft_rows(long_addition(ns.tp_rows, ns.context, seed=1))
     order = np.argsort([len(r["input_ids"]) for r in rows], kind="stable")
     batches = [
         collate_right([rows[i] for i in order[s : s + ns.batch_size]], tok.pad_token_id, ns.device)
@@ -176,7 +169,7 @@ def bench_capture(ns, tok) -> dict:
 
     model = build_model(ns.shape, tok, ns.device)
     add_fused_lm_head(model)
-    rows = tokenized_rows(tok, long_addition(ns.tp_rows, ns.context, seed=2))
+    rows = sft_rows(long_addition(ns.tp_rows, ns.context, seed=2))
     projector = ProjectedGradients(select_target_modules(model), 16)
     capture = TrainCapture(projector, FeatureCache(len(rows), projector.dim))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 from common import median, offline_setup, run_section
+from overhead_e2e import _summary
 
 offline_setup()
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -89,19 +90,7 @@ def regime_run(ns, regime: str, drift: dict | None, seed: int = 0, kind: str = "
         trainer.train()
         wall = time.perf_counter() - started
         history = trainer.drift_state.history if drift is not None else []
-    stages: dict[str, float] = {}
-    for h in history:
-        for k, v in h["timings"].items():
-            stages[k] = stages.get(k, 0.0) + v
-    return {
-        "wall_s": wall,
-        "refreshes": len(history),
-        "refresh_s": sum(h["metrics"]["drift/refresh_seconds"] for h in history),
-        "stages": stages,
-        "recomputed": [h.get("num_recomputed") for h in history],
-        "agreement": [h.get("capture_agreement") for h in history],
-        "full": [h.get("capture_full_rescoring") for h in history],
-    }
+    return _summary(wall, history, None)
 
 
 def bench_regimes(cfg) -> dict:
@@ -141,7 +130,7 @@ def bench_regimes(cfg) -> dict:
                 "ratio_vs_plain": median([w / p["wall_s"] for w, p in zip(walls, plain)]),
                 "ratio_internal": median([r["wall_s"] / (r["wall_s"] - r["refresh_s"]) for r in rs]),
                 "refresh_s": median([r["refresh_s"] for r in rs]),
-                "stages": rs[-1]["stages"],
+                "stages": rs[-1]["timings"],
                 "walls": [round(w, 2) for w in walls],
             }
         )
