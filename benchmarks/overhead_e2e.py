@@ -67,6 +67,10 @@ def _summary(wall: float, history: list[dict], state) -> dict:
         "recomputed": [h.get("num_recomputed") for h in history],
         "agreement": [h.get("capture_agreement") for h in history],
         "full": [h.get("capture_full_rescoring") for h in history],
+        "steps": [h["step"] for h in history],
+        "refresh_stage_s": [h["timings"] for h in history],
+        "rollout_tokens": [h.get("rollout_tokens", 0) for h in history],
+        "rollout_decoded": [h.get("rollout_decoded", 0) for h in history],
         "rollout_accuracy": [h["metrics"]["drift/rollout_accuracy"] for h in history],
         "contrast": [h["contrast"] for h in history],
     }

@@ -332,8 +332,8 @@ class TrainCapture:
         # 1. agreement: recompute a seeded sample of stale cached rows (on the rank holding each) and compare
         agreement = None
         cached = np.flatnonzero(step_of_row >= 0)
-        stale = cached[step_of_row[cached] < self.last_refresh_step]
-        pool = stale if len(stale) else cached
+        stale_rows = cached[step_of_row[cached] < self.last_refresh_step]
+        pool = stale_rows if len(stale_rows) else cached
         n_check = min(int(params.capture_check_rows), len(pool))
         sample = np.zeros(0, dtype=np.int64)
         if n_check > 0:

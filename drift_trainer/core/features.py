@@ -233,15 +233,14 @@ class ProjectedGradients:
         target modules' outputs only, and everything before the first of them is a constant to those."""
         started = torch.is_grad_enabled()
 
-        def root_pre_hook(module, args, kwargs=None):
-            torch.set_grad_enabled(False)  # each forward starts without a graph
+        def grad_from_here(enabled: bool):
+            def hook(module, args):
+                torch.set_grad_enabled(enabled)
 
-        def target_pre_hook(module, args):
-            if not torch.is_grad_enabled():
-                torch.set_grad_enabled(True)
+            return hook
 
-        handles = [model.register_forward_pre_hook(root_pre_hook)]
-        handles += [m.register_forward_pre_hook(target_pre_hook) for m in self.modules]
+        handles = [model.register_forward_pre_hook(grad_from_here(False))]  # each forward starts without a graph
+        handles += [m.register_forward_pre_hook(grad_from_here(True)) for m in self.modules]
         try:
             yield
         finally:

@@ -170,14 +170,12 @@ def length_batches(prompt_lengths: list[int], batch_size: int, max_new_tokens: i
     if not len(lengths):
         return []
     budget = batch_size * (float(lengths.mean()) + max_new_tokens)
-    batches, current, width = [], [], 0
-    for i in np.argsort(lengths, kind="stable").tolist():
-        grown = max(width, int(lengths[i]))
-        if current and (len(current) >= batch_size or (len(current) + 1) * (grown + max_new_tokens) > budget):
+    batches, current = [], []
+    for i in np.argsort(lengths, kind="stable").tolist():  # ascending: row i is the longest of its call so far
+        if current and (len(current) >= batch_size or (len(current) + 1) * (lengths[i] + max_new_tokens) > budget):
             batches.append(sorted(current))
-            current, grown = [], int(lengths[i])
+            current = []
         current.append(i)
-        width = grown
     batches.append(sorted(current))
     return batches
 

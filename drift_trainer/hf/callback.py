@@ -51,8 +51,7 @@ FEATURES_FILE = "drift_features.npz"
 
 def refresh_due(args, step: int) -> bool:
     """A refresh runs at ``drift_first_step`` and every ``drift_refresh_steps`` steps after it."""
-    first = args.drift_first_step
-    return step >= first and (step - first) % args.drift_refresh_steps == 0
+    return next_refresh_step(args, step) == step
 
 
 def next_refresh_step(args, step: int) -> int:
