@@ -281,7 +281,7 @@ def summary_record(result: RefreshResult, metrics: dict, options: dict, **extra)
         "num_masked": result.num_masked,
         "num_rollouts": len(result.rollouts),
         "rollout_tokens": int(sum(len(c) for c in result.rollouts.completion_ids)),  # generated, up to each EOS
-        "rollout_decoded": int(sum(result.rollouts.decode_steps)),  # decoded, each call until its last EOS
+        "rollout_decoded": int(sum(result.rollouts.decode_steps)),  # tokens decoded (each row stops at its EOS)
         "contrast": result.contrast,
         **extra,
         "options": options,

@@ -24,7 +24,7 @@ class Rollouts:
     prompt_ids: list[list[int]] = field(default_factory=list)
     completion_ids: list[list[int]] = field(default_factory=list)  # up to and including the first EOS
     rewards: list[float] = field(default_factory=list)
-    decode_steps: list[int] = field(default_factory=list)  # tokens its generate call decoded per row (>= its own)
+    decode_steps: list[int] = field(default_factory=list)  # tokens decoded for the row (its own, unless generate ran)
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -161,6 +161,99 @@ def _cut_at_eos(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
     return ids
 
 
+def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One sampled token per row from last-position ``logits`` (rows x vocab): temperature, then nucleus filtering as
+    ``transformers``' ``TopPLogitsWarper`` does it (the smallest set of most likely tokens whose mass exceeds
+    ``top_p``, at least one), then a draw from the global RNG."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        remove[..., -1:] = False
+        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+def _is_sharded(model) -> bool:
+    """Whether the model's parameters are sharded across ranks (FSDP2 DTensors, or ZeRO-3 partitions that were not
+    gathered): its forward then runs collectives, so every rank must make the same forward calls."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) or (hasattr(p, "ds_id") and p.data.numel() == 0) for p in model.parameters())
+
+
+def sample_call(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg: GenerationConfig, synced: bool = False):
+    """Sample one ``generate`` call's completions (left-padded ``ids`` / ``mask``): each row's ids up to and including
+    its first EOS, and how many tokens were decoded for it.
+
+    Each row leaves the batch at its own EOS: the KV cache keeps only the rows still running, so a call costs the
+    tokens its rows generate, not rows x its longest completion. The sampling is ``gen_cfg``'s (temperature, top-p)
+    on float32 logits. Falls back to ``model.generate`` (every row decoded until the last one stops) where rows cannot
+    leave: a model whose cache cannot drop rows, or sharded parameters across ranks (``synced``), whose forwards must
+    line up on every rank."""
+    if synced and _is_sharded(model):
+        return _generate_call(model, ids, mask, gen_cfg, synced_gpus=True)
+    eos, max_new = gen_cfg.eos_token_id, int(gen_cfg.max_new_tokens)
+    rows = ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(rows)]
+    if max_new <= 0 or rows == 0:
+        return out, [0] * rows
+    live = torch.arange(rows, device=ids.device)  # batch position -> row
+    position = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    res = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **kwargs)
+    cache = res.past_key_values
+    if not hasattr(cache, "batch_select_indices"):
+        return _generate_call(model, ids, mask, gen_cfg)
+    last = position[:, -1]
+    logits = res.logits[:, -1]
+    for step in range(max_new):
+        tok = _next_tokens(logits, gen_cfg.temperature, gen_cfg.top_p)
+        for r, t in zip(live.tolist(), tok.tolist()):
+            out[r].append(t)
+        keep = tok != eos if eos is not None else torch.ones_like(tok, dtype=torch.bool)
+        if step == max_new - 1 or not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            idx = keep.nonzero().squeeze(1)
+            cache.batch_select_indices(idx)
+            live, tok, mask, last = live[idx], tok[idx], mask[idx], last[idx]
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        last = last + 1
+        res = model(
+            input_ids=tok[:, None],
+            attention_mask=mask,
+            position_ids=last[:, None],
+            past_key_values=cache,
+            use_cache=True,
+            **kwargs,
+        )
+        cache, logits = res.past_key_values, res.logits[:, -1]
+    return out, [len(o) for o in out]
+
+
+def _accepts(model, name: str) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return name in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _generate_call(model, ids, mask, gen_cfg, synced_gpus: bool | None = None):
+    """One ``model.generate`` call: each row's completion cut at its first EOS, and the tokens decoded per row (every
+    row runs until the call's last row stops)."""
+    extra = {"synced_gpus": True} if synced_gpus else {}
+    gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg, **extra)
+    width = gen.shape[1] - ids.shape[1]
+    seqs = [_cut_at_eos(seq, gen_cfg.eos_token_id, gen_cfg.pad_token_id) for seq in gen[:, ids.shape[1] :].tolist()]
+    return seqs, [width] * len(seqs)
+
+
 def length_batches(prompt_lengths: list[int], batch_size: int, max_new_tokens: int) -> list[list[int]]:
     """The ``generate`` calls of one refresh, chosen by length: prompts shortest first, each call at most
     ``batch_size`` rollouts and at most ``batch_size x (mean prompt length + max_new_tokens)`` tokens (its rows padded
@@ -226,13 +319,13 @@ def generate_rollouts(
                 c = mine[min(j, len(mine) - 1)] if mine else 0
                 torch.manual_seed(seed + c)
                 ids, mask = _left_pad([prompt_ids[i] for i in batches[c]], pad, device)
-                gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+                seqs, decoded = sample_call(model, ids, mask, gen_cfg, synced=dist is not None and world > 1)
                 if progress is not None:
                     progress.update(1)
                 if j < len(mine):
-                    for row_i, seq in zip(batches[c], gen[:, ids.shape[1] :].tolist()):
-                        done[row_i] = _cut_at_eos(seq, gen_cfg.eos_token_id, pad)
-                        steps[row_i] = gen.shape[1] - ids.shape[1]
+                    for row_i, seq, n in zip(batches[c], seqs, decoded):
+                        done[row_i] = seq
+                        steps[row_i] = n
     finally:
         model.train(was_training)
     local = sorted(done)

@@ -8,7 +8,11 @@ from drift_trainer.core.rollouts import (
     check_query_dataset,
     generate_rollouts,
     generation_config,
+    _generate_call,
+    _left_pad,
+    _next_tokens,
     length_batches,
+    sample_call,
     sample_queries,
 )
 from drift_trainer.hf.config import DriftArguments
@@ -16,7 +20,7 @@ from tests.helpers import digit_start_reward
 
 
 def _args(**kw):
-    return DriftArguments(drift_num_rollouts=3, drift_max_new_tokens=5, drift_rollout_batch_size=4, **kw)
+    return DriftArguments(**{"drift_num_rollouts": 3, "drift_max_new_tokens": 5, "drift_rollout_batch_size": 4, **kw})
 
 
 def test_rollouts_match_unbatched_generation_and_restore_state(tokenizer, tiny_model):
@@ -57,12 +61,57 @@ def test_rollout_calls_are_chosen_by_length():
     assert length_batches([], 4, 2) == []
 
 
-def test_rollouts_record_what_each_call_decoded(tokenizer, tiny_model):
+def test_rollouts_decode_each_row_only_until_its_eos(tokenizer, tiny_model):
     queries = query_dataset_from(addition_dataset(4, seed=1))
     out = generate_rollouts(tiny_model, tokenizer, queries, [0, 1, 2, 3], _args(), [digit_start_reward], seed=3)
     assert len(out.decode_steps) == len(out)
-    for ids, steps in zip(out.completion_ids, out.decode_steps):
-        assert len(ids) <= steps <= 5  # a call decodes until its last row ends (EOS or max_new_tokens)
+    assert out.decode_steps == [len(ids) for ids in out.completion_ids]  # no row is decoded past its own end
+
+
+def _early_eos(tokenizer, model, ids, mask, cfg):
+    """A token that near-greedy decoding emits first on some rows but not on all: used as EOS, rows end apart."""
+    first = model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, ids.shape[1] :]
+    for t in first[:, 1].tolist():
+        ends = [t in row for row in first.tolist()]
+        if any(ends) and not all(ends):
+            return t
+    raise AssertionError("no token ends some rows but not others: pick other prompts for this test")
+
+
+def test_rows_leave_the_batch_at_eos_and_sample_as_generate(tokenizer, tiny_model):
+    tiny_model.eval()
+    prompts = [tokenizer(text=t)["input_ids"] for t in ["1+2=", "13+25=", "7+8=", "40+41=", "3+3="]]
+    ids, mask = _left_pad(prompts, tokenizer.pad_token_id, "cpu")
+    cfg = generation_config(_args(drift_top_p=1e-6, drift_max_new_tokens=8), tokenizer)  # top-1 only: greedy
+    cfg.eos_token_id = _early_eos(tokenizer, tiny_model, ids, mask, cfg)
+    with torch.no_grad():
+        seqs, decoded = sample_call(tiny_model, ids, mask, cfg)
+        ref = tiny_model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, ids.shape[1] :]
+    for seq, row in zip(seqs, ref.tolist()):
+        expect = row[: row.index(cfg.eos_token_id) + 1] if cfg.eos_token_id in row else row
+        assert seq == expect  # same tokens as transformers' generate, rows cut at their EOS
+    assert decoded == [len(s) for s in seqs]
+    assert min(decoded) < max(decoded)  # rows did end at different steps, and the others went on
+    # the fallback for models whose rows cannot leave (or sharded ones): same completions, every row decoded to the end
+    with torch.no_grad():
+        fb_seqs, fb_decoded = _generate_call(tiny_model, ids, mask, cfg)
+    assert fb_seqs == seqs and fb_decoded == [ref.shape[1]] * len(seqs)
+
+
+def test_next_token_filtering_matches_transformers_warpers():
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5)]:
+        ref = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+        kept = torch.isfinite(ref)
+        draws = torch.stack([_next_tokens(logits, temperature, top_p) for _ in range(300)])
+        assert kept.gather(1, draws.T).all()  # only tokens transformers keeps are ever drawn
+        # and with the kept tokens' probabilities: the most likely kept token is drawn about as often as it should be
+        p = ref.softmax(-1)
+        top = p.argmax(-1)
+        freq = (draws == top).float().mean(0)
+        assert torch.allclose(freq, p.gather(1, top[:, None]).squeeze(1), atol=0.12)
 
 
 def test_rollouts_are_seeded(tokenizer, tiny_model):
