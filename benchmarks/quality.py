@@ -63,7 +63,8 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift_full": {"drift_capture_features": False},
     "drift_fallback": {"drift_capture_window": None, "drift_capture_min_agreement": 0.9},
     # cheaper features: the target modules of the upper blocks only (2 of the toy's 3; the last one)
-    "drift_top_half": {"drift_target_layers": 0.5},
+    "drift_top_half": {"drift_target_layers": 0.5},  # the default since the upper half tied every block
+    "drift_all_blocks": {"drift_target_layers": None},  # the default before: target modules in every block
     "drift_top1": {"drift_target_layers": 1},
     "drift_demote": {**V0, "drift_weighting": "demote"},
     "drift_systematic": {**V0, "drift_sampling": "systematic"},

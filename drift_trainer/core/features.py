@@ -59,18 +59,25 @@ def select_target_modules(
     trainable ``nn.Linear`` except the LM head. ``all-linear``: every trainable ``nn.Linear`` except the LM head.
     Otherwise a comma-separated list of name substrings matched against trainable ``nn.Linear`` modules.
     ``top_layers``: keep only those in the last ``top_layers`` transformer blocks (by :func:`block_index`); a value
-    below 1 is a fraction of the blocks (rounded up: 0.5 keeps the upper half).
+    below 1 is a fraction of the blocks (rounded up: 0.5 keeps the upper half). A model whose chosen modules sit in
+    no numbered block keeps them all (with a warning).
     """
     chosen = _select(model, spec)
     if top_layers is None:
         return chosen
     blocks = sorted({b for b in (block_index(n) for n, _ in chosen) if b is not None})
     if not blocks:
-        raise ValueError(
-            f"drift_target_layers={top_layers} needs target modules inside numbered transformer blocks (names like "
-            f"`model.layers.3.mlp.up_proj`); drift_target_modules={spec!r} chose {[n for n, _ in chosen][:4]}. Unset "
-            "drift_target_layers."
+        import logging
+
+        logging.getLogger("drift_trainer").warning(
+            "drift_target_layers=%s keeps the target modules of the upper transformer blocks, but none of the modules "
+            "drift_target_modules=%r chose (%s) is inside a numbered block (names like `model.layers.3.mlp.up_proj`): "
+            "every chosen module is kept. Set drift_target_layers=None to silence this.",
+            top_layers,
+            spec,
+            [n for n, _ in chosen][:4],
         )
+        return chosen
     n_keep = int(np.ceil(top_layers * len(blocks) - 1e-9)) if top_layers < 1 else int(top_layers)
     keep = set(blocks[-max(n_keep, 1) :])
     return [(n, m) for n, m in chosen if block_index(n) in keep]

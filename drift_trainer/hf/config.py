@@ -198,13 +198,14 @@ class DriftArguments:
         ),
     )
     drift_target_layers: float | None = field(
-        default=None,
+        default=0.5,
         metadata=_help(
             "Keep only the target modules in the last N transformer blocks (nearest the output); a value below 1 is "
-            "a fraction of the blocks, rounded up (0.5: the upper half). A feature pass then "
+            "a fraction of the blocks, rounded up (0.5, the default: the upper half). A feature pass then "
             "runs the blocks below without an autograd graph and its backward stops at the lowest target block: "
             "cheaper features from fewer modules (benchmarks/results/overhead.md measures the speed, quality.md "
-            "the quality). Default: every block."
+            "the quality: the upper half ties every block on each kind at 8 paired seeds). None (`null` in a YAML "
+            "config): every block."
         ),
     )
     drift_feature_batch_size: int = field(

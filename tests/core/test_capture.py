@@ -74,7 +74,7 @@ def test_captured_features_equal_a_feature_pass(tmp_path, tokenizer, tiny_model,
         reference = build_tiny_llama(tokenizer, seed=0)
         args = cb.args
         projector = ProjectedGradients(
-            select_target_modules(reference, args.drift_target_modules),
+            select_target_modules(reference, args.drift_target_modules, args.drift_target_layers),
             args.drift_projection_dim,
             args.drift_projection_seed,
         )

@@ -156,11 +156,12 @@ def test_target_layers_is_validated(tmp_path, bad):
         tiny_config(tmp_path, drift_target_layers=bad)
 
 
-def test_top_layers_needs_numbered_blocks():
+def test_top_layers_without_numbered_blocks_keeps_every_module(caplog):
     model = torch.nn.Module()
     model.proj = torch.nn.Linear(2, 2)  # no numbered block anywhere
-    with pytest.raises(ValueError, match="drift_target_layers"):
-        select_target_modules(model, "all-linear", top_layers=1)
+    with caplog.at_level("WARNING", logger="drift_trainer"):
+        assert [n for n, _ in select_target_modules(model, "all-linear", top_layers=0.5)] == ["proj"]
+    assert "drift_target_layers=0.5" in caplog.text and "every chosen module is kept" in caplog.text
 
 
 def test_example_labels_variants():
