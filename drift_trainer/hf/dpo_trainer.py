@@ -17,7 +17,6 @@ and ``simpo``, which TRL 1.16's DPOTrainer does not offer: reference-free, lengt
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from drift_trainer.hf.ica_callback import ICACallback
 from drift_trainer.hf.index import INDEX_COLUMN, prepare_index, with_index
 from drift_trainer.hf.method_options import ICAArguments, PreferenceArguments
 from drift_trainer.hf.pair_callbacks import LossDiffCallback, PairDriftCallback
-from drift_trainer.methods.lossdiff import band_mask
+from drift_trainer.methods.lossdiff import band_mask, copy_model
 from drift_trainer.methods.pairs import (
     PAIR_LOSSES,
     REFERENCE_FREE,
@@ -105,7 +104,7 @@ class DriftDPOTrainer(DPOTrainer):
             train_dataset = with_index(train_dataset)
         if method == "lossdiff_irm" and validation_dataset is None and validation_model is None:
             raise ValueError("drift_method='lossdiff_irm' needs a validation_dataset (or a trained validation_model).")
-        initial = copy.deepcopy(model) if method == "lossdiff_irm" and validation_model is None else None
+        initial = copy_model(model) if method == "lossdiff_irm" and validation_model is None else None
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
         if method == "drift":
             check_query_dataset(query_dataset)

@@ -24,6 +24,23 @@ from drift_trainer.methods.pairs import PairLogps, pair_logps, pair_losses, pair
 LOSSDIFF_SCORES = ("both", "lossdiff", "irm")
 
 
+def copy_model(model):
+    """An independent copy of ``model`` that computes with its own weights.
+
+    ``copy.deepcopy`` alone is not enough for a model that has been through a mixed-precision ``Trainer.train()``:
+    accelerate leaves its ``forward`` replaced by an autocast wrapper whose closure holds the original model's bound
+    ``forward``, and a deep copy shares that closure, so the copy would keep computing with the original's weights
+    however it is trained. The copy drops the wrapper (any instance ``forward`` next to accelerate's
+    ``_original_forward``) and uses its class's ``forward``; a later ``Trainer`` wraps it again as it needs."""
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        attrs = module.__dict__
+        if "_original_forward" in attrs:
+            attrs.pop("_original_forward")
+            attrs.pop("forward", None)
+    return clone
+
+
 def band_mask(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """Keep the middle band of ``values`` by rank: exactly ``r(n*high/100) - r(n*low/100)`` entries, ``r(x) =
     floor(x + 0.5)`` (round half up).
@@ -99,7 +116,7 @@ def train_validation_model(
     """``theta_val``: a copy of ``initial_model`` trained ``epochs`` epochs on the validation pairs ``rows``
     (TRL-prepared) with the run's preference loss, AdamW at ``args.learning_rate``, batch
     ``args.per_device_train_batch_size``. A small plain loop (no Trainer); the RNG of the caller is left untouched."""
-    model = copy.deepcopy(initial_model)
+    model = copy_model(initial_model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)

@@ -44,3 +44,37 @@ def test_lossdiff_irm_formulas():
     dpo = lambda p: -np.log(1 / (1 + np.exp(-0.5 * ((p.chosen + 2) - (p.rejected + 2)))))  # noqa: E731
     np.testing.assert_allclose(ld, dpo(pol) - dpo(val))
     np.testing.assert_allclose(irm, [0.5 * (1.0 - 0.0), 0.5 * (-1.0 - 1.0)])
+
+
+def test_copy_of_a_bf16_trained_model_computes_with_its_own_weights(tmp_path, tokenizer, tiny_model):
+    """After a bf16 SFT run, accelerate's autocast wrapper on ``forward`` closes over the original model: a plain
+    deep copy keeps computing with the original's weights. ``copy_model`` (used for LossDiff's theta_val) must not."""
+    import torch
+    from trl import SFTConfig, SFTTrainer
+
+    from drift_trainer.cli.toy import addition_dataset, build_tiny_llama
+    from drift_trainer.methods.lossdiff import copy_model
+
+    args = SFTConfig(
+        str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        use_cpu=True,
+        bf16=True,
+        report_to=[],
+        save_strategy="no",
+    )
+    SFTTrainer(
+        model=tiny_model, args=args, train_dataset=addition_dataset(16, seed=0), processing_class=tokenizer
+    ).train()
+    assert "_original_forward" in tiny_model.__dict__  # the wrapper this guards against is there
+    x = torch.tensor([tokenizer(text="12+7=")["input_ids"]])
+    clone = copy_model(tiny_model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        fresh = build_tiny_llama(tokenizer, seed=1)
+        fresh.load_state_dict(clone.state_dict())
+        own, expected, original = clone(x).logits, fresh(x).logits, tiny_model(x).logits
+    assert torch.allclose(own, expected, atol=1e-5)  # the copy's own weights
+    assert (own - original).abs().max() > 1e-2  # not the original's
