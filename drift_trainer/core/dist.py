@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -69,3 +71,56 @@ def barrier(dist: Dist) -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.td is not None:
         dist.td.barrier()
+
+
+def fsdp_modules(model) -> list:
+    """The modules of ``model`` that torch's FSDP2 ``fully_shard`` manages (empty for any other model)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def fsdp2_unsharded(model):
+    """Hold every FSDP2 parameter group of ``model`` unsharded (full weights on every rank) for the duration, then
+    reshard and restore each group's own reshard-after-forward setting.
+
+    Gathered once, the forwards inside run no collective, so ranks may make different numbers of them (``generate``
+    with rows stopping at their EOS). A model without FSDP2 modules is yielded as it is. The settings are restored
+    through FSDP2's state (``_auto_reshard_after_forward``, ``post_forward_mesh_info``), since the public
+    ``set_reshard_after_forward`` cannot express the root's automatic choice."""
+    modules = fsdp_modules(model)
+    if not modules:
+        yield model
+        return
+    saved = []
+    for m in modules:
+        state = m._get_fsdp_state()
+        saved.append(
+            (getattr(state, "_auto_reshard_after_forward", None), [g.post_forward_mesh_info for g in _groups(state)])
+        )
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in modules:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in modules:
+            m.reshard()
+        for m, (auto, infos) in zip(modules, saved):
+            state = m._get_fsdp_state()
+            if auto is not None:
+                state._auto_reshard_after_forward = auto
+            for g, info in zip(_groups(state), infos):
+                g.post_forward_mesh_info = info
+
+
+def _groups(state) -> list:
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:  # torch versions with a single group per state
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [group] if group is not None else []
+    return list(groups)

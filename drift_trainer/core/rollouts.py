@@ -203,8 +203,9 @@ def sample_call(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg: Generatio
     live = torch.arange(rows, device=ids.device)  # batch position -> row
     position = (mask.long().cumsum(-1) - 1).clamp(min=0)
     kwargs = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    cache_arg = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5.x
     res = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **kwargs)
-    cache = res.past_key_values
+    cache = _cache_of(res)
     if not hasattr(cache, "batch_select_indices"):
         return _generate_call(model, ids, mask, gen_cfg)
     last = position[:, -1]
@@ -226,12 +227,18 @@ def sample_call(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg: Generatio
             input_ids=tok[:, None],
             attention_mask=mask,
             position_ids=last[:, None],
-            past_key_values=cache,
+            **{cache_arg: cache},
             use_cache=True,
             **kwargs,
         )
-        cache, logits = res.past_key_values, res.logits[:, -1]
+        cache, logits = _cache_of(res), res.logits[:, -1]
     return out, [len(o) for o in out]
+
+
+def _cache_of(output):
+    """The KV cache a forward returned (``cache`` in newer transformers, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
 def _accepts(model, name: str) -> bool:

@@ -208,11 +208,14 @@ class DriftCallback(TrainerCallback):
                 "drift_reweight_mode='loss' needs DriftSFTTrainer (a plain Trainer's loss cannot be reweighted from a "
                 "callback). Use drift_reweight_mode='sampler', or DriftSFTTrainer."
             )
-        if self.args.drift_preconditioner == "adam" and getattr(trainer, "is_deepspeed_enabled", False):
+        sharded = {"DeepSpeed": getattr(trainer, "is_deepspeed_enabled", False)}
+        sharded["FSDP"] = getattr(trainer, "is_fsdp_enabled", False)
+        engine = next((name for name, on in sharded.items() if on), None)
+        if self.args.drift_preconditioner == "adam" and engine is not None:
             raise ValueError(
-                "drift_preconditioner='adam' reads the optimizer's per-weight Adam second moments, which DeepSpeed "
-                "keeps partitioned and flattened. Use drift_preconditioner='identity', 'fisher' or 'kronecker' "
-                "under DeepSpeed."
+                f"drift_preconditioner='adam' reads the optimizer's per-weight Adam second moments, which {engine} "
+                "keeps sharded across ranks. Use drift_preconditioner='identity', 'fisher' or 'kronecker' "
+                f"under {engine}."
             )
         self._route_checkpoint_restore(trainer)
         return self

@@ -90,8 +90,9 @@ def prepare_index(trainer) -> None:
 
 @contextlib.contextmanager
 def generation_context(trainer, model):
-    """Yield a model ready for ``generate``: under DeepSpeed ZeRO-3 (through TRL's helper, which gathers the weights
-    once and removes the per-module hooks), otherwise the model itself with activation checkpointing off."""
+    """Yield a model ready for ``generate``: under DeepSpeed ZeRO-3 through TRL's helper (which gathers the weights
+    once and removes the per-module hooks), under FSDP2 with every parameter group held unsharded for the duration
+    (:func:`~drift_trainer.core.dist.fsdp2_unsharded`), otherwise the model itself."""
     accelerator = getattr(trainer, "accelerator", None) if trainer is not None else None
     if accelerator is not None and getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         from trl.models import unwrap_model_for_generation
@@ -99,4 +100,7 @@ def generation_context(trainer, model):
         with unwrap_model_for_generation(trainer.model_wrapped, accelerator) as unwrapped:
             yield unwrapped
         return
-    yield model
+    from drift_trainer.core.dist import fsdp2_unsharded
+
+    with fsdp2_unsharded(model) as full:
+        yield full

@@ -2,8 +2,9 @@
 single-process runs).
 
 Usage: python multirank_worker.py OUT_DIR key=value ...
-  mode=single|ddp|zero2|zero3  lora=0|1  steps=6  n_train=27  lr=1e-3  mix=0.0  ga=1  gc=0  drift=1
-  first=3  every=3  save_steps=0  resume=0
+  mode=single|ddp|zero2|zero3|fsdp2  lora=0|1  steps=6  n_train=27  lr=1e-3  mix=0.0  ga=1  gc=0  drift=1
+  first=3  every=3  save_steps=0  resume=0  bf16=0  trainer=sft|callback (DriftSFTTrainer, or a plain
+  transformers.Trainer with DriftCallback attached)
 Writes OUT_DIR/rank{r}.json: the indices the sampler yielded, the weights and scores of the last refresh, the
 number of rows scored, and the training losses this rank logged.
 """
@@ -32,6 +33,8 @@ def main():
         "capture": "0",  # features captured in the training backward (the default) or a full rescoring per refresh
         "budget": "0.1",
         "check": "32",
+        "bf16": "0",
+        "trainer": "sft",
     }
     opt.update(kv.split("=", 1) for kv in sys.argv[2:])
     mode = opt["mode"]
@@ -49,6 +52,12 @@ def main():
             "gradient_clipping": "auto",
             "zero_force_ds_cpu_optimizer": False,
         }
+    fsdp = {}
+    if mode == "fsdp2":  # accelerate's FSDP2 on CPU ranks, through the test-only routing patch
+        from tests.hf.fsdp2_cpu import route_fsdp_on_cpu
+
+        route_fsdp_on_cpu()
+        fsdp = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
     from accelerate import PartialState
 
     if ds_config is not None:  # DeepSpeed on CPU: transformers sees the ranks only through a configured state
@@ -75,7 +84,10 @@ def main():
     ga = int(opt["ga"])
     global_batch = 4
     save_steps = int(opt["save_steps"])
-    args = DriftConfig(
+    plain = opt["trainer"] == "callback"
+    from drift_trainer import DriftTrainingArguments
+
+    args = (DriftTrainingArguments if plain else DriftConfig)(
         output_dir=os.path.join(out_dir, "run"),
         max_steps=int(opt["steps"]),
         per_device_train_batch_size=global_batch // world // ga,
@@ -87,7 +99,7 @@ def main():
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         use_cpu=True,
-        bf16=False,
+        bf16=opt["bf16"] == "1",
         gradient_checkpointing=opt["gc"] == "1",
         seed=0,
         deepspeed=ds_config,
@@ -107,6 +119,7 @@ def main():
         drift_capture_features=opt["capture"] == "1",
         drift_rescore_budget=float(opt["budget"]),
         drift_capture_check_rows=int(opt["check"]),
+        **fsdp,
     )
     peft_config = None
     if opt["lora"] == "1":
@@ -128,18 +141,42 @@ def main():
             yield i
 
     DriftSampler.__iter__ = recording_iter
-    trainer = tiny_trainer(model, tok, args, train, queries, reward_funcs=reward, peft_config=peft_config)
+    if plain:
+        from transformers import DataCollatorForSeq2Seq, Trainer
+
+        from drift_trainer import DriftCallback
+        from tests.helpers import tokenize_dataset
+
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=tokenize_dataset(tok, train),
+            data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+            processing_class=tok,
+        )
+        trainer.drift_callback = DriftCallback(query_dataset=queries, reward_funcs=reward).attach(trainer)
+    else:
+        trainer = tiny_trainer(model, tok, args, train, queries, reward_funcs=reward, peft_config=peft_config)
     from transformers import TrainerCallback
 
-    param_sums = {}
+    param_sums, sharded = {}, {}
 
     class ParamSum(TrainerCallback):  # a fingerprint of the weights each rank holds after every step
         def on_step_end(self, args, state, control, model=None, **kwargs):
-            param_sums[state.global_step] = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
+            from torch.distributed.tensor import DTensor
+
+            params = list(model.parameters())
+            sharded[state.global_step] = [sum(isinstance(p, DTensor) for p in params), len(params)]
+            local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+            param_sums[state.global_step] = float(sum(p.detach().double().abs().sum() for p in local))
 
     trainer.add_callback(ParamSum())
     trainer.train(resume_from_checkpoint=opt["resume"] == "1" or None)
-    state = trainer.drift_state
+    state = trainer.drift_callback.drift_state
     result = {
         "rank": rank,
         "world": world,
@@ -152,6 +189,8 @@ def main():
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "num_refreshes": state.num_refreshes,
         "param_sums": param_sums,
+        "sharded": sharded,  # per step: [DTensor parameters, parameters]
+        "model_class": type(trainer.model).__name__,
         "feature_names": trainer.drift_callback.projector.names if trainer.drift_callback.projector else [],
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
