@@ -145,3 +145,22 @@ def refresh_once(args, model, tokenizer, view, query_dataset, reward_funcs, proj
         reward_funcs=reward_funcs,
         projector=projector,
     )
+
+
+def preference_pairs(n, seed, flip=0.3):
+    """Toy addition pairs (`prompt`, `chosen`, `rejected`, `answer`), a share ``flip`` of them with the answers swapped."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = {"prompt": [], "chosen": [], "rejected": [], "answer": []}
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        right, wrong = str(a + b), str(a + b + rng.randint(1, 5))
+        f = rng.random() < flip
+        rows["prompt"].append(f"{a}+{b}=")
+        rows["chosen"].append(wrong if f else right)
+        rows["rejected"].append(right if f else wrong)
+        rows["answer"].append(right)
+    return Dataset.from_dict(rows)

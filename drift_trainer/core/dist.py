@@ -67,6 +67,24 @@ def shard(n: int, rank: int, world_size: int) -> tuple[np.ndarray, int]:
     return mine, per_rank
 
 
+def rank_calls(num_batches: int, dist: Dist | None) -> list[tuple[int, bool]]:
+    """This rank's share of ``num_batches`` forward batches: ``(batch, keep)`` pairs, batches ``rank, rank + world,
+    ...``. Every rank gets the same number of calls, since a forward is a collective under ZeRO-3 and FSDP2: a rank
+    with fewer batches repeats one with ``keep=False`` (its result is discarded)."""
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    mine = list(range(rank, num_batches, world))
+    calls = -(-num_batches // world)
+    return [(mine[j], True) if j < len(mine) else (mine[-1] if mine else 0, False) for j in range(calls)]
+
+
+def sum_over_ranks(arrays: list[np.ndarray], dist: Dist | None) -> list[np.ndarray]:
+    """Element-wise sums over ranks (identities in one process): each rank filled its own entries, zeros elsewhere,
+    so every rank ends with every entry."""
+    if dist is None or dist.world_size == 1:
+        return arrays
+    return [dist.all_reduce_sum(a) for a in arrays]
+
+
 def barrier(dist: Dist) -> None:
     """Wait for every rank (no-op in a single process)."""
     if dist.td is not None:

@@ -340,22 +340,35 @@ def length_sorted_batches(rows, batch_size: int) -> list[np.ndarray]:
 
 
 @torch.no_grad()
-def summed_logps(model: nn.Module, rows, pad_token_id: int, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+def summed_logps(
+    model: nn.Module, rows, pad_token_id: int, batch_size: int = 16, dist=None
+) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-probability of each row's labelled tokens and their count, ``(logp (n,), num_tokens (n,))``
-    float64; forward passes only, in eval mode, length-sorted batches."""
+    float64; forward passes only, in eval mode, length-sorted batches.
+
+    ``dist`` (a :class:`~drift_trainer.core.dist.Dist` over several ranks; every rank must call): the batches are
+    split over the ranks, each making the same number of forwards (:func:`~drift_trainer.core.dist.rank_calls`),
+    and every rank returns every row's values."""
+    from drift_trainer.core.dist import rank_calls, sum_over_ranks
+
     logp = np.zeros(len(rows))
     count = np.zeros(len(rows))
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    batches = length_sorted_batches(rows, batch_size)
     try:
-        for idx in length_sorted_batches(rows, batch_size):
-            batch = collate_right([rows[i] for i in idx], pad_token_id, device)
-            loss, ntok = per_example_loss(model, batch)
-            logp[idx] = (-loss.double() * ntok.double()).cpu().numpy()
-            count[idx] = ntok.double().cpu().numpy()
+        with torch.no_grad():
+            for b, keep in rank_calls(len(batches), dist) if batches else []:
+                idx = batches[b]
+                batch = collate_right([rows[i] for i in idx], pad_token_id, device)
+                loss, ntok = per_example_loss(model, batch)
+                if keep:
+                    logp[idx] = (-loss.double() * ntok.double()).cpu().numpy()
+                    count[idx] = ntok.double().cpu().numpy()
     finally:
         model.train(was_training)
+    logp, count = sum_over_ranks([logp, count], dist)
     return logp, count
 
 

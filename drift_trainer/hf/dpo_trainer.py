@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from drift_trainer.core.dist import Dist
 from drift_trainer.core.rewards import resolve_reward_funcs
 from drift_trainer.core.rollouts import check_query_dataset
 from drift_trainer.hf.config import DriftArguments, coerce_config
@@ -104,7 +105,16 @@ class DriftDPOTrainer(DPOTrainer):
             train_dataset = with_index(train_dataset)
         if method == "lossdiff_irm" and validation_dataset is None and validation_model is None:
             raise ValueError("drift_method='lossdiff_irm' needs a validation_dataset (or a trained validation_model).")
-        initial = copy_model(model) if method == "lossdiff_irm" and validation_model is None else None
+        initial = None
+        if method == "lossdiff_irm" and validation_model is None:
+            if any(hasattr(p, "ds_id") for p in model.parameters()):
+                raise ValueError(
+                    "drift_method='lossdiff_irm' trains theta_val from a copy of the initial model, but this model's "
+                    "weights are already partitioned by DeepSpeed ZeRO-3 (it was loaded after a ZeRO-3 config was "
+                    "set), so it cannot be copied. Pass validation_model= (theta_val: the start model trained on the "
+                    "validation pairs), or load the model before creating the DriftDPOConfig."
+                )
+            initial = copy_model(model)
         self.reward_funcs = resolve_reward_funcs(reward_funcs)
         if method == "drift":
             check_query_dataset(query_dataset)
@@ -153,11 +163,11 @@ class DriftDPOTrainer(DPOTrainer):
         pad = self.processing_class.pad_token_id
         bs = self.args.drift_ica_batch_size
         if self.ref_model is not None:
-            return pair_logps(self.accelerator.unwrap_model(self.ref_model), rows, pad, bs)
+            return pair_logps(self.accelerator.unwrap_model(self.ref_model), rows, pad, bs, Dist())
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "disable_adapter"):
             with model.disable_adapter():
-                return pair_logps(model, rows, pad, bs)
+                return pair_logps(model, rows, pad, bs, Dist())
         raise ValueError("Scoring pairs needs a reference model: pass ref_model=, or train a PEFT adapter.")
 
     # ------------------------------------------------------------------ loss
@@ -230,14 +240,8 @@ class DriftDPOTrainer(DPOTrainer):
 
 
 def check_pair_method(method: str, args, train_dataset) -> None:
-    """Raise unless ``method`` can score pairs for this run: one process, a per-pair loss it implements, a map-style
-    train set."""
-    if args.world_size > 1:
-        raise ValueError(
-            f"drift_method={method!r} on preference data runs in a single process for now (its scoring passes are "
-            f"not sharded across ranks); this run has {args.world_size} processes. Launch one process, or use "
-            "drift_method='uniform'."
-        )
+    """Raise unless ``method`` can score pairs for this run: a per-pair loss it implements, a map-style train set.
+    Several processes are fine: the scoring forwards are split over the ranks (the same number on each)."""
     unsupported = [t for t in args.loss_type if t not in PAIR_LOSSES]
     if unsupported:
         raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from transformers import TrainerCallback
 
+from drift_trainer.core.dist import Dist
 from drift_trainer.methods.ica import EmbeddingFn, _holdout_pairs, ica_scores, ica_weights
 
 
@@ -43,6 +44,7 @@ class ICACallback(TrainerCallback):
             self.args.drift_ica_num_demos,
             self.embedding_fn,
             self.args.drift_ica_batch_size,
+            dist=Dist(),
         )
         self.weights = ica_weights(self.scores, self.args)
         self.history.append(

@@ -77,7 +77,8 @@ class LossDiffCallback(TrainerCallback):
         val_model = self._validation_model()
         policy = tr.accelerator.unwrap_model(tr.model)
         pad = tr.processing_class.pad_token_id
-        out = score_and_select(policy, val_model, tr.reference_logps, rows, args, pad, args.drift_ica_batch_size)
+        bs = args.drift_ica_batch_size
+        out = score_and_select(policy, val_model, tr.reference_logps, rows, args, pad, bs, dist=Dist())
         ui = np.asarray([r[INDEX_COLUMN] for r in rows], dtype=np.int64)
         n = self.num_pairs
         keep = np.zeros(n, dtype=bool)

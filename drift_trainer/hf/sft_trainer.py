@@ -172,12 +172,8 @@ class DriftSFTTrainer(SFTTrainer):
 
 
 def check_ica_inputs(args, train_dataset) -> None:
-    """``drift_method='ica'`` on SFT: one process, a map-style train set and TRL's plain NLL loss."""
-    if args.world_size > 1:
-        raise ValueError(
-            f"drift_method='ica' runs in a single process for now (its scoring passes are not sharded across "
-            f"ranks); this run has {args.world_size} processes. Launch one process, or use drift_method='drift'."
-        )
+    """``drift_method='ica'`` on SFT: a map-style train set and TRL's plain NLL loss (its forwards are split over
+    the ranks of a multi-process run)."""
     check_train_dataset(train_dataset)
     if args.loss_type != "nll" or args.label_smoothing_factor:
         raise ValueError(

@@ -84,24 +84,30 @@ def ica_rows(tokenizer, prompt, completion, demos: Sequence[tuple]) -> tuple[dic
 
 
 # ---------------------------------------------------------------------------------------------------------- model
-def sequence_logps(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16) -> np.ndarray:
-    """Summed log-probability of each row's labelled tokens (n,), float64; forward passes only, eval mode."""
-    return summed_logps(model, rows, pad_token_id, batch_size)[0]
+def sequence_logps(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16, dist=None) -> np.ndarray:
+    """Summed log-probability of each row's labelled tokens (n,), float64; forward passes only, eval mode (split
+    over the ranks of ``dist``, see :func:`~drift_trainer.core.features.summed_logps`)."""
+    return summed_logps(model, rows, pad_token_id, batch_size, dist)[0]
 
 
 @torch.no_grad()
-def model_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 16) -> np.ndarray:
-    """Mean-pooled last hidden state of each text (n, hidden), float64: the offline stand-in for a sentence encoder."""
+def model_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 16, dist=None) -> np.ndarray:
+    """Mean-pooled last hidden state of each text (n, hidden), float64: the offline stand-in for a sentence encoder.
+    With ``dist`` over several ranks the batches are split between them (equal forwards) and every rank returns all."""
+    from drift_trainer.core.dist import rank_calls, sum_over_ranks
+
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = [{"input_ids": _ids(tokenizer, t) or [pad], "labels": []} for t in texts]
     for r in rows:
         r["labels"] = [IGNORE_INDEX] * len(r["input_ids"])
-    out = []
+    starts = list(range(0, len(rows), batch_size))
+    out = None
     was_training = model.training
     model.eval()
     try:
-        for s in range(0, len(rows), batch_size):
+        for b, keep in rank_calls(len(starts), dist) if starts else []:
+            s = starts[b]
             batch = collate_right(rows[s : s + batch_size], pad, device)
             h = model(
                 input_ids=batch["input_ids"],
@@ -110,10 +116,16 @@ def model_embeddings(model, tokenizer, texts: Sequence[str], batch_size: int = 1
                 use_cache=False,
             ).hidden_states[-1]
             m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-            out.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).double().cpu().numpy())
+            pooled = ((h * m).sum(1) / m.sum(1).clamp(min=1)).double().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(rows), pooled.shape[1]))
+            if keep:
+                out[s : s + len(pooled)] = pooled
     finally:
         model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    if out is None:
+        return np.zeros((0, 0))
+    return sum_over_ranks([out], dist)[0]
 
 
 def retrieve(candidate_emb: np.ndarray, holdout_emb: np.ndarray, k: int) -> np.ndarray:
@@ -147,8 +159,10 @@ def ica_scores(
     num_demos: int = 3,
     embedding_fn: EmbeddingFn | None = None,
     batch_size: int = 16,
+    dist=None,
 ) -> np.ndarray:
-    """ICA score of every row of ``dataset`` (n,), float64.
+    """ICA score of every row of ``dataset`` (n,), float64. ``dist``: split the forwards over its ranks (every rank
+    must call; each ends with every score).
 
     ``dataset`` has ``prompt`` and ``completion`` columns (SFT: ``s = lp_ctx(y) - lp(y)``) or ``prompt``, ``chosen``
     and ``rejected`` (preference: ``s = [lp_ctx(y_w) - lp_ctx(y_l)] - [lp(y_w) - lp(y_l)]``); text or messages.
@@ -167,8 +181,8 @@ def ica_scores(
     cand_text = [prompt_text(tokenizer, p) for p in prompts]
     hold_text = [prompt_text(tokenizer, p) for p, _ in holdout]
     if embedding_fn is None:
-        emb_c = model_embeddings(model, tokenizer, cand_text, batch_size)
-        emb_h = model_embeddings(model, tokenizer, hold_text, batch_size)
+        emb_c = model_embeddings(model, tokenizer, cand_text, batch_size, dist)
+        emb_h = model_embeddings(model, tokenizer, hold_text, batch_size, dist)
     else:
         emb_c, emb_h = np.asarray(embedding_fn(cand_text)), np.asarray(embedding_fn(hold_text))
     nearest = retrieve(emb_c, emb_h, num_demos)
@@ -179,7 +193,7 @@ def ica_scores(
             plain, ctx = ica_rows(tokenizer, p, y, [holdout[j] for j in nearest[i]])
             rows.extend([plain, ctx])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    lp = sequence_logps(model, rows, pad, batch_size).reshape(len(responses), len(prompts), 2)
+    lp = sequence_logps(model, rows, pad, batch_size, dist).reshape(len(responses), len(prompts), 2)
     gain = lp[..., 1] - lp[..., 0]  # (responses, n): lp_ctx - lp
     return gain[0] - gain[1] if preference else gain[0]
 

@@ -160,14 +160,15 @@ def train_validation_model(
 
 
 def score_and_select(
-    policy, val_model, ref_fn, rows: Sequence[dict], args, pad_token_id: int, batch_size: int = 16
+    policy, val_model, ref_fn, rows: Sequence[dict], args, pad_token_id: int, batch_size: int = 16, dist=None
 ) -> dict:
-    """Score every prepared pair and select the middle bands. ``ref_fn(rows) -> PairLogps | None``.
+    """Score every prepared pair and select the middle bands. ``ref_fn(rows) -> PairLogps | None``. ``dist``: split
+    the forwards over its ranks (every rank must call and ends with every score).
 
     Returns a dict with ``lossdiff``, ``irm`` (n,) and ``keep`` (bool, n).
     """
-    pol = pair_logps(policy, rows, pad_token_id, batch_size)
-    val = pair_logps(val_model, rows, pad_token_id, batch_size)
+    pol = pair_logps(policy, rows, pad_token_id, batch_size, dist)
+    val = pair_logps(val_model, rows, pad_token_id, batch_size, dist)
     ref = ref_fn(rows)
     lossdiff, irm = lossdiff_irm_scores(args, pol, val, ref)
     return {"lossdiff": lossdiff, "irm": irm, "keep": select_pairs(lossdiff, irm, args)}

@@ -43,10 +43,11 @@ class PairLogps:
     n_rejected: np.ndarray
 
 
-def pair_logps(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16) -> PairLogps:
-    """Log-probabilities of every TRL-prepared pair in ``rows`` under ``model`` (forward only, eval mode)."""
+def pair_logps(model, rows: Sequence[dict], pad_token_id: int, batch_size: int = 16, dist=None) -> PairLogps:
+    """Log-probabilities of every TRL-prepared pair in ``rows`` under ``model`` (forward only, eval mode; split over
+    the ranks of ``dist``, every rank ending with all of them)."""
     flat = [r for row in rows for r in pair_rows(row)]  # chosen, rejected, chosen, rejected, ...
-    lp, nt = summed_logps(model, flat, pad_token_id, batch_size)
+    lp, nt = summed_logps(model, flat, pad_token_id, batch_size, dist)
     return PairLogps(lp[0::2], lp[1::2], nt[0::2], nt[1::2])
 
 

@@ -5,12 +5,12 @@ from datasets import Dataset
 
 from drift_trainer.cli.toy import addition_dataset, query_dataset_from
 from drift_trainer.core.rollouts import (
-    check_query_dataset,
-    generate_rollouts,
-    generation_config,
     _generate_call,
     _left_pad,
     _next_tokens,
+    check_query_dataset,
+    generate_rollouts,
+    generation_config,
     length_batches,
     sample_call,
     sample_queries,

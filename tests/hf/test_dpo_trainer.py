@@ -1,29 +1,13 @@
 """DriftDPOTrainer: scorers, band selection, weighted per-pair losses, and `uniform` = plain TRL DPO."""
 
 import copy
-import random
 
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
 
 from drift_trainer.methods.lossdiff import band_mask
-from tests.helpers import cpu_args, digit_start_reward
-
-
-def pairs(n, seed, flip=0.3):
-    rng = random.Random(seed)
-    rows = {"prompt": [], "chosen": [], "rejected": [], "answer": []}
-    for _ in range(n):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        right, wrong = str(a + b), str(a + b + rng.randint(1, 5))
-        f = rng.random() < flip
-        rows["prompt"].append(f"{a}+{b}=")
-        rows["chosen"].append(wrong if f else right)
-        rows["rejected"].append(right if f else wrong)
-        rows["answer"].append(right)
-    return Dataset.from_dict(rows)
+from tests.helpers import cpu_args, digit_start_reward, preference_pairs as pairs
 
 
 def make_args(tmp_path, **kw):
@@ -187,13 +171,24 @@ def test_config_validation(tmp_path, tokenizer, tiny_model):
         make_trainer(tokenizer, tiny_model, make_args(tmp_path, drift_method="lossdiff_irm"))
 
 
-def test_scorers_refuse_several_processes_with_a_clear_error(tokenizer, tiny_model, tmp_path, monkeypatch):
-    from drift_trainer import DriftConfig, DriftDPOConfig, DriftSFTTrainer
+def test_lossdiff_refuses_to_copy_a_zero3_partitioned_model(tokenizer, tiny_model, tmp_path):
+    next(tiny_model.parameters()).ds_id = 0  # what DeepSpeed's zero.Init leaves on a partitioned parameter
+    with pytest.raises(ValueError, match="validation_model="):
+        make_trainer(
+            tokenizer, tiny_model, make_args(tmp_path, drift_method="lossdiff_irm"), validation_dataset=pairs(4, 3)
+        )
 
-    monkeypatch.setattr(DriftDPOConfig, "world_size", property(lambda self: 2))
-    with pytest.raises(ValueError, match="single process"):
-        make_trainer(tokenizer, tiny_model, make_args(tmp_path, drift_method="ica"))
-    monkeypatch.setattr(DriftConfig, "world_size", property(lambda self: 2))
-    args = DriftConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[], drift_method="ica")
-    with pytest.raises(ValueError, match="single process"):
-        DriftSFTTrainer(model=tiny_model, args=args, train_dataset=pairs(4, 0), processing_class=tokenizer)
+
+def test_rank_calls_give_every_rank_the_same_number_of_forwards():
+    from drift_trainer.core.dist import rank_calls
+
+    class D:
+        def __init__(self, rank, world):
+            self.rank, self.world_size = rank, world
+
+    for n in (0, 1, 5, 6):
+        calls = [rank_calls(n, D(r, 2)) for r in range(2)]
+        assert len(calls[0]) == len(calls[1]) == -(-n // 2)  # equal forwards on both ranks
+        kept = sorted(b for c in calls for b, keep in c if keep)
+        assert kept == list(range(n))  # every batch kept exactly once
+    assert rank_calls(3, None) == [(0, True), (1, True), (2, True)]
