@@ -29,6 +29,7 @@ class DriftState:
     reward_mean: float | None = None
     history: list[dict] = field(default_factory=list)  # one summary dict per refresh (metrics, timings, reasons)
     target: np.ndarray | None = None  # the latest unit target direction (what drift_target_ema smooths)
+    extra: dict = field(default_factory=dict)  # further per-example arrays of a scorer (LossDiff-IRM: irm, keep)
 
     def to_dict(self) -> dict:
         def arr(a):
@@ -45,6 +46,7 @@ class DriftState:
             "reward_mean": self.reward_mean,
             "history": self.history,
             "target": arr(self.target),
+            "extra": {k: arr(v) for k, v in self.extra.items()},
         }
 
     @classmethod
@@ -63,6 +65,7 @@ class DriftState:
             reward_mean=d.get("reward_mean"),
             history=list(d.get("history", [])),
             target=arr(d.get("target")),
+            extra={k: arr(v) for k, v in (d.get("extra") or {}).items()},
         )
 
 

@@ -17,16 +17,20 @@ and ``simpo``, which TRL 1.16's DPOTrainer does not offer: reference-free, lengt
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from trl import DPOConfig, DPOTrainer
 
+from drift_trainer.cli.datafiles import example_text
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.rewards import resolve_reward_funcs
 from drift_trainer.core.rollouts import check_query_dataset
+from drift_trainer.core.state import STATE_FILE, DriftState
 from drift_trainer.hf.config import DriftArguments, coerce_config
 from drift_trainer.hf.ica_callback import ICACallback
 from drift_trainer.hf.index import INDEX_COLUMN, prepare_index, with_index
@@ -99,6 +103,7 @@ class DriftDPOTrainer(DPOTrainer):
         self.drift_method = method
         self._own_loss = any(t in REFERENCE_FREE for t in args.loss_type)
         user_train = train_dataset
+        self._user_train = user_train
         num_pairs = len(user_train) if user_train is not None else 0
         if method != "uniform":
             check_pair_method(method, args, train_dataset)
@@ -141,6 +146,31 @@ class DriftDPOTrainer(DPOTrainer):
     @property
     def pair_scores(self) -> dict[str, np.ndarray]:
         return {} if self.pair_scorer is None else self.pair_scorer.pair_scores
+
+    @property
+    def drift_state(self) -> DriftState:
+        """The scorer's state as for SFT (weights, scores, one history entry per scoring); written as
+        ``drift_state.json`` into every checkpoint and restored from it on resume. Empty for ``uniform``."""
+        return DriftState() if self.pair_scorer is None else self.pair_scorer.state()
+
+    def pair_texts(self):
+        """``(user index, readable text)`` of each train pair (``examples.jsonl``, read by the report)."""
+        data = self._user_train
+        for i in range(len(data) if data is not None else 0):
+            row = data[i]
+            yield (
+                i,
+                " | ".join(
+                    f"{k}: {example_text({'text': row[k]})}" for k in ("prompt", "chosen", "rejected") if k in row
+                ),
+            )
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
+        if self.pair_scorer is not None and path is not None and os.path.exists(path):
+            with open(path) as f:
+                self.pair_scorer.restore(DriftState.from_dict(json.load(f)))
 
     @property
     def pair_history(self) -> list[dict]:

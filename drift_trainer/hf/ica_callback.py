@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from transformers import TrainerCallback
 
 from drift_trainer.core.dist import Dist
+from drift_trainer.core.state import DriftState
+from drift_trainer.hf.pair_callbacks import PairScorer
 from drift_trainer.methods.ica import EmbeddingFn, _holdout_pairs, ica_scores, ica_weights
 
 
-class ICACallback(TrainerCallback):
+class ICACallback(PairScorer):
     """Computes ICA weights at the start of training (and every ``drift_ica_refresh_steps`` steps if set).
 
     ``dataset`` is the user's train set (raw text columns, one row per user index); the weights land in
@@ -50,7 +51,27 @@ class ICACallback(TrainerCallback):
         self.history.append(
             {"step": step, "score_mean": float(self.scores.mean()), "weight_mean": float(self.weights.mean())}
         )
+        if hasattr(trainer, "pair_texts"):  # DriftDPOTrainer (the SFT trainer keeps its own records)
+            n = len(self.scores)
+            self.write_scoring(
+                step, {"index": np.arange(n), "score": self.scores, "weight": self.weights}, self.history[-1]
+            )
         return self.weights
+
+    def state(self) -> DriftState:
+        return DriftState(
+            step=self.history[-1]["step"] if self.history else -1,
+            num_refreshes=len(self.history),
+            scores=self.scores,
+            weights=self.weights,
+            history=list(self.history),
+        )
+
+    def restore(self, state: DriftState) -> None:
+        """A resumed run keeps the weights computed before the checkpoint (not recomputed at its start)."""
+        self.history = list(state.history)
+        if state.weights is not None:
+            self.scores, self.weights = np.asarray(state.scores), np.asarray(state.weights)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.weights is None:

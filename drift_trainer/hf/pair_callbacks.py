@@ -4,7 +4,9 @@ reads them (``DriftDPOTrainer.pair_weights``) and never has its fields written f
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 import numpy as np
 from transformers import TrainerCallback
@@ -12,6 +14,14 @@ from transformers import TrainerCallback
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
 from drift_trainer.core.refresher import Refresher
+from drift_trainer.core.state import (
+    STATE_FILE,
+    DriftState,
+    atomic_write_text,
+    write_examples,
+    write_refresh_artifacts,
+    write_refresh_result,
+)
 from drift_trainer.hf.callback import refresh_due
 from drift_trainer.hf.index import INDEX_COLUMN, generation_context
 from drift_trainer.methods.lossdiff import score_and_select, train_validation_model
@@ -26,7 +36,52 @@ def user_array(values: np.ndarray, user_index: np.ndarray, n: int, fill: float) 
     return out
 
 
-class LossDiffCallback(TrainerCallback):
+class PairScorer(TrainerCallback):
+    """What the preference scorers share: their state as a :class:`DriftState` (``trainer.drift_state``), written
+    as ``drift_state.json`` into each checkpoint and restored on resume (:meth:`restore`, called by
+    ``DriftDPOTrainer``), and per-scoring artifacts under ``output_dir/drift/`` as for SFT (``refresh-{step}/`` with
+    ``scores.parquet``, ``rollouts.jsonl``, ``summary.json``; ``examples.jsonl`` once)."""
+
+    trainer = None
+
+    def state(self) -> DriftState:
+        raise NotImplementedError
+
+    def restore(self, state: DriftState) -> None:
+        raise NotImplementedError
+
+    def _owned(self) -> bool:
+        """Whether this scorer is its trainer's pair scorer (``DriftDPOTrainer``; SFT's ICA keeps its own records)."""
+        return self.trainer is not None and getattr(self.trainer, "pair_scorer", None) is self
+
+    def on_save(self, args, state, control, **kwargs):
+        if not self._owned():
+            return
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(ckpt) and state.is_world_process_zero:
+            atomic_write_text(os.path.join(ckpt, STATE_FILE), json.dumps(self.state().to_dict()))
+
+    def _artifact_dir(self, step: int) -> str | None:
+        """``output_dir/drift/refresh-{step}`` on the main process when artifacts are on (else None); writes
+        ``examples.jsonl`` the first time."""
+        tr = self.trainer
+        if not (self._owned() and tr.args.drift_save_artifacts and tr.is_world_process_zero()):
+            return None
+        run_dir = os.path.join(tr.args.output_dir, "drift")
+        examples = os.path.join(run_dir, "examples.jsonl")
+        if not os.path.exists(examples):
+            os.makedirs(run_dir, exist_ok=True)
+            write_examples(examples, tr.pair_texts())
+        return os.path.join(run_dir, f"refresh-{step:06d}")
+
+    def write_scoring(self, step: int, columns: dict, summary: dict) -> None:
+        """Artifacts of a scoring without rollouts (ICA, LossDiff-IRM): one row per user pair."""
+        out = self._artifact_dir(step)
+        if out is not None:
+            write_refresh_artifacts(out, columns, [], summary)
+
+
+class LossDiffCallback(PairScorer):
     """After the warm-up epochs: train theta_val, score LossDiff and IRM, keep the middle bands (weights 1/0).
 
     ``initial_model``: a copy of the model before training (theta_val starts from it), unless ``validation_model``
@@ -91,9 +146,37 @@ class LossDiffCallback(TrainerCallback):
         }
         self.history.append({"step": step, "kept": int(keep.sum()), "num_pairs": int(n)})
         logger.info("LossDiff-IRM at step %d kept %d of %d pairs", step, int(keep.sum()), n)
+        columns = {
+            "index": np.arange(n),
+            "weight": self.weights,
+            **{k: np.asarray(v) for k, v in self.pair_scores.items()},
+        }
+        self.write_scoring(step, columns, self.history[-1])
+
+    def state(self) -> DriftState:
+        s = self.pair_scores
+        return DriftState(
+            step=self.history[-1]["step"] if self.history else -1,
+            num_refreshes=len(self.history),
+            scores=s.get("lossdiff"),
+            weights=self.weights,
+            history=list(self.history),
+            extra={k: s[k] for k in ("irm", "keep") if k in s},
+        )
+
+    def restore(self, state: DriftState) -> None:
+        """A resumed run keeps the selection made before the checkpoint (and does not select again)."""
+        self.history = list(state.history)
+        if state.weights is not None:
+            self.weights = np.asarray(state.weights)
+            self.pair_scores = {"lossdiff": state.scores, **state.extra}
+            if "keep" in self.pair_scores:
+                self.pair_scores["keep"] = np.asarray(self.pair_scores["keep"]).astype(bool)
+            self.done = True
+            self.initial_model = None
 
 
-class PairDriftCallback(TrainerCallback):
+class PairDriftCallback(PairScorer):
     """DRIFT on preference pairs: the refresh pipeline of SFT with the pairs' feature loss
     ``-(log p(y_w|x) - log p(y_l|x))`` (:data:`~drift_trainer.methods.pairs.PAIR_ROWS`); rollouts, signing, target,
     influence and weighting are the same calls as for SFT."""
@@ -105,6 +188,19 @@ class PairDriftCallback(TrainerCallback):
         self.num_pairs = num_pairs
         self.refresher: Refresher | None = None
         self.weights: np.ndarray | None = None
+        self._restored: DriftState | None = None  # from a checkpoint, before the refresher exists
+
+    def state(self) -> DriftState:
+        if self.refresher is not None:
+            return self.refresher.state
+        return self._restored if self._restored is not None else DriftState()
+
+    def restore(self, state: DriftState) -> None:
+        self._restored = state
+        if state.weights is not None:
+            self.weights = np.asarray(state.weights)
+        if self.refresher is not None:
+            self.refresher.state = state
 
     def on_train_begin(self, args, state, control, **kwargs):
         tr = self.trainer
@@ -128,6 +224,7 @@ class PairDriftCallback(TrainerCallback):
             options=args.drift_options(),
             first_step=args.drift_first_step,
             row_format=PAIR_ROWS,
+            state=self._restored,
         )
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -140,6 +237,9 @@ class PairDriftCallback(TrainerCallback):
         out = self.refresher.refresh(model, step, lambda: generation_context(tr, model), Dist(), optimizer=tr.optimizer)
         if out.changed:
             self.weights = out.weights
+        directory = self._artifact_dir(step)
+        if directory is not None:
+            write_refresh_result(directory, out.result, out.weights, out.summary)
 
     @property
     def pair_scores(self) -> dict[str, np.ndarray]:

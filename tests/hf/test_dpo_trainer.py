@@ -1,6 +1,7 @@
 """DriftDPOTrainer: scorers, band selection, weighted per-pair losses, and `uniform` = plain TRL DPO."""
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -192,3 +193,67 @@ def test_rank_calls_give_every_rank_the_same_number_of_forwards():
         kept = sorted(b for c in calls for b, keep in c if keep)
         assert kept == list(range(n))  # every batch kept exactly once
     assert rank_calls(3, None) == [(0, True), (1, True), (2, True)]
+
+
+METHOD_INPUTS = {
+    "ica": ({"drift_ica_batch_size": 4}, lambda: {"holdout_dataset": pairs(6, 9, 0)}),
+    "lossdiff_irm": ({"drift_lossdiff_warmup_epochs": 1.0}, lambda: {"validation_dataset": pairs(8, 5, 0)}),
+    "drift": (
+        {
+            "drift_refresh_steps": 2,
+            "drift_num_queries": 4,
+            "drift_num_rollouts": 4,
+            "drift_max_new_tokens": 2,
+            "drift_no_contrast": "keep",
+        },
+        lambda: {
+            "query_dataset": pairs(8, 5, 0).select_columns(["prompt", "answer"]),
+            "reward_funcs": digit_start_reward,
+        },
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(METHOD_INPUTS))
+def test_pair_scorers_checkpoint_resume_and_artifacts(tokenizer, tmp_path, method):
+    """drift_state.json in each checkpoint (12 pairs, batch 4: LossDiff-IRM selects at step 3, before the checkpoint at
+    4); a resumed run restores it (the weights are neither lost nor recomputed
+    at the resumed start) and ends like the unbroken run; per-scoring artifacts as for SFT."""
+    import os
+    import shutil
+
+    import pandas as pd
+
+    from drift_trainer.cli.toy import build_tiny_llama
+
+    options, inputs = METHOD_INPUTS[method]
+    runs = {}
+    for name in ("unbroken", "resumed"):
+        out = tmp_path / name
+        if name == "resumed":
+            os.makedirs(out)
+            shutil.copytree(tmp_path / "unbroken" / "checkpoint-4", out / "checkpoint-4")
+        args = make_args(
+            out,
+            drift_method=method,
+            num_train_epochs=1,
+            max_steps=6,
+            per_device_train_batch_size=4,
+            save_strategy="steps",
+            save_steps=4,
+            **options,
+        )
+        tr = make_trainer(tokenizer, build_tiny_llama(tokenizer, seed=0), args, n=12, **inputs())
+        tr.train(resume_from_checkpoint=str(out / "checkpoint-4") if name == "resumed" else None)
+        runs[name] = tr
+    saved = json.load(open(tmp_path / "unbroken" / "checkpoint-4" / "drift_state.json"))
+    assert saved["weights"] is not None and saved["num_refreshes"] >= 1
+    a, b = runs["unbroken"].drift_state, runs["resumed"].drift_state
+    np.testing.assert_allclose(b.weights, a.weights, rtol=1e-6)
+    assert [h["step"] for h in b.history] == [h["step"] for h in a.history]
+    first = a.history[0]["step"]
+    scores = pd.read_parquet(tmp_path / "unbroken" / "drift" / f"refresh-{first:06d}" / "scores.parquet")
+    assert len(scores) == 12
+    if method != "drift":  # one scoring: its weights are the final ones (DRIFT's first refresh is not its last)
+        np.testing.assert_allclose(scores["weight"], runs["unbroken"].pair_weights)
+    assert os.path.exists(tmp_path / "unbroken" / "drift" / "examples.jsonl")
