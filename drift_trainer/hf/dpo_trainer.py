@@ -20,18 +20,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
 from drift_trainer.cli.datafiles import example_text
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.rewards import resolve_reward_funcs
 from drift_trainer.core.rollouts import check_query_dataset
+from drift_trainer.core.sampler import DriftSampler
 from drift_trainer.core.state import STATE_FILE, DriftState
-from drift_trainer.hf.config import DriftArguments, coerce_config
+from drift_trainer.hf.callback import SAMPLER_FILE
+from drift_trainer.hf.config import REWEIGHT_MODES, DriftArguments, coerce_config
 from drift_trainer.hf.ica_callback import ICACallback
 from drift_trainer.hf.index import INDEX_COLUMN, prepare_index, with_index
 from drift_trainer.hf.method_options import ICAArguments, PreferenceArguments
@@ -56,6 +59,17 @@ class DriftDPOConfig(DriftArguments, ICAArguments, PreferenceArguments, DPOConfi
     ``loss_type`` also accepts ``"simpo"``. The ``drift_*`` options of DRIFT (refresh schedule, projection,
     debiasing, weighting) apply to ``drift_method="drift"``; ``drift_ica_*`` to ``ica``.
     """
+
+    drift_reweight_mode: str = field(
+        default="loss",
+        metadata={
+            "help": "How the pair weights act. `loss` (the default for preference data): TRL's batch order, each "
+            "pair's loss scaled by its weight, `sum_i w_i L_i / sum_i w_i`. `sampler`: pairs drawn by weight "
+            "(`drift_sampling`: `systematic` or `replacement`), each in the batch at weight 1; LossDiff-IRM's 0/1 "
+            "weights then never draw the pairs it drops.",
+            "choices": list(REWEIGHT_MODES),
+        },
+    )
 
     def __post_init__(self):
         self.validate_drift()
@@ -127,6 +141,9 @@ class DriftDPOTrainer(DPOTrainer):
                 raise ValueError("drift_method='drift' needs reward_funcs (e.g. 'exact_match').")
         super().__init__(model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, **kwargs)
         self.pair_scorer = None
+        self.drift_sampler: DriftSampler | None = None
+        self._sampler_weights = None  # the weights the sampler holds
+        self._row_user_index: np.ndarray | None = None
         if method == "ica":
             self.pair_scorer = ICACallback(self, user_train, holdout_dataset, args, embedding_fn)
         elif method == "lossdiff_irm":
@@ -136,6 +153,7 @@ class DriftDPOTrainer(DPOTrainer):
         if self.pair_scorer is not None:
             prepare_index(self)
             self.add_callback(self.pair_scorer)
+            self.add_callback(_SamplerSync(self))  # after the scorer: new weights reach the sampler at once
 
     # ------------------------------------------------------------------ state
     @property
@@ -167,10 +185,41 @@ class DriftDPOTrainer(DPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        path = os.path.join(checkpoint, STATE_FILE) if checkpoint is not None else None
-        if self.pair_scorer is not None and path is not None and os.path.exists(path):
+        if self.pair_scorer is None or checkpoint is None:
+            return
+        path = os.path.join(checkpoint, STATE_FILE)
+        if os.path.exists(path):
             with open(path) as f:
                 self.pair_scorer.restore(DriftState.from_dict(json.load(f)))
+        path = os.path.join(checkpoint, SAMPLER_FILE)
+        if self.drift_sampler is not None and os.path.exists(path):
+            with open(path) as f:
+                self.drift_sampler.load_state_dict(json.load(f))
+            self._sampler_weights = self.pair_weights
+
+    # ------------------------------------------------------------------ sampler mode
+    @property
+    def samples_by_weight(self) -> bool:
+        return self.pair_scorer is not None and self.args.drift_reweight_mode == "sampler"
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.samples_by_weight:
+            return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self.drift_sampler = DriftSampler(len(dataset), seed=seed, mode=self.args.drift_sampling)
+        self._row_user_index = np.asarray(dataset[INDEX_COLUMN], dtype=np.int64)
+        return self.drift_sampler
+
+    def _sync_sampler(self) -> None:
+        """Hand the scorer's newest weights to the sampler (from the next row it draws)."""
+        weights = self.pair_weights
+        if self.drift_sampler is None or weights is None or weights is self._sampler_weights:
+            return
+        self._sampler_weights = weights
+        rows = np.asarray(weights, dtype=np.float64)[self._row_user_index]
+        if rows.sum() > 0:
+            self.drift_sampler.update(rows)
 
     @property
     def pair_history(self) -> list[dict]:
@@ -204,6 +253,10 @@ class DriftDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
         weights = self.pair_weights
+        if self.samples_by_weight:  # the weights act through the draw; each drawn pair counts once
+            if model.training:
+                self._sync_sampler()
+            weights = None
         use_weights = weights is not None and index is not None and model.training
         if not (self._own_loss or use_weights):
             return super().compute_loss(
@@ -267,6 +320,22 @@ class DriftDPOTrainer(DPOTrainer):
             if weights is not None:
                 m["drift/batch_weight_mean"].append(float(weights.mean()))
         return (loss, outputs) if return_outputs else loss
+
+
+class _SamplerSync(TrainerCallback):
+    """In ``drift_reweight_mode="sampler"``: right after the scorer's events, hand new weights to the sampler."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._sync_sampler()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._sync_sampler()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer._sync_sampler()
 
 
 def check_pair_method(method: str, args, train_dataset) -> None:

@@ -22,7 +22,7 @@ from drift_trainer.core.state import (
     write_refresh_artifacts,
     write_refresh_result,
 )
-from drift_trainer.hf.callback import refresh_due
+from drift_trainer.hf.callback import SAMPLER_FILE, refresh_due
 from drift_trainer.hf.index import INDEX_COLUMN, generation_context
 from drift_trainer.methods.lossdiff import score_and_select, train_validation_model
 from drift_trainer.methods.pairs import PAIR_ROWS, PairView
@@ -60,6 +60,9 @@ class PairScorer(TrainerCallback):
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(ckpt) and state.is_world_process_zero:
             atomic_write_text(os.path.join(ckpt, STATE_FILE), json.dumps(self.state().to_dict()))
+            sampler = getattr(self.trainer, "drift_sampler", None)
+            if sampler is not None:
+                atomic_write_text(os.path.join(ckpt, SAMPLER_FILE), json.dumps(sampler.state_dict()))
 
     def _artifact_dir(self, step: int) -> str | None:
         """``output_dir/drift/refresh-{step}`` on the main process when artifacts are on (else None); writes

@@ -257,3 +257,50 @@ def test_pair_scorers_checkpoint_resume_and_artifacts(tokenizer, tmp_path, metho
     if method != "drift":  # one scoring: its weights are the final ones (DRIFT's first refresh is not its last)
         np.testing.assert_allclose(scores["weight"], runs["unbroken"].pair_weights)
     assert os.path.exists(tmp_path / "unbroken" / "drift" / "examples.jsonl")
+
+
+def test_sampler_mode_draws_pairs_by_weight(tokenizer, tmp_path):
+    """drift_reweight_mode="sampler": LossDiff-IRM's 0/1 selection acts through the draw (the dropped pairs are never
+    drawn again) and each drawn pair's loss counts once; a checkpoint holds the sampler, and a resumed run draws as
+    the unbroken one."""
+    import os
+    import shutil
+
+    from drift_trainer.cli.toy import build_tiny_llama
+
+    drawn = {}
+    for name in ("unbroken", "resumed"):
+        out = tmp_path / name
+        if name == "resumed":
+            os.makedirs(out)
+            shutil.copytree(tmp_path / "unbroken" / "checkpoint-6", out / "checkpoint-6")
+        args = make_args(
+            out,
+            drift_method="lossdiff_irm",
+            drift_reweight_mode="sampler",
+            drift_lossdiff_warmup_epochs=1.0,
+            max_steps=9,
+            per_device_train_batch_size=4,
+            save_strategy="steps",
+            save_steps=6,
+        )
+        tr = make_trainer(tokenizer, build_tiny_llama(tokenizer, seed=0), args, n=12, validation_dataset=pairs(8, 5, 0))
+        seen = drawn[name] = {}
+        original = tr.compute_loss
+
+        def spy(model, inputs, *a, _seen=seen, _tr=tr, _orig=original, **k):
+            if model.training:
+                _seen.setdefault(_tr.state.global_step + 1, []).extend(inputs["drift_index"].tolist())
+                assert _tr.pair_weights is None or _tr.samples_by_weight  # no loss weights in sampler mode
+            return _orig(model, inputs, *a, **k)
+
+        tr.compute_loss = spy
+        tr.train(resume_from_checkpoint=str(out / "checkpoint-6") if name == "resumed" else None)
+        if name == "unbroken":
+            keep = tr.pair_scores["keep"]
+            assert 0 < keep.sum() < 12 and tr.pair_history[0]["step"] == 3
+            after = [i for step, rows in seen.items() if step >= 5 for i in rows]  # step 4's batch may be drawn early
+            assert after and all(keep[i] for i in after)
+            assert sorted({i for step, rows in seen.items() if step <= 3 for i in rows}) == list(range(12))
+            assert os.path.exists(out / "checkpoint-6" / "drift_sampler.json")
+    assert [drawn["resumed"][s] for s in (7, 8, 9)] == [drawn["unbroken"][s] for s in (7, 8, 9)]
