@@ -13,7 +13,7 @@ def _md_throughput(res: dict) -> list[str]:
         "## 1. Feature throughput vs training (target >= 2.0)",
         "",
         "| model | params | data (mean tokens) | batch | feature dim | train ex/s | features ex/s | ratio | "
-        "FeaturePass ex/s | ratio | FeaturePass, upper half ex/s (modules) | ratio |",
+        "FeaturePass, every block ex/s | ratio | FeaturePass, upper half (the default) ex/s (modules) | ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["throughput"]:
@@ -33,7 +33,7 @@ def _md_throughput(res: dict) -> list[str]:
         "",
         "Training = forward + backward + AdamW step on the same padded batches; features = "
         "`ProjectedGradients.compute` on those batches (eval mode, one forward + one `autograd.grad`); "
-        "FeaturePass = `FeaturePass.run` over the same rows (length-sorted batches, results stored); upper half: "
+        "FeaturePass = `FeaturePass.run` over the same rows (length-sorted batches, results stored), with target modules in every block; upper half, the default: "
         "the target modules of the upper half of the blocks only (`drift_target_layers=0.5`), the blocks below run "
         "without an autograd graph.",
         "",

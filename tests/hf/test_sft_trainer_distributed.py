@@ -80,7 +80,7 @@ def _assert_sharded(ranks, model_class):
         ("zero3", 0, {}),
         ("zero3", 1, {"gc": 1, "ga": 2}),
         ("fsdp2", 0, {"trainer": "callback"}),  # DriftCallback on a plain transformers.Trainer
-        ("fsdp2", 1, {"gc": 1}),
+        # FSDP2 with LoRA and checkpointing: the captured-features case below (its scores are checked the same way)
     ],
 )
 def test_two_ranks_score_like_one(tmp_path, single, mode, lora, extra):
