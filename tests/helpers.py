@@ -164,3 +164,20 @@ def preference_pairs(n, seed, flip=0.3):
         rows["rejected"].append(right if f else wrong)
         rows["answer"].append(right)
     return Dataset.from_dict(rows)
+
+
+def run_under_timeout(cmd: list[str], timeout: int) -> None:
+    """Run a (torchrun) command with the repository importable and one torch thread per process; fail the test with
+    its output if it hangs past ``timeout`` seconds or exits non-zero."""
+    import os
+    import subprocess
+
+    import pytest
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{' '.join(cmd)} hung for {timeout}s:\n{(exc.stderr or b'')[-3000:]}")
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"

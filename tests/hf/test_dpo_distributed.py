@@ -10,31 +10,26 @@ and a rank that made fewer forwards would hang its peer.
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.helpers import run_under_timeout
+
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pair_multirank_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(WORKER)))
 TIMEOUT = 300
 METHODS = ("ica", "lossdiff_irm", "drift")
 
 
 def _launch(out_dir, nproc, mode):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, WORKER, str(out_dir), f"mode={mode}"]
     if nproc > 1:
         port = str(29600 + os.getpid() % 1000)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
         cmd += [WORKER, str(out_dir), f"mode={mode}"]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} hung for {TIMEOUT}s:\n{(exc.stderr or b'')[-3000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    run_under_timeout(cmd, TIMEOUT)
     return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(nproc)]
 
 

@@ -195,6 +195,17 @@ def test_rank_calls_give_every_rank_the_same_number_of_forwards():
     assert rank_calls(3, None) == [(0, True), (1, True), (2, True)]
 
 
+def _run_dir(tmp_path, name: str, checkpoint: str):
+    """``tmp_path/name``; for the ``resumed`` run, holding a copy of the unbroken run's ``checkpoint``."""
+    import shutil
+
+    out = tmp_path / name
+    if name == "resumed":
+        out.mkdir()
+        shutil.copytree(tmp_path / "unbroken" / checkpoint, out / checkpoint)
+    return out
+
+
 METHOD_INPUTS = {
     "ica": ({"drift_ica_batch_size": 4}, lambda: {"holdout_dataset": pairs(6, 9, 0)}),
     "lossdiff_irm": ({"drift_lossdiff_warmup_epochs": 1.0}, lambda: {"validation_dataset": pairs(8, 5, 0)}),
@@ -220,7 +231,6 @@ def test_pair_scorers_checkpoint_resume_and_artifacts(tokenizer, tmp_path, metho
     4); a resumed run restores it (the weights are neither lost nor recomputed
     at the resumed start) and ends like the unbroken run; per-scoring artifacts as for SFT."""
     import os
-    import shutil
 
     import pandas as pd
 
@@ -229,10 +239,7 @@ def test_pair_scorers_checkpoint_resume_and_artifacts(tokenizer, tmp_path, metho
     options, inputs = METHOD_INPUTS[method]
     runs = {}
     for name in ("unbroken", "resumed"):
-        out = tmp_path / name
-        if name == "resumed":
-            os.makedirs(out)
-            shutil.copytree(tmp_path / "unbroken" / "checkpoint-4", out / "checkpoint-4")
+        out = _run_dir(tmp_path, name, "checkpoint-4")
         args = make_args(
             out,
             drift_method=method,
@@ -264,16 +271,12 @@ def test_sampler_mode_draws_pairs_by_weight(tokenizer, tmp_path):
     drawn again) and each drawn pair's loss counts once; a checkpoint holds the sampler, and a resumed run draws as
     the unbroken one."""
     import os
-    import shutil
 
     from drift_trainer.cli.toy import build_tiny_llama
 
     drawn = {}
     for name in ("unbroken", "resumed"):
-        out = tmp_path / name
-        if name == "resumed":
-            os.makedirs(out)
-            shutil.copytree(tmp_path / "unbroken" / "checkpoint-6", out / "checkpoint-6")
+        out = _run_dir(tmp_path, name, "checkpoint-6")
         args = make_args(
             out,
             drift_method="lossdiff_irm",

@@ -11,21 +11,20 @@ tolerance 1e-5 of the largest score (seen: 1e-15 for DDP and ZeRO-2, 1e-7 for Ze
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.helpers import run_under_timeout
+
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multirank_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(WORKER)))  # the repository: the worker imports its drift_trainer
 N_TRAIN = 27  # odd: the two ranks' shards differ in size
 TIMEOUT = 240
 
 
 def _launch(out_dir, nproc, **opts):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     args = [f"{k}={v}" for k, v in {"n_train": N_TRAIN, **opts}.items()]
     if nproc == 1:
         cmd = [sys.executable, WORKER, str(out_dir), *args]
@@ -42,11 +41,7 @@ def _launch(out_dir, nproc, **opts):
             str(out_dir),
             *args,
         ]
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} hung for {TIMEOUT}s:\n{(exc.stderr or b'')[-3000:]}")
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    run_under_timeout(cmd, TIMEOUT)
     return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(nproc)]
 
 
