@@ -67,13 +67,15 @@ def shard(n: int, rank: int, world_size: int) -> tuple[np.ndarray, int]:
     return mine, per_rank
 
 
-def rank_calls(num_batches: int, dist: Dist | None) -> list[tuple[int, bool]]:
+def rank_calls(num_batches: int, dist: Dist | None, min_calls: int = 0) -> list[tuple[int, bool]]:
     """This rank's share of ``num_batches`` forward batches: ``(batch, keep)`` pairs, batches ``rank, rank + world,
-    ...``. Every rank gets the same number of calls, since a forward is a collective under ZeRO-3 and FSDP2: a rank
-    with fewer batches repeats one with ``keep=False`` (its result is discarded)."""
+    ...`` (:func:`shard`). Every rank gets the same number of calls (at least ``min_calls``), since a forward is a
+    collective under ZeRO-3 and FSDP2: a rank with fewer batches repeats one with ``keep=False`` (its result is
+    discarded)."""
     rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    mine = list(range(rank, num_batches, world))
-    calls = -(-num_batches // world)
+    mine, per_rank = shard(num_batches, rank, world)
+    mine = mine.tolist()
+    calls = max(per_rank, min_calls)
     return [(mine[j], True) if j < len(mine) else (mine[-1] if mine else 0, False) for j in range(calls)]
 
 

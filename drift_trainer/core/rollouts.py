@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset
 from transformers import GenerationConfig
 
+from drift_trainer.core.dist import rank_calls
 from drift_trainer.core.features import IGNORE_INDEX
 from drift_trainer.core.params import RolloutParams
 from drift_trainer.core.rewards import compute_rewards
@@ -184,16 +185,16 @@ def _is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) or (hasattr(p, "ds_id") and p.data.numel() == 0) for p in model.parameters())
 
 
-def sample_call(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg: GenerationConfig, synced: bool = False):
+def sample_call(model, ids: torch.Tensor, mask: torch.Tensor, gen_cfg: GenerationConfig, sharded: bool = False):
     """Sample one ``generate`` call's completions (left-padded ``ids`` / ``mask``): each row's ids up to and including
     its first EOS, and how many tokens were decoded for it.
 
     Each row leaves the batch at its own EOS: the KV cache keeps only the rows still running, so a call costs the
     tokens its rows generate, not rows x its longest completion. The sampling is ``gen_cfg``'s (temperature, top-p)
     on float32 logits. Falls back to ``model.generate`` (every row decoded until the last one stops) where rows cannot
-    leave: a model whose cache cannot drop rows, or sharded parameters across ranks (``synced``), whose forwards must
-    line up on every rank."""
-    if synced and _is_sharded(model):
+    leave: a model whose cache cannot drop rows, or parameters sharded across ranks (``sharded``, see
+    :func:`_is_sharded`), whose forwards must line up on every rank."""
+    if sharded:
         return _generate_call(model, ids, mask, gen_cfg, synced_gpus=True)
     eos, max_new = gen_cfg.eos_token_id, int(gen_cfg.max_new_tokens)
     rows = ids.shape[0]
@@ -310,9 +311,9 @@ def generate_rollouts(
     flat = [(qi, row) for qi, row in zip(query_rows, rows) for _ in range(k)]
     prompt_ids = [tokenize_prompt(tokenizer, row["prompt"]) for _, row in flat]
     batches = length_batches([len(p) for p in prompt_ids], max(1, params.batch_size), params.max_new_tokens)
-    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
-    mine = list(range(rank, len(batches), world))
-    calls = max(-(-len(batches) // world), num_calls or 0)
+    world = dist.world_size if dist is not None else 1
+    calls = rank_calls(len(batches), dist, num_calls or 0) if batches else []
+    sharded = world > 1 and _is_sharded(model)  # once per refresh, not per call
     device = next(model.parameters()).device
     pad = gen_cfg.pad_token_id
     done: dict[int, list[int]] = {}  # flat index -> completion ids (this rank's rollouts)
@@ -322,14 +323,13 @@ def generate_rollouts(
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            for j in range(calls if batches else 0):
-                c = mine[min(j, len(mine) - 1)] if mine else 0
+            for c, keep in calls:
                 torch.manual_seed(seed + c)
                 ids, mask = _left_pad([prompt_ids[i] for i in batches[c]], pad, device)
-                seqs, decoded = sample_call(model, ids, mask, gen_cfg, synced=dist is not None and world > 1)
+                seqs, decoded = sample_call(model, ids, mask, gen_cfg, sharded=sharded)
                 if progress is not None:
                     progress.update(1)
-                if j < len(mine):
+                if keep:
                     for row_i, seq, n in zip(batches[c], seqs, decoded):
                         done[row_i] = seq
                         steps[row_i] = n

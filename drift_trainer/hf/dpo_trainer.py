@@ -253,9 +253,7 @@ class DriftDPOTrainer(DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
         weights = self.pair_weights
-        if self.samples_by_weight:  # the weights act through the draw; each drawn pair counts once
-            if model.training:
-                self._sync_sampler()
+        if self.samples_by_weight:  # the weights act through the draw (synced by _SamplerSync); each pair counts once
             weights = None
         use_weights = weights is not None and index is not None and model.training
         if not (self._own_loss or use_weights):
