@@ -24,9 +24,12 @@ output file is written through a temporary file and a rename. ``work/`` is remov
 
 Several processes: ``torchrun --nproc_per_node 4 -m drift_trainer.cli refine ...`` or, on GPUs,
 ``accelerate launch --multi_gpu --num_processes 4 -m drift_trainer.cli refine ...`` (the same flags). Each process
-holds a full copy of the model; shard ``s`` goes to rank ``s % world_size`` (``core.dist.Dist`` over
-``torch.distributed``); rank 0 samples the rollouts and broadcasts the target, then reads every shard file and writes
-the outputs. Scores do not depend on the number of processes (shards are fixed by ``--shard_size``), and a run
+holds a full copy of the model, or with ``--fsdp`` its FSDP2 shard of it (``fully_shard`` per decoder block, then the
+root; the rollouts hold the full weights once, as a training-time refresh does). The ranks share the rollout calls
+(``core.dist.rank_calls``) and every rank computes the same target; feature shard ``s`` goes to rank
+``s % world_size``; under ``--fsdp`` each rank runs the same number of feature forwards (a rank with fewer pads with
+discarded ones), since a sharded forward is a collective. Rank 0 then reads every shard file and writes the outputs.
+Scores do not depend on the number of processes or on ``--fsdp`` (shards are fixed by ``--shard_size``), and a run
 interrupted with one process count resumes with another. ``--output_dir`` must be on a disk every process sees (one
 machine, or a shared filesystem). On CPU, ``torchrun`` (gloo) works; ``accelerate launch --cpu`` starts one process
 unless accelerate is configured for multi-CPU.
@@ -143,6 +146,8 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     timings: dict[str, float] = {}
     with pipeline.timed(timings, "load"):
         model, tokenizer = load_model_and_tokenizer(ra, device)
+        if ra.fsdp:
+            model = shard_model(model, device, dist)
     with pipeline.timed(timings, "tokenize"):
         rows, user_index = tokenize_rows(
             table,
@@ -176,6 +181,7 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     with pipeline.timed(timings, "write"):
         summary = write_outputs(ra, da, table, kind, result, weights, keep, fp, n_shards, n_resumed)
     summary["world_size"] = dist.world_size
+    summary["fsdp"] = fsdp_sharded(model)
     summary["timings"] = {k: round(v, 4) for k, v in timings.items()}
     summary["metrics"]["drift/refresh_seconds"] = time.perf_counter() - started
     write_summary(ra.output_dir, summary)
@@ -188,22 +194,59 @@ def run(ra: RefineArguments, da: DriftArguments) -> dict:
     return summary
 
 
+def shard_model(model, device, dist: Dist):
+    """``--fsdp``: the model under torch's FSDP2 over every process, one ``fully_shard`` group per decoder block (the
+    classes the model names in ``_no_split_modules``, as accelerate's FSDP2 wraps them), then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.world_size < 2:
+        raise ValueError(
+            "--fsdp shards the model over several processes, but this is one process. Launch with "
+            "`torchrun --nproc_per_node N -m drift_trainer.cli refine ...` (or accelerate launch), or drop --fsdp."
+        )
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(
+            f"--fsdp: {type(base).__name__} names no decoder-block class in _no_split_modules, so there is no block to "
+            "shard; drop --fsdp (every process then holds the full model)."
+        )
+    mesh = init_device_mesh(device.type, (dist.world_size,))
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp_sharded(model) -> bool:
+    """Whether any parameter of ``model`` is an FSDP2 DTensor shard (recorded in the summary as ``fsdp``)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def rollouts_and_target(sc: Scoring) -> tuple[Rollouts, np.ndarray, np.ndarray]:
-    """Stages 1-3 on rank 0 (saved in the work directory, read back on resume): the rollouts of refresh 0 (the seeds
-    a training-time first refresh with the same seed uses), their signs and the scorer's target ``G``, broadcast to
-    every rank. Raises when the rollouts carry no contrast for a scorer that needs it."""
+    """Stages 1-3 (saved in the work directory by rank 0, read back on resume): the rollouts of refresh 0 (the seeds
+    a training-time first refresh with the same seed uses), their signs and the scorer's target ``G``, the same on
+    every rank. The ranks share the rollout calls; under ``--fsdp`` they hold the full weights for them once. Raises
+    when the rollouts carry no contrast for a scorer that needs it."""
+    from drift_trainer.core.dist import fsdp2_unsharded
+
     target_path, rollouts_path = os.path.join(sc.work, "target.npz"), os.path.join(sc.work, "rollouts.json")
-    rollouts, signs = Rollouts(), np.zeros(0)
-    dim = sc.fpass.projector.dim
-    if sc.is_main and os.path.exists(target_path) and os.path.exists(rollouts_path):
-        logger.info("resuming: rollouts and target read from %s", sc.work)
+    # rank 0 decides, so that every rank takes the same branch (the rollouts below are collective)
+    found = sc.is_main and os.path.exists(target_path) and os.path.exists(rollouts_path)
+    if sc.dist.broadcast(np.asarray([float(found)]))[0]:
+        if sc.is_main:
+            logger.info("resuming: rollouts and target read from %s", sc.work)
         with open(rollouts_path) as f:
             rollouts = Rollouts(**json.load(f))
-        saved = np.load(target_path)
+        with np.load(target_path) as saved:
+            target, signs, contrast = saved["target"], saved["signs"], bool(saved["contrast"])
         with open(os.path.join(sc.work, "timings.json")) as f:
             sc.timings.update({k: v for k, v in json.load(f).items() if k not in ("load", "tokenize")})
-        target, signs, contrast = saved["target"], saved["signs"], bool(saved["contrast"])
-    elif sc.is_main:
+    else:
         with pipeline.timed(sc.timings, "rollouts"):
             try:
                 query_rows, rollouts = pipeline.sample_and_judge(
@@ -214,6 +257,8 @@ def rollouts_and_target(sc: Scoring) -> tuple[Rollouts, np.ndarray, np.ndarray]:
                     sc.params.rollouts,
                     seed=sc.ra.seed,
                     refresh_index=0,
+                    dist=sc.dist,
+                    generation_context=lambda: fsdp2_unsharded(sc.model),
                     show=sc.show,
                 )
             except RuntimeError as exc:
@@ -226,18 +271,17 @@ def rollouts_and_target(sc: Scoring) -> tuple[Rollouts, np.ndarray, np.ndarray]:
             target = pipeline.target(
                 sc.scorer, sc.fpass, sc.model, sc.tokenizer, sc.queries, query_rows, rollouts, signs, contrast
             )
-        atomic_write_text(os.path.join(sc.work, "timings.json"), json.dumps(sc.timings))
-        atomic_write_text(rollouts_path, json.dumps(rollouts.__dict__, default=_json_default))
-        save_npz(target_path, target=target, signs=signs, contrast=np.asarray(contrast))
-    packed = np.concatenate([[float(contrast)], target]) if sc.is_main else np.zeros(dim + 1)
-    packed = sc.dist.broadcast(packed)
-    if not packed[0]:
+        if sc.is_main:
+            atomic_write_text(os.path.join(sc.work, "timings.json"), json.dumps(sc.timings))
+            atomic_write_text(rollouts_path, json.dumps(rollouts.__dict__, default=_json_default))
+            save_npz(target_path, target=target, signs=signs, contrast=np.asarray(contrast))
+    if not contrast:
         _no_contrast(sc, rollouts, rollouts_path)
-    return rollouts, signs, packed[1:]
+    return rollouts, signs, target
 
 
 def _no_contrast(sc: Scoring, rollouts: Rollouts, rollouts_path: str) -> None:
-    rewards = np.asarray(rollouts.rewards) if sc.is_main else np.zeros(0)
+    rewards = np.asarray(rollouts.rewards)
     acc = float(np.mean(rewards >= sc.params.signing.reward_threshold)) if len(rewards) else float("nan")
     raise RuntimeError(
         f"No contrast: every judged rollout got the same verdict (rollout accuracy {acc:.3f} over "
@@ -272,17 +316,32 @@ def feature_shards(sc: Scoring, view: TrainView, target: np.ndarray) -> int:
     def size(s):
         return min(ra.shard_size, n_rows - s * ra.shard_size)
 
+    todo = [s for s in mine if s not in done]
+    spare = _spare_forwards(sc, [-(-size(s) // sc.fpass.batch_size) for s in todo])
     with pipeline.timed(sc.timings, "features"), progress_bar(sc.show, sum(map(size, mine)), "drift features") as bar:
         bar.update(sum(map(size, done)))
-        for s in (s for s in mine if s not in done):
+        if spare and not todo:  # nothing left on this rank: its share of the collective forwards, results discarded
+            sc.fpass.run(sc.model, view.fetch(np.arange(1)), num_batches=spare)
+        for j, s in enumerate(todo):
             ids = np.arange(s * ra.shard_size, s * ra.shard_size + size(s))
-            phi, loss, ntok = sc.fpass.run(sc.model, view.fetch(ids), progress=bar)
+            extra = spare if j == len(todo) - 1 else 0
+            n_batches = -(-size(s) // sc.fpass.batch_size) + extra
+            phi, loss, ntok = sc.fpass.run(sc.model, view.fetch(ids), num_batches=n_batches, progress=bar)
             raw, norm = inner_products([phi], target)
             arrays = {"rows": ids, "raw": raw, "norm": norm, "loss": loss, "ntok": ntok}
             if _keeps_features(sc):
                 arrays["phi"] = phi
             write_shard(work, s, arrays)
     return n_shards
+
+
+def _spare_forwards(sc: Scoring, batches: list[int]) -> int:
+    """Under ``--fsdp``, the forwards this rank adds so that every rank runs as many as the busiest (0 otherwise):
+    ranks own different numbers of shards, a last shard is short, and a resumed run has finished different ones."""
+    if not fsdp_sharded(sc.model):
+        return 0
+    busiest = int(sc.dist.all_reduce_max(np.asarray([float(sum(batches))]))[0])
+    return busiest - sum(batches)
 
 
 def influence(sc: Scoring, view: TrainView, n_shards: int, target, rollouts, signs) -> RefreshResult:

@@ -116,6 +116,14 @@ class RefineArguments:
         },
     )
     device: str | None = field(default=None, metadata={"help": "Device. Default: the process's GPU if any, else CPU."})
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Shard the model over the processes with torch's FSDP2 (fully_shard: one group per decoder block, "
+            "then the root), for a model one device cannot hold; every process takes part in every forward. Needs "
+            "several processes (torchrun / accelerate launch). Default: a full copy of the model per process."
+        },
+    )
     keep_work: bool = field(default=False, metadata={"help": "Keep {output_dir}/work/ (feature shards) after success."})
     overwrite: bool = field(
         default=False, metadata={"help": "Start over even if output_dir holds an unfinished run with other inputs."}
