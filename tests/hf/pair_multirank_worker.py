@@ -1,9 +1,12 @@
 """One rank of the preference scorers (ICA, LossDiff-IRM, DRIFT for DPO) in a DriftDPOTrainer, launched by
 tests/hf/test_dpo_distributed.py with torchrun (or alone for the single-process reference).
 
-Usage: python pair_multirank_worker.py OUT_DIR mode=single|ddp|zero3|fsdp2
+Usage: python pair_multirank_worker.py OUT_DIR mode=single|ddp|zero3|fsdp2 [resume=1]
 Each method trains a few steps at learning rate 0 (the model every rank and the single process scores is then the
-same one) and writes OUT_DIR/rank{r}.json: per method the pair weights, the scores and the history.
+same one) and writes OUT_DIR/rank{r}.json: per method the pair weights, the scores and the history. With
+``resume=1`` each method instead trains 7 steps at a small learning rate with a checkpoint at step 5, then a second
+trainer resumes from that checkpoint; per method the file holds both runs' ``drift_state`` weights and history, and
+whether the checkpoint held ``drift_state.json`` and the run wrote its per-scoring artifacts.
 """
 
 import copy
@@ -66,21 +69,17 @@ def main():
             {"query_dataset": val.select_columns(["prompt", "answer"]), "reward_funcs": digit_start_reward},
         ),
     }
-    result = {"rank": rank, "world": world}
-    for method, (options, inputs) in per_method.items():
+    def fit(method, options, inputs, out, resume_from=None, **schedule):
         if engine:  # one accelerate state per trainer: DeepSpeed and FSDP take their plugin only on the first
             from accelerate.state import AcceleratorState
 
             AcceleratorState._reset_state()
         model = build_tiny_llama(tok, seed=0)
         args = DriftDPOConfig(
-            output_dir=os.path.join(out_dir, method),
-            max_steps=4,
+            output_dir=out,
             per_device_train_batch_size=4 // world,
-            learning_rate=0.0,
             logging_steps=1,
             report_to=[],
-            save_strategy="no",
             use_cpu=True,
             bf16=False,
             seed=0,
@@ -88,6 +87,7 @@ def main():
             ddp_backend="gloo" if world > 1 else None,
             drift_method=method,
             drift_progress=False,
+            **{"max_steps": 4, "learning_rate": 0.0, "save_strategy": "no", **schedule},
             **options,
             **engine,
         )
@@ -99,7 +99,31 @@ def main():
             processing_class=tok,
             **inputs,
         )
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume_from)
+        return trainer
+
+    result = {"rank": rank, "world": world}
+    if opt.get("resume") == "1":
+        for method, (options, inputs) in per_method.items():
+            runs, schedule = {}, {"max_steps": 7, "learning_rate": 1e-3, "save_strategy": "steps", "save_steps": 5}
+            unbroken = os.path.join(out_dir, method, "unbroken")
+            runs["unbroken"] = fit(method, options, inputs, unbroken, **schedule)
+            checkpoint = os.path.join(unbroken, "checkpoint-5")
+            resumed = os.path.join(out_dir, method, "resumed")
+            runs["resumed"] = fit(method, options, inputs, resumed, resume_from=checkpoint, **schedule)
+            result[method] = {
+                name: {
+                    "weights": np.asarray(tr.drift_state.weights, float).tolist(),
+                    "history_steps": [h.get("step") for h in tr.drift_state.history],
+                }
+                for name, tr in runs.items()
+            }
+            result[method]["checkpoint_state"] = os.path.exists(os.path.join(checkpoint, "drift_state.json"))
+            result[method]["artifacts"] = os.path.exists(os.path.join(unbroken, "drift", "examples.jsonl"))
+        _finish(out_dir, rank, result)
+        return
+    for method, (options, inputs) in per_method.items():
+        trainer = fit(method, options, inputs, os.path.join(out_dir, method))
         from torch.distributed.tensor import DTensor
 
         result[method] = {
@@ -110,6 +134,10 @@ def main():
             "params": len(list(trainer.model.parameters())),
             "zero3_params": sum(hasattr(p, "ds_id") for p in trainer.model.parameters()),
         }
+    _finish(out_dir, rank, result)
+
+
+def _finish(out_dir, rank, result):
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     import torch.distributed as td

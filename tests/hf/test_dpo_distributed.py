@@ -23,12 +23,12 @@ TIMEOUT = 300
 METHODS = ("ica", "lossdiff_irm", "drift")
 
 
-def _launch(out_dir, nproc, mode):
-    cmd = [sys.executable, WORKER, str(out_dir), f"mode={mode}"]
+def _launch(out_dir, nproc, mode, *options):
+    cmd = [sys.executable, WORKER, str(out_dir), f"mode={mode}", *options]
     if nproc > 1:
         port = str(29600 + os.getpid() % 1000)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port]
-        cmd += [WORKER, str(out_dir), f"mode={mode}"]
+        cmd += [WORKER, str(out_dir), f"mode={mode}", *options]
     run_under_timeout(cmd, TIMEOUT)
     return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(nproc)]
 
@@ -55,3 +55,17 @@ def test_preference_scorers_on_two_ranks_score_like_one(tmp_path, single, mode):
             assert mine["zero3_params"] == mine["params"] > 0
         if mode == "fsdp2":  # really sharded (FSDP2 leaves its last group unsharded after a forward)
             assert mine["dtensor_params"] > mine["params"] // 2
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_pair_scorers_resume_on_two_ranks(tmp_path, mode):
+    """drift_state.json in the checkpoint, artifacts written, and a resumed run ends with the unbroken run's weights
+    and history on both ranks, for each scorer."""
+    ranks = _launch(tmp_path, 2, mode, "resume=1")
+    for method in METHODS:
+        for r in ranks:
+            a, b = r[method]["unbroken"], r[method]["resumed"]
+            assert a["history_steps"] and b["history_steps"] == a["history_steps"], method
+            np.testing.assert_allclose(b["weights"], a["weights"], rtol=1e-6, err_msg=method)
+            assert a["weights"] == ranks[0][method]["unbroken"]["weights"]  # identical on every rank
+        assert ranks[0][method]["checkpoint_state"] and ranks[0][method]["artifacts"], method
