@@ -422,6 +422,17 @@ def write_outputs(ra, da, table, kind, result, weights, keep, fp, n_shards, n_re
     )
 
 
+def _close_distributed(wait: bool) -> None:
+    """Close the process group before the interpreter exits (a gloo group left to shutdown can abort the process),
+    after every rank is done when ``wait``."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        if wait:
+            td.barrier()
+        td.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -429,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(ra, da)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError) as exc:
         print(f"drift-trainer refine: error: {exc}", file=sys.stderr)
+        _close_distributed(wait=False)
         return 1
+    _close_distributed(wait=True)
     if summary:
         m = summary["metrics"]
         print(

@@ -28,6 +28,9 @@ def float32_math(device: torch.device | str):
     """Run the enclosed products as written, in the dtype of their operands: turns off any enclosing autocast (which
     would otherwise recast float32 projections to bf16 / fp16, e.g. inside a mixed-precision model's forward)."""
     device_type = torch.device(device).type
+    if not torch.is_autocast_enabled(device_type):  # nothing to turn off (entering autocast costs per call)
+        yield
+        return
     with torch.autocast(device_type=device_type, enabled=False):
         yield
 
@@ -385,13 +388,16 @@ def example_labels(row: dict) -> list[int]:
 def collate_right(rows: Iterable[dict], pad_token_id: int, device: torch.device | str = "cpu") -> dict:
     """Right-pad rows with ``input_ids`` and ``labels`` into a batch with an ``attention_mask``."""
     rows = list(rows)
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.as_tensor(r["input_ids"])
-        labels[i, :n] = torch.as_tensor(r["labels"])
-        mask[i, :n] = 1
+    lengths = [len(r["input_ids"]) for r in rows]
+    width = max(lengths)
+
+    def padded(key, value):  # one tensor from padded lists: far cheaper than a copy per row for short rows
+        return torch.tensor([_as_list(r[key]) + [value] * (width - n) for r, n in zip(rows, lengths)], dtype=torch.long)
+
+    ids, labels = padded("input_ids", pad_token_id), padded("labels", IGNORE_INDEX)
+    mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
     return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+
+
+def _as_list(seq) -> list:
+    return seq.tolist() if hasattr(seq, "tolist") else list(seq)

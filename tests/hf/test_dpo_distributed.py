@@ -57,11 +57,10 @@ def test_preference_scorers_on_two_ranks_score_like_one(tmp_path, single, mode):
             assert mine["dtensor_params"] > mine["params"] // 2
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_pair_scorers_resume_on_two_ranks(tmp_path, mode):
+def test_pair_scorers_resume_on_two_ranks_under_fsdp2(tmp_path):
     """drift_state.json in the checkpoint, artifacts written, and a resumed run ends with the unbroken run's weights
-    and history on both ranks, for each scorer."""
-    ranks = _launch(tmp_path, 2, mode, "resume=1")
+    and history on both ranks, for each scorer (FSDP2: sharded model and optimizer checkpoints)."""
+    ranks = _launch(tmp_path, 2, "fsdp2", "resume=1")
     for method in METHODS:
         for r in ranks:
             a, b = r[method]["unbroken"], r[method]["resumed"]
