@@ -276,12 +276,18 @@ class ProjectedGradients:
             pairs = [(i, a, out) for i, rec in enumerate(records) for a, out in rec if out.requires_grad]
             grads = torch.autograd.grad(loss.sum(), [o for _, _, o in pairs], allow_unused=True) if pairs else []
             bsz = batch["input_ids"].shape[0]
-            blocks = [torch.zeros(bsz, self.k, self.k, device=device) for _ in self.modules]
+            blocks: list[torch.Tensor | None] = [None] * len(self.modules)
             with float32_math(device):  # an enclosing autocast would run these products in bf16/fp16
                 for (i, a, _), g in zip(pairs, grads):
                     if g is not None:
                         d = self.project_output_grad(g, i)  # (B, T, k)
-                        blocks[i] += torch.einsum("btk,btl->bkl", d, a)
+                        block = torch.bmm(d.reshape(bsz, -1, self.k).transpose(1, 2), a.reshape(bsz, -1, self.k))
+                        blocks[i] = block if blocks[i] is None else blocks[i] + block  # a module called twice: sum
+            zero = None
+            for i, b in enumerate(blocks):  # a module the loss did not reach: a zero block
+                if b is None:
+                    zero = torch.zeros(bsz, self.k, self.k, device=device) if zero is None else zero
+                    blocks[i] = zero
             feats = torch.cat([b.reshape(bsz, -1) for b in blocks], dim=1)
             group = batch.get("row_group")
             if group is not None:
