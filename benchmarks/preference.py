@@ -1,33 +1,40 @@
-"""Preference benchmark: uniform DPO against ICA, LossDiff-IRM and DRIFT on a synthetic task with flipped pairs.
+"""Preference benchmark: uniform DPO against ICA, LossDiff-IRM and DRIFT on a task where DPO learns, with flipped pairs.
 
-Run from the repository root::
+Run from the repository root (one torch thread)::
 
-    PYTHONPATH=. python benchmarks/preference.py            # full run: 3 seeds (about 10-15 minutes on 2 CPU cores)
-    PYTHONPATH=. python benchmarks/preference.py --quick    # smoke run: 1 seed, fewer steps
+    PYTHONPATH=. python benchmarks/preference.py                    # full run: 8 seeds, all methods, TIF bands
+    PYTHONPATH=. python benchmarks/preference.py --quick            # smoke run: 1 seed, small (< 2 minutes)
+    PYTHONPATH=. python benchmarks/preference.py --aggregate-only   # rebuild json/md from the checkpointed runs
 
-Task: one-digit addition ``"a+b="``. A pair's chosen response is the right sum and its rejected one a wrong sum, except
-for a share of *flipped* pairs (chosen and rejected swapped: the label noise). A tiny Llama is first fine-tuned briefly
-on a few clean examples (the same start for every method of a seed, and DPO's reference), then trained with DPO
-(``loss_type="sigmoid"``) by ``DriftDPOTrainer`` under each ``drift_method``. Held-out clean pairs measure:
+Task (:mod:`preference_task`): fixed-width addition ``"07+23="`` -> ``"30"`` with operands in ``[0, 29]``; the
+prompts are split into disjoint train / validation / test prompts. A pair's rejected answer is the right sum ``± d``,
+``d`` in {1, 2, 5, 10}, both signs (no "bigger is better" shortcut); ``d`` is recorded per pair (``distance``: near
+distractors differ in the units digit, far ones mostly in the tens digit). A share ``--flip`` of the train pairs swap
+chosen and rejected (label noise). A tiny Llama is fine-tuned briefly (SFT) on clean sums of the train prompts: a
+weak-but-not-hopeless start shared by every method of a seed (and DPO's reference). Then DPO (``sigmoid``) with
+``DriftDPOTrainer(drift_method=...)``:
 
-- ``pref_acc``: share of held-out pairs where the policy gives the right answer the higher log-probability;
-- ``margin_acc``: share where the implicit reward margin ``beta * [log(pi/pi_ref)(y_w) - log(pi/pi_ref)(y_l)]`` is
-  positive (what DPO optimises);
-- ``exact``: greedy exact-match accuracy on the held-out prompts;
-- ``flip_auroc``: how well the method's weights tell clean from flipped train pairs (AUROC of weight, clean = 1;
-  0.5 = blind; for LossDiff-IRM, of the 0/1 keep mask).
+- ``uniform``: plain DPO on the noisy pairs; ``oracle``: plain DPO on the *same pairs unflipped* (clean labels);
+- ``ica``, ``lossdiff_irm``, ``drift``: the scorers on the noisy pairs; ``*_simpo``: the same with ``loss_type="simpo"``.
 
-Writes ``benchmarks/results/preference.json`` and ``benchmarks/results/preference.md`` (with the command).
+Held-out clean pairs on unseen test prompts measure ``pref_acc`` (policy log-prob of the right answer above the
+distractor's), ``margin_acc`` / ``margin_mean`` / ``eval_loss`` (the implicit DPO reward margin, and the DPO loss, with
+the start as reference) and ``exact`` (greedy exact match on the test prompts). Statistics: paired differences over
+seeds with 95% bootstrap CIs (``quality_stats.bootstrap_ci``). The TIF bands check trains uniform DPO on each third
+of the train pairs ranked by LossDiff (from the seed's ``lossdiff_irm`` run) and compares the held-out metrics.
+
+Each (method, seed) result is appended to ``benchmarks/results/preference_runs/runs.jsonl``; a rerun with the same
+configuration skips finished runs. Writes ``benchmarks/results/preference.json`` and ``preference.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import os
 import platform
-import random
 import shlex
 import sys
 import time
@@ -35,261 +42,584 @@ import time
 import numpy as np
 import torch
 
-METHODS = ("uniform", "ica", "lossdiff_irm", "drift")
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+from preference_task import auroc, evaluate, make_pairs, prompt_split, sft_start  # noqa: E402
+from quality_stats import bootstrap_ci  # noqa: E402
+
+METHODS = (
+    "uniform",
+    "oracle",
+    "ica",
+    "lossdiff_irm",
+    "drift",
+    "uniform_simpo",
+    "ica_simpo",
+    "lossdiff_irm_simpo",
+)
+START = "start"
+BANDS = ("low", "medium", "high")
+METRICS = ("pref_acc", "exact", "margin_mean", "eval_loss", "margin_acc")
+FULL = {
+    "operand_max": 29,
+    "width": 2,
+    "n_val_prompts": 50,
+    "n_test_prompts": 150,
+    "n_train": 2048,
+    "n_val_pairs": 256,
+    "n_test_pairs": 600,
+    "sft_steps": 200,
+    "epochs": 2,
+    "lr": 1e-3,
+    "beta": 1.0,
+    "batch": 16,
+    "refresh": 32,
+    "simpo_beta": 2.0,
+    "simpo_gamma": 0.5,
+}
+QUICK = {"n_train": 256, "n_val_pairs": 64, "n_test_pairs": 200, "refresh": 8}
 
 
-def pairs(n: int, seed: int, flip: float):
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    rows = {"prompt": [], "chosen": [], "rejected": [], "answer": [], "flipped": []}
-    for _ in range(n):
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        right = a + b
-        wrong = right
-        while wrong == right:
-            wrong = max(0, right + rng.choice([-2, -1, 1, 2]))
-        f = rng.random() < flip
-        rows["prompt"].append(f"{a}+{b}=")
-        rows["chosen"].append(str(wrong if f else right))
-        rows["rejected"].append(str(right if f else wrong))
-        rows["answer"].append(str(right))
-        rows["flipped"].append(f)
-    return Dataset.from_dict(rows)
+def config_key(cfg: dict, flip: float) -> str:
+    return hashlib.sha1(json.dumps({**cfg, "flip": flip}, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def auroc(score: np.ndarray, positive: np.ndarray) -> float:
-    s, y = np.asarray(score, dtype=float), np.asarray(positive, dtype=bool)
-    if y.all() or not y.any():
-        return float("nan")
-    order = np.argsort(s, kind="stable")
-    ranks = np.empty(len(s))
-    ranks[order] = np.arange(1, len(s) + 1)
-    for v in np.unique(s):  # average ranks of ties
-        ranks[s == v] = ranks[s == v].mean()
-    n1 = y.sum()
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
+class Seed:
+    """Data and start model of one seed (shared by every method of the seed)."""
+
+    def __init__(self, tok, seed: int, cfg: dict, flip: float):
+        self.seed = seed
+        tr, va, te = prompt_split(cfg["operand_max"], seed, cfg["n_val_prompts"], cfg["n_test_prompts"])
+        w = cfg["width"]
+        self.train = make_pairs(tr, cfg["n_train"], 10 + seed, flip, w)
+        self.val = make_pairs(va, cfg["n_val_pairs"], 100 + seed, 0.0, w)
+        self.test = make_pairs(te, cfg["n_test_pairs"], 1000 + seed, 0.0, w)
+        self.clean = unflip(self.train)
+        self.start = sft_start(tok, tr, seed, cfg["sft_steps"], w)
+        self.flipped = np.asarray(self.train["flipped"], dtype=bool)
 
 
-def sft_start(tok, seed: int, steps: int):
-    """A tiny Llama briefly fine-tuned on clean one-digit sums (a plain loop; the start every method shares)."""
-    from drift_trainer.cli.toy import build_tiny_llama
-    from drift_trainer.core.features import collate_right, per_example_loss
-
-    torch.manual_seed(seed)
-    model = build_tiny_llama(tok, seed=seed)
-    rng = random.Random(1000 + seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(steps):
-        rows = []
-        for _ in range(32):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            p = tok(text=f"{a}+{b}=", add_special_tokens=False)["input_ids"]
-            c = tok(text=f"{a + b}", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
-        loss, _ = per_example_loss(model, collate_right(rows, tok.pad_token_id))
-        opt.zero_grad()
-        loss.mean().backward()
-        opt.step()
-    model.eval()
-    return model
+def unflip(ds):
+    """The same pairs with chosen and rejected swapped back where ``flipped`` (the clean labels)."""
+    f = ds["flipped"]
+    chosen = [r if x else c for c, r, x in zip(ds["chosen"], ds["rejected"], f)]
+    rejected = [c if x else r for c, r, x in zip(ds["chosen"], ds["rejected"], f)]
+    return ds.remove_columns(["chosen", "rejected"]).add_column("chosen", chosen).add_column("rejected", rejected)
 
 
-@torch.no_grad()
-def evaluate(model, ref, tok, test, beta: float) -> dict:
-    from drift_trainer.methods.pairs import pair_logps
-
-    rows = []
-    for p, c, r in zip(test["prompt"], test["chosen"], test["rejected"]):
-        ids = lambda t: tok(text=t, add_special_tokens=False)["input_ids"]  # noqa: E731
-        rows.append(
-            {
-                "prompt_ids": ids(p),
-                "chosen_ids": ids(c) + [tok.eos_token_id],
-                "rejected_ids": ids(r) + [tok.eos_token_id],
-            }
-        )
-    pol = pair_logps(model, rows, tok.pad_token_id, 64)
-    rf = pair_logps(ref, rows, tok.pad_token_id, 64)
-    margin = beta * ((pol.chosen - rf.chosen) - (pol.rejected - rf.rejected))
-    # greedy exact match
-    model.eval()
-    prompts = sorted(set(test["prompt"]))
-    answer = dict(zip(test["prompt"], test["answer"]))
-    hits = 0
-    for p in prompts:
-        ids = torch.tensor([tok(text=p, add_special_tokens=False)["input_ids"]])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False)
-        hits += tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip() == answer[p]
-    return {
-        "pref_acc": float(np.mean(pol.chosen > pol.rejected)),
-        "margin_acc": float(np.mean(margin > 0)),
-        "margin_mean": float(margin.mean()),
-        "exact": hits / len(prompts),
-    }
-
-
-def run_one(method, seed, start, tok, train, holdout, test, cfg) -> dict:
-    from common import quiet_cpu_args  # here, not at the top: after main has set up the environment
+def train_dpo(method: str, data, s: Seed, tok, cfg: dict, tag: str):
+    """One DPO run from the seed's start; returns the trainer (after training) and its wall seconds."""
+    from common import quiet_cpu_args  # here: after main has set up the environment
 
     from drift_trainer import DriftDPOConfig, DriftDPOTrainer
 
-    model, ref = copy.deepcopy(start), copy.deepcopy(start)
+    base, simpo = method.removesuffix("_simpo"), method.endswith("_simpo")
+    drift_method = "uniform" if base in ("uniform", "oracle", "band") else base
+    model, ref = copy.deepcopy(s.start), copy.deepcopy(s.start)
+    extra = {"loss_type": ["simpo"], "simpo_gamma": cfg["simpo_gamma"]} if simpo else {}
     args = DriftDPOConfig(
-        output_dir=f"/tmp/drift-pref-bench/{method}-{seed}",
+        output_dir=f"/tmp/drift-pref-bench/{tag}",
         bf16=False,
-        seed=seed,
+        seed=s.seed,
         num_train_epochs=cfg["epochs"],
-        per_device_train_batch_size=16,
+        per_device_train_batch_size=cfg["batch"],
         learning_rate=cfg["lr"],
-        beta=cfg["beta"],
-        logging_steps=10,
-        drift_method=method,
+        beta=cfg["simpo_beta"] if simpo else cfg["beta"],
+        logging_steps=10_000,
+        drift_method=drift_method,
         drift_lossdiff_warmup_epochs=1.0,
         drift_refresh_steps=cfg["refresh"],
         drift_first_refresh_step=cfg["refresh"],
         drift_num_queries=16,
         drift_num_rollouts=4,
-        drift_max_new_tokens=3,
+        drift_max_new_tokens=cfg["width"] + 1,
         drift_no_contrast="keep",
+        **extra,
         **quiet_cpu_args(),
     )
     trainer = DriftDPOTrainer(
         model=model,
         ref_model=ref,
         args=args,
-        train_dataset=train,
+        train_dataset=data,
         processing_class=tok,
-        holdout_dataset=holdout,
-        validation_dataset=holdout,
-        query_dataset=holdout.select_columns(["prompt", "answer"]),
+        holdout_dataset=s.val,
+        validation_dataset=s.val,
+        query_dataset=s.val.select_columns(["prompt", "answer"]),
         reward_funcs="exact_match",
     )
     t0 = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - t0
-    out = {"method": method, "seed": seed, "seconds": round(seconds, 1)}
-    out.update(evaluate(trainer.model, ref, tok, test, cfg["beta"]))
+    return trainer, time.perf_counter() - t0
+
+
+def run_method(method: str, s: Seed, tok, cfg: dict) -> dict:
+    data = s.clean if method == "oracle" else s.train
+    trainer, seconds = train_dpo(method, data, s, tok, cfg, f"{method}-{s.seed}")
+    out = {"method": method, "seed": s.seed, "seconds": round(seconds, 1)}
+    out.update(evaluate(trainer.model, s.start, tok, s.test, cfg["beta"], cfg["width"]))
     w = trainer.pair_weights
-    flipped = np.asarray(train["flipped"])
     if w is not None:
-        out["flip_auroc"] = auroc(w, ~flipped)
-        out["kept_or_weight_mean"] = float(np.mean(w))
-        if method == "lossdiff_irm":
+        w = np.asarray(w, dtype=float)
+        out["flip_auroc"] = auroc(w, ~s.flipped)
+        out["weight_mean"] = float(np.mean(w))
+        if method.startswith("lossdiff_irm"):
             kept = w > 0
-            out["flipped_share_kept"] = float(flipped[kept].mean()) if kept.any() else float("nan")
-    out["flipped_share_all"] = float(flipped.mean())
+            dist = np.asarray(s.train["distance"])
+            out["kept_fraction"] = float(kept.mean())
+            out["flipped_share_kept"] = float(s.flipped[kept].mean()) if kept.any() else float("nan")
+            out["kept_by_distance"] = {str(d): float(kept[dist == d].mean()) for d in sorted(set(dist.tolist()))}
+            sc = trainer.pair_scores
+            for k in ("lossdiff", "irm"):
+                if k in sc:
+                    out[f"{k}_flip_auroc"] = auroc(-np.asarray(sc[k], dtype=float), ~s.flipped)
+                    out[f"{k}_scores"] = [round(float(x), 5) for x in sc[k]]
+        if method.startswith("ica"):
+            sc = trainer.pair_scores.get("score")
+            if sc is not None:
+                out["ica_scores"] = [round(float(x), 5) for x in sc]
+    out["flipped_share_all"] = float(s.flipped.mean())
     return out
 
 
+def run_bands(s: Seed, tok, cfg: dict, scores, source: str) -> list[dict]:
+    """TIF bands: uniform DPO on each third of the train pairs ranked by ``scores`` (ascending), alone."""
+    order = np.argsort(np.asarray(scores, dtype=float), kind="stable")
+    thirds = np.array_split(order, 3)
+    outs = []
+    dist = np.asarray(s.train["distance"])
+    for name, idx in zip(BANDS, thirds):
+        idx = np.sort(idx)
+        trainer, seconds = train_dpo("band", s.train.select(idx.tolist()), s, tok, cfg, f"band-{name}-{s.seed}")
+        r = {"method": f"band_{name}", "seed": s.seed, "band_source": source, "seconds": round(seconds, 1)}
+        r.update(evaluate(trainer.model, s.start, tok, s.test, cfg["beta"], cfg["width"]))
+        r["band_pairs"] = int(len(idx))
+        r["band_flipped_share"] = float(s.flipped[idx].mean())
+        r["band_mean_distance"] = float(dist[idx].mean())
+        outs.append(r)
+    return outs
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def runs_path(out: str, tag: str) -> str:
+    return os.path.join(out, "preference_runs", f"runs{tag}.jsonl")
+
+
+def load_runs(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_run(path: str, rec: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def paired(by: dict, a: str, b: str, metric: str) -> dict | None:
+    seeds = sorted(set(by.get(a, {})) & set(by.get(b, {})))
+    if len(seeds) < 1:
+        return None
+    d = np.array([by[a][s][metric] - by[b][s][metric] for s in seeds], dtype=float)
+    lo, hi = bootstrap_ci(d)
+    return {"n": len(d), "mean": float(d.mean()), "ci": [lo, hi], "below": int((d < 0).sum()), "diffs": d.tolist()}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    by: dict[str, dict[int, dict]] = {}
+    for r in runs:
+        by.setdefault(r["method"], {})[r["seed"]] = r
+    names = [START] + [m for m in METHODS if m in by] + [f"band_{b}" for b in BANDS if f"band_{b}" in by]
+    table = {}
+    for m in names:
+        if m not in by:
+            continue
+        rs = list(by[m].values())
+        row = {"n": len(rs)}
+        for k in (
+            *METRICS,
+            "seconds",
+            "flip_auroc",
+            "weight_mean",
+            "kept_fraction",
+            "flipped_share_kept",
+            "lossdiff_flip_auroc",
+            "irm_flip_auroc",
+            "band_flipped_share",
+            "band_mean_distance",
+        ):
+            vals = [r[k] for r in rs if r.get(k) is not None and not (isinstance(r[k], float) and np.isnan(r[k]))]
+            if vals:
+                row[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+        dk = sorted({k for r in rs for k in r if k.startswith("pref_acc_d")}, key=lambda k: int(k[10:]))
+        row["pref_acc_by_distance"] = {k[10:]: float(np.mean([r[k] for r in rs if k in r])) for k in dk}
+        kb = [r["kept_by_distance"] for r in rs if "kept_by_distance" in r]
+        if kb:
+            row["kept_by_distance"] = {d: float(np.mean([x[d] for x in kb])) for d in kb[0]}
+        for ref in ("uniform", "oracle", START, "uniform_simpo"):
+            if ref == "uniform_simpo" and not m.endswith("_simpo"):
+                continue
+            if m != ref and not m.startswith("band_"):
+                row[f"vs_{ref}"] = {k: paired(by, m, ref, k) for k in ("pref_acc", "exact", "margin_mean")}
+        table[m] = row
+    bands = {}
+    if all(f"band_{b}" in by for b in BANDS):
+        for a, b in (("medium", "low"), ("medium", "high"), ("high", "low")):
+            bands[f"{a}-{b}"] = {k: paired(by, f"band_{a}", f"band_{b}", k) for k in METRICS}
+    return {"table": table, "bands": bands, "by": by}
+
+
+def targets(agg: dict) -> list[dict]:
+    t = agg["table"]
+    out = []
+
+    def add(name, cond, value):
+        out.append({"target": name, "met": cond, "value": value})
+
+    def ci(m, ref, k):
+        p = (t.get(m, {}).get(f"vs_{ref}") or {}).get(k)
+        return p
+
+    def fmt(p):
+        return "n/a" if p is None else f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}]"
+
+    for k in ("pref_acc", "exact"):
+        p = ci("oracle", START, k)
+        add(f"(task) oracle DPO beats the start on {k} (CI > 0)", bool(p and p["ci"][0] > 0), fmt(p))
+    for k in ("pref_acc", "exact"):
+        p = ci("uniform", "oracle", k)
+        add(f"(task) flips hurt: uniform below oracle on {k} (CI < 0)", bool(p and p["ci"][1] < 0), fmt(p))
+    for m in ("lossdiff_irm", "ica"):
+        for k in ("pref_acc", "exact"):
+            p = ci(m, "uniform", k)
+            add(f"{m} beats uniform DPO on {k} (95% CI excludes 0, > 0)", bool(p and p["ci"][0] > 0), fmt(p))
+    for k in ("pref_acc", "exact"):
+        p = ci("drift", "uniform", k)
+        add(
+            f"drift does not fall below uniform on {k} (CI low >= -0.01 or mean >= 0)",
+            bool(p and (p["ci"][0] >= -0.01 or p["mean"] >= 0)),
+            fmt(p),
+        )
+    b = agg["bands"]
+    for k in ("pref_acc", "exact", "eval_loss"):
+        lo, hi = (b.get("medium-low") or {}).get(k), (b.get("medium-high") or {}).get(k)
+        if lo and hi:
+            better = (lambda p: p["ci"][1] < 0) if k == "eval_loss" else (lambda p: p["ci"][0] > 0)
+            add(
+                f"(TIF) medium band best on {k} (CI vs low and vs high excludes 0)",
+                better(lo) and better(hi),
+                f"vs low {fmt(lo)}; vs high {fmt(hi)}",
+            )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _ms(row, k, digits=3):
+    v = row.get(k)
+    return "-" if v is None else f"{v['mean']:.{digits}f} ± {v['std']:.{digits}f}"
+
+
+def _p(p):
+    if p is None:
+        return "-"
+    return f"{p['mean']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] ({p['below']}/{p['n']} <0)"
+
+
+def write_md(path: str, meta: dict, agg: dict, tg: list[dict]) -> None:
+    t = agg["table"]
+    cfg = meta["config"]
+    L = [
+        "# Preference benchmark: uniform DPO vs ICA, LossDiff-IRM and DRIFT (a task where DPO learns)",
+        "",
+        f"Command: `{meta['command']}`"
+        + (f" (tables rebuilt from its checkpointed runs by `{meta['rebuilt_by']}`)" if meta.get("rebuilt_by") else ""),
+        "",
+        f"Machine: {meta['machine']}, one torch thread. Wall time of the command: {meta['wall_seconds']} s "
+        f"(runs loaded from the checkpoint file, not rerun: {meta['skipped']}; sum of the recorded per-run training "
+        f"seconds: {meta['train_seconds']:.0f} s). Seeds: {meta['seeds']}. Flipped train pairs: {meta['flip']:.0%}. "
+        f"Config: `{json.dumps(cfg)}`.",
+        "",
+        "## Task",
+        "",
+        f'Fixed-width addition `"07+23="` -> `"30"` (operands 0..{cfg["operand_max"]}, answers {cfg["width"]} '
+        f"digits + EOS). The {(cfg['operand_max'] + 1) ** 2} prompts are split per seed into disjoint train / "
+        f"validation ({cfg['n_val_prompts']}) / test ({cfg['n_test_prompts']}) prompts. Pairs: chosen = right sum, "
+        'rejected = right sum ± d, d in {1, 2, 5, 10}, sign + or - with equal chance (so neither "bigger" nor '
+        '"smaller" is a shortcut); `distance` d is recorded per pair (1, 2: near, units digit differs; 5, 10: far, '
+        f"tens digit mostly differs). {cfg['n_train']} train pairs on train prompts, of which a share "
+        f"{meta['flip']:.0%} have chosen and rejected swapped (`flipped`); {cfg['n_val_pairs']} clean validation pairs "
+        "(ICA's demonstrations, LossDiff-IRM's theta_val data, DRIFT's queries with `exact_match`); "
+        f"{cfg['n_test_pairs']} clean test pairs on the unseen test prompts.",
+        "",
+        f"Start: a tiny random-init Llama (`build_tiny_llama` defaults) after {cfg['sft_steps']} SFT steps (batch 32, "
+        "AdamW 3e-3) on clean sums of the train prompts: weak but not hopeless. It is the start of every method of a "
+        f"seed and DPO's reference. DPO: `DriftDPOTrainer`, `loss_type=sigmoid`, beta {cfg['beta']}, lr {cfg['lr']}, "
+        f"batch {cfg['batch']}, {cfg['epochs']} epochs (LossDiff-IRM: 1 warm-up epoch on all pairs, then selection; "
+        f"DRIFT: refresh every {cfg['refresh']} steps). `*_simpo`: `loss_type=simpo`, beta {cfg['simpo_beta']}, "
+        f"gamma {cfg['simpo_gamma']}. DPO hyper-parameters (lr, beta, pairs, epochs) were chosen on seeds 0-1, "
+        "before any scorer ran, only from oracle vs start; the SFT steps (200) were raised from 100 after a first "
+        "8-seed run in which the oracle's greedy exact-match gain over the start had a CI including 0 "
+        "(`preference_sft100.md`), again judged only on oracle/uniform vs start (seeds 0-2), never on a scorer.",
+        "",
+        "Methods: `uniform` = plain DPO on the noisy pairs; `oracle` = plain DPO on the same pairs with the flips "
+        "undone (clean labels, same pairs and order); the scorers run on the noisy pairs with their defaults.",
+        "",
+        "Metrics on the held-out test pairs/prompts: `pref_acc` = policy log-prob of the right answer above the "
+        "distractor's; `exact` = greedy exact match; `margin_mean` = mean implicit reward margin "
+        "beta*[log pi/pi_ref(y_w) - log pi/pi_ref(y_l)] (reference = start); `eval_loss` = DPO sigmoid loss on them; "
+        "`flip_auroc` = AUROC of the method's train-pair weights for clean (positive) vs flipped (for LossDiff-IRM: of "
+        "the 0/1 keep mask). Paired differences: mean over seeds [95% percentile bootstrap CI] (seeds below 0 / seeds).",
+        "",
+        "## Results (mean ± std over seeds)",
+        "",
+        "| method | n | pref_acc | exact | margin_mean | eval_loss | flip_auroc | weight mean / kept | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, row in t.items():
+        L.append(
+            f"| {m} | {row['n']} | {_ms(row, 'pref_acc')} | {_ms(row, 'exact')} | {_ms(row, 'margin_mean')} | "
+            f"{_ms(row, 'eval_loss')} | {_ms(row, 'flip_auroc')} | {_ms(row, 'weight_mean')} | "
+            f"{_ms(row, 'seconds', 1)} |"
+        )
+    L += [
+        "",
+        "## Paired differences",
+        "",
+        "| method | pref_acc vs uniform | exact vs uniform | pref_acc vs oracle | exact vs oracle | pref_acc vs start "
+        "| exact vs start |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, row in t.items():
+        if m == START or m.startswith("band_"):
+            continue
+        g = lambda ref, k, row=row: _p((row.get(f"vs_{ref}") or {}).get(k))  # noqa: E731
+        L.append(
+            f"| {m} | {g('uniform', 'pref_acc')} | {g('uniform', 'exact')} | {g('oracle', 'pref_acc')} | "
+            f"{g('oracle', 'exact')} | {g(START, 'pref_acc')} | {g(START, 'exact')} |"
+        )
+    simpo = [m for m in t if m.endswith("_simpo") and m != "uniform_simpo" and t[m].get("vs_uniform_simpo")]
+    if simpo:
+        L += [
+            "",
+            "SimPO variants against uniform SimPO (same loss, noisy pairs):",
+            "",
+            "| method | pref_acc vs uniform_simpo | exact vs uniform_simpo |",
+            "|---|---|---|",
+        ]
+        for m in simpo:
+            v = t[m]["vs_uniform_simpo"]
+            L.append(f"| {m} | {_p(v['pref_acc'])} | {_p(v['exact'])} |")
+    L += [
+        "",
+        "## Held-out pref_acc by distractor distance (mean over seeds)",
+        "",
+        "| method | " + " | ".join(f"d={d}" for d in ("1", "2", "5", "10")) + " |",
+        "|---|---|---|---|---|",
+    ]
+    for m, row in t.items():
+        pd = row.get("pref_acc_by_distance", {})
+        L.append(f"| {m} | " + " | ".join(f"{pd[d]:.3f}" if d in pd else "-" for d in ("1", "2", "5", "10")) + " |")
+    L += [
+        "",
+        "## LossDiff-IRM selection",
+        "",
+        "| method | kept fraction | flipped share among kept | flipped share of all | keep-mask flip AUROC | "
+        "AUROC of -LossDiff | AUROC of -IRM | kept share by distance d=1/2/5/10 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in ("lossdiff_irm", "lossdiff_irm_simpo"):
+        if m not in t:
+            continue
+        row = t[m]
+        kb = row.get("kept_by_distance", {})
+        fs = np.mean([r["flipped_share_all"] for r in agg["by"][m].values()])
+        L.append(
+            f"| {m} | {_ms(row, 'kept_fraction')} | {_ms(row, 'flipped_share_kept')} | {fs:.3f} | "
+            f"{_ms(row, 'flip_auroc')} | {_ms(row, 'lossdiff_flip_auroc')} | {_ms(row, 'irm_flip_auroc')} | "
+            + " / ".join(f"{kb[d]:.2f}" for d in kb)
+            + " |"
+        )
+    if agg["bands"]:
+        src = next(iter(agg["by"]["band_low"].values())).get("band_source", "?")
+        L += [
+            "",
+            "## TIF bands check",
+            "",
+            f"Per seed the train pairs are ranked by `{src}` (the seed's `lossdiff_irm` run, scored after its warm-up "
+            "epoch) and split into thirds (low / medium / high); uniform DPO (same settings) trains on each third "
+            "alone. Held-out metrics as above.",
+            "",
+            "| band | pref_acc | exact | margin_mean | eval_loss | flipped share in band | mean distance in band |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for b in BANDS:
+            row = t[f"band_{b}"]
+            L.append(
+                f"| {b} | {_ms(row, 'pref_acc')} | {_ms(row, 'exact')} | {_ms(row, 'margin_mean')} | "
+                f"{_ms(row, 'eval_loss')} | {_ms(row, 'band_flipped_share')} | {_ms(row, 'band_mean_distance', 2)} |"
+            )
+        L += ["", "| paired difference | pref_acc | exact | margin_mean | eval_loss |", "|---|---|---|---|---|"]
+        for k, v in agg["bands"].items():
+            L.append(
+                f"| {k} | {_p(v['pref_acc'])} | {_p(v['exact'])} | {_p(v['margin_mean'])} | {_p(v['eval_loss'])} |"
+            )
+    L += ["", "## Targets", "", "| target | value (mean [95% CI]) | met? |", "|---|---|---|"]
+    for x in tg:
+        L.append(f"| {x['target']} | {x['value']} | {'met' if x['met'] else 'missed'} |")
+    L += [
+        "",
+        "## Per seed",
+        "",
+        "| method | seed | pref_acc | exact | margin_mean | flip_auroc | kept |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in t:
+        for s, r in sorted(agg["by"][m].items()):
+            fa = r.get("flip_auroc")
+            kf = r.get("kept_fraction")
+            L.append(
+                f"| {m} | {s} | {r['pref_acc']:.3f} | {r['exact']:.3f} | {r['margin_mean']:+.3f} | "
+                f"{'-' if fa is None else f'{fa:.3f}'} | {'-' if kf is None else f'{kf:.3f}'} |"
+            )
+    notes = os.path.join(os.path.dirname(path), os.path.basename(path).replace(".md", "_notes.md"))
+    if os.path.exists(notes):  # hand-written reading of the numbers, kept across --aggregate-only rebuilds
+        with open(notes) as f:
+            L += [
+                "",
+                f"## Notes (from `{os.path.basename(notes)}`, written after reading the numbers)",
+                "",
+                f.read().strip(),
+            ]
+    with open(path, "w") as f:
+        f.write("\n".join(L) + "\n")
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, fewer pairs and epochs")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="1 seed, fewer pairs (smoke run, < 2 minutes)")
+    ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--flip", type=float, default=0.35, help="share of flipped train pairs")
+    ap.add_argument("--no-bands", action="store_true", help="skip the TIF bands check")
+    ap.add_argument("--flip", type=float, default=0.33, help="share of flipped train pairs")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
-    ap.add_argument("--sft-steps", type=int, default=None, help="steps of the shared SFT start (default 30)")
-    ap.add_argument("--lr", type=float, default=None, help="DPO learning rate (default 1e-3)")
-    ap.add_argument("--tag", default="", help="suffix of the result files (preference{tag}.json / .md)")
+    ap.add_argument("--tag", default="", help="suffix of the result files (preference{tag}.json / .md / runs)")
+    ap.add_argument("--sft-steps", type=int, default=None, help=f"SFT steps of the start (default {FULL['sft_steps']})")
+    ap.add_argument("--aggregate-only", action="store_true", help="rebuild json/md from the checkpointed runs")
     a = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     from drift_trainer.cli.toy import build_char_tokenizer, offline_env
 
     offline_env()
     os.environ["TQDM_DISABLE"] = "1"
+    import warnings
+
     import datasets
     import transformers
 
+    warnings.filterwarnings("ignore")
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
-    cfg = {"n_train": 768, "epochs": 3, "lr": 1e-3, "beta": 0.1, "refresh": 24, "sft_steps": 30}
+    cfg = dict(FULL)
     if a.sft_steps is not None:
         cfg["sft_steps"] = a.sft_steps
-    if a.lr is not None:
-        cfg["lr"] = a.lr
     seeds = list(range(a.seeds))
+    tag = a.tag
     if a.quick:
-        cfg.update(n_train=96, epochs=2, refresh=4, sft_steps=10)
-        seeds = [0]
-    methods = a.methods.split(",")
-    tok = build_char_tokenizer()
-    results = []
+        cfg.update(QUICK)
+        seeds = list(range(min(a.seeds, 1)))
+        tag = tag or "_quick"
+    key = config_key(cfg, a.flip)
+    methods = [m for m in a.methods.split(",") if m]
+    path = runs_path(a.out, tag)
+    done = {(r["method"], r["seed"]) for r in load_runs(path) if r.get("key") == key}
     t0 = time.perf_counter()
-    for seed in seeds:
-        train = pairs(cfg["n_train"], 10 + seed, a.flip)
-        holdout = pairs(32, 100 + seed, 0.0)
-        test = pairs(200, 1000 + seed, 0.0)
-        start = sft_start(tok, seed, cfg["sft_steps"])
-        base = evaluate(start, start, tok, test, cfg["beta"])
-        results.append({"method": "start (SFT only)", "seed": seed, **base})
-        print(json.dumps(results[-1]), flush=True)
-        for m in methods:
-            results.append(run_one(m, seed, start, tok, train, holdout, test, cfg))
-            print(json.dumps(results[-1]), flush=True)
+    skipped = 0
+    if not a.aggregate_only:
+        tok = build_char_tokenizer()
+        for seed in seeds:
+            want = [START] + methods + ([] if a.no_bands else [f"band_{b}" for b in BANDS])
+            todo = [m for m in want if (m, seed) not in done]
+            skipped += len(want) - len(todo)
+            if not todo:
+                continue
+            s = Seed(tok, seed, cfg, a.flip)
+            for m in todo:
+                if m == START:
+                    rec = {
+                        "method": START,
+                        "seed": seed,
+                        **evaluate(s.start, s.start, tok, s.test, cfg["beta"], cfg["width"]),
+                    }
+                elif m.startswith("band_"):
+                    continue
+                else:
+                    rec = run_method(m, s, tok, cfg)
+                rec["key"] = key
+                append_run(path, rec)
+                done.add((m, seed))
+                print(json.dumps({k: v for k, v in rec.items() if not k.endswith("_scores")}), flush=True)
+            if not a.no_bands and any(m.startswith("band_") for m in todo):
+                ld = [
+                    r
+                    for r in load_runs(path)
+                    if r.get("key") == key
+                    and r["method"] == "lossdiff_irm"
+                    and r["seed"] == seed
+                    and "lossdiff_scores" in r
+                ]
+                if ld:
+                    for rec in run_bands(s, tok, cfg, ld[-1]["lossdiff_scores"], "lossdiff"):
+                        rec["key"] = key
+                        append_run(path, rec)
+                        print(json.dumps(rec), flush=True)
     wall = time.perf_counter() - t0
-    command = "PYTHONPATH=. python benchmarks/preference.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:]))
-    os.makedirs(a.out, exist_ok=True)
+    runs = [r for r in load_runs(path) if r.get("key") == key and r["seed"] in seeds]
+    agg = aggregate(runs)
+    tg = targets(agg)
+    command = "PYTHONPATH=. python benchmarks/preference.py " + " ".join(shlex.quote(x) for x in argv)
     meta = {
         "command": command.strip(),
         "config": cfg,
+        "config_key": key,
         "flip": a.flip,
         "seeds": seeds,
         "wall_seconds": round(wall, 1),
+        "skipped": skipped if not a.aggregate_only else "all (aggregate only)",
+        "train_seconds": float(sum(r.get("seconds", 0) for r in runs)),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
     }
-    with open(os.path.join(a.out, f"preference{a.tag}.json"), "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    write_md(os.path.join(a.out, f"preference{a.tag}.md"), meta, results)
-
-
-def _fmt(vals):
-    vals = [v for v in vals if v is not None and not (isinstance(v, float) and np.isnan(v))]
-    if not vals:
-        return "-"
-    return f"{np.mean(vals):.3f} ± {np.std(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
-
-
-def write_md(path, meta, results):
-    names = ["start (SFT only)"] + [m for m in METHODS if any(r["method"] == m for r in results)]
-    keys = ["pref_acc", "margin_acc", "exact", "flip_auroc", "kept_or_weight_mean", "seconds"]
-    lines = [
-        "# Preference benchmark: uniform DPO vs ICA, LossDiff-IRM and DRIFT",
-        "",
-        f"Command: `{meta['command']}`",
-        "",
-        f"Machine: {meta['machine']}. Wall time: {meta['wall_seconds']} s. Seeds: {meta['seeds']}. "
-        f"Flipped train pairs: {meta['flip']:.0%}. Config: {json.dumps(meta['config'])}.",
-        "",
-        "Task: one-digit addition pairs (chosen = right sum, rejected = wrong sum; flipped pairs swap them), tiny "
-        "Llama briefly fine-tuned on clean sums (shared start and DPO reference), then DPO (sigmoid, beta 0.1) "
-        "with `DriftDPOTrainer(drift_method=...)`. Held-out clean pairs: `pref_acc` = policy prefers the right "
-        "answer; `margin_acc` = implicit reward margin > 0; `exact` = greedy exact match on held-out prompts; "
-        "`flip_auroc` = AUROC of the method's weights for clean vs flipped train pairs. Mean ± std over seeds.",
-        "",
-        "| method | " + " | ".join(keys) + " |",
-        "|---|" + "---|" * len(keys),
-    ]
-    for name in names:
-        rs = [r for r in results if r["method"] == name]
-        lines.append(f"| {name} | " + " | ".join(_fmt([r.get(k) for r in rs]) for k in keys) + " |")
-    lines += [
-        "",
-        "Per seed:",
-        "",
-        "| method | seed | pref_acc | margin_acc | exact | flip_auroc |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        fa = r.get("flip_auroc")
-        lines.append(
-            f"| {r['method']} | {r['seed']} | {r['pref_acc']:.3f} | {r['margin_acc']:.3f} | {r['exact']:.3f} | "
-            f"{'-' if fa is None else f'{fa:.3f}'} |"
+    os.makedirs(a.out, exist_ok=True)
+    json_path = os.path.join(a.out, f"preference{tag}.json")
+    if a.aggregate_only and os.path.exists(json_path):  # keep the command and wall time of the run that made them
+        with open(json_path) as f:
+            prev = json.load(f).get("meta", {})
+        if prev.get("config_key") == key and "--aggregate-only" not in prev.get("command", ""):
+            for k in ("command", "wall_seconds", "skipped", "machine"):
+                meta[k] = prev[k]
+            meta["rebuilt_by"] = command.strip()
+    slim = {
+        m: {str(s): {k: v for k, v in r.items() if not k.endswith("_scores")} for s, r in rs.items()}
+        for m, rs in agg["by"].items()
+    }
+    with open(json_path, "w") as f:
+        json.dump(
+            {"meta": meta, "table": agg["table"], "bands": agg["bands"], "targets": tg, "runs": slim}, f, indent=1
         )
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_md(os.path.join(a.out, f"preference{tag}.md"), meta, agg, tg)
+    print(f"wrote {os.path.join(a.out, f'preference{tag}.md')} ({wall:.0f} s)")
 
 
 if __name__ == "__main__":
