@@ -438,8 +438,17 @@ class DriftCallback(TrainerCallback):
     def _example_texts(self):
         """``(user index, readable text)`` of each scored row (for ``examples.jsonl``, read by the report)."""
         dataset = self.trainer.train_dataset
-        text_columns = {"prompt", "completion", "messages", "text"} & set(getattr(dataset, "column_names", []))
-        for row_i, user_i in enumerate(self.view.user_index.tolist()):
+        text_columns = sorted({"prompt", "completion", "messages", "text"} & set(getattr(dataset, "column_names", [])))
+        users = self.view.user_index.tolist()
+        if hasattr(dataset, "select_columns"):  # a datasets.Dataset: read the columns once, not row by row
+            table = dataset.select_columns(text_columns or ["input_ids"])[: len(users)]
+            if text_columns:
+                texts = (example_text({k: table[k][i] for k in text_columns}) for i in range(len(users)))
+            else:
+                texts = self.tokenizer.batch_decode([list(x) for x in table["input_ids"]], skip_special_tokens=False)
+            yield from zip(users, texts)
+            return
+        for row_i, user_i in enumerate(users):
             row = dataset[row_i]
             if text_columns:
                 yield user_i, example_text({k: row[k] for k in text_columns})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -101,6 +102,18 @@ class LossDiffCallback(PairScorer):
         self.weights: np.ndarray | None = None
         self.pair_scores: dict[str, np.ndarray] = {}
         self.history: list[dict] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # the selection runs at the first epoch end at or after the warm-up: it must come before the last one
+        total = float(state.num_train_epochs or args.num_train_epochs)
+        select_at = max(1, math.ceil(args.drift_lossdiff_warmup_epochs - 1e-9))
+        if not self.done and select_at + 1e-9 >= total:
+            raise ValueError(
+                f"LossDiff-IRM selects its pairs at the end of epoch {select_at} (drift_lossdiff_warmup_epochs="
+                f"{args.drift_lossdiff_warmup_epochs}), but this run trains {total:g} epochs (num_train_epochs / "
+                "max_steps), so the selection would come when training ends and change nothing. Train for more "
+                "epochs (the paper: 1 warm-up epoch, then 2 on the selection) or lower drift_lossdiff_warmup_epochs."
+            )
 
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.done or (state.epoch or 0) + 1e-9 < args.drift_lossdiff_warmup_epochs:

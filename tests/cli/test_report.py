@@ -132,6 +132,17 @@ def test_training_run_artifacts(tmp_path):
     args = DriftConfig(**cpu_args(tmp_path / "run", **drift, **options))
     trainer = tiny_trainer(model, tok, args, train, queries, reward_funcs=digit_first)
     trainer.train()
+    # examples.jsonl (read column-wise) holds each train row's text, as row-by-row reading gives it
+    from drift_trainer.cli.datafiles import example_text
+
+    ds, users = trainer.train_dataset, trainer.drift_callback.view.user_index.tolist()
+    cols = sorted({"prompt", "completion", "messages", "text"} & set(ds.column_names))
+    expected = [
+        example_text({k: ds[i][k] for k in cols}) if cols else tok.decode(ds[i]["input_ids"], skip_special_tokens=False)
+        for i in range(len(users))
+    ]
+    lines = (tmp_path / "run" / "drift" / "examples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["index"] for x in lines] == users and [json.loads(x)["text"] for x in lines] == expected
     train_file = tmp_path / "train.jsonl"
     train.to_json(str(train_file))
     out = tmp_path / "page"

@@ -123,7 +123,8 @@ def main():
         _finish(out_dir, rank, result)
         return
     for method, (options, inputs) in per_method.items():
-        trainer = fit(method, options, inputs, os.path.join(out_dir, method))
+        steps = {"max_steps": 6} if method == "lossdiff_irm" else {}  # its selection must come before the last epoch
+        trainer = fit(method, options, inputs, os.path.join(out_dir, method), **steps)
         from torch.distributed.tensor import DTensor
 
         result[method] = {

@@ -307,3 +307,16 @@ def test_sampler_mode_draws_pairs_by_weight(tokenizer, tmp_path):
             assert sorted({i for step, rows in seen.items() if step <= 3 for i in rows}) == list(range(12))
             assert os.path.exists(out / "checkpoint-6" / "drift_sampler.json")
     assert [drawn["resumed"][s] for s in (7, 8, 9)] == [drawn["unbroken"][s] for s in (7, 8, 9)]
+
+
+@pytest.mark.parametrize("epochs, warmup", [(1, 1.0), (2, 1.5)])
+def test_lossdiff_irm_refuses_a_selection_that_comes_when_training_ends(tokenizer, tmp_path, epochs, warmup):
+    """It selects at an epoch end: a warm-up reaching the last epoch would select after the last step, silently."""
+    from drift_trainer.cli.toy import build_tiny_llama
+
+    args = make_args(
+        tmp_path, drift_method="lossdiff_irm", num_train_epochs=epochs, drift_lossdiff_warmup_epochs=warmup
+    )
+    tr = make_trainer(tokenizer, build_tiny_llama(tokenizer, seed=0), args, validation_dataset=pairs(8, 5, 0))
+    with pytest.raises(ValueError, match=r"selects its pairs at the end of epoch \d.*drift_lossdiff_warmup_epochs"):
+        tr.train()
