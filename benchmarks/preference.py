@@ -46,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from preference_task import auroc, evaluate, make_pairs, prompt_split, sft_start  # noqa: E402
+from preference_task import auroc, evaluate, make_pairs, prompt_split, quiet_setup, sft_start  # noqa: E402
 from quality_stats import bootstrap_ci  # noqa: E402
 
 METHODS = (
@@ -550,20 +550,9 @@ def main(argv=None):
     ap.add_argument("--sft-steps", type=int, default=None, help=f"SFT steps of the start (default {FULL['sft_steps']})")
     ap.add_argument("--aggregate-only", action="store_true", help="rebuild json/md from the checkpointed runs")
     a = ap.parse_args(argv)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    from drift_trainer.cli.toy import build_char_tokenizer, offline_env
+    quiet_setup()
+    from drift_trainer.cli.toy import build_char_tokenizer
 
-    offline_env()
-    os.environ["TQDM_DISABLE"] = "1"
-    import warnings
-
-    import datasets
-    import transformers
-
-    warnings.filterwarnings("ignore")
-    datasets.disable_progress_bars()
-    transformers.logging.set_verbosity_error()
     cfg = dict(FULL)
     if a.sft_steps is not None:
         cfg["sft_steps"] = a.sft_steps

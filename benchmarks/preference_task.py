@@ -172,3 +172,22 @@ def auroc(score, positive) -> float:
         ranks[s == v] = ranks[s == v].mean()
     n1 = y.sum()
     return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1)))
+
+
+def quiet_setup() -> None:
+    """One torch thread, offline, no progress bars, warnings or library logging: how every preference script runs."""
+    import os
+    import warnings
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    from drift_trainer.cli.toy import offline_env
+
+    offline_env()
+    os.environ["TQDM_DISABLE"] = "1"
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()

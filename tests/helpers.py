@@ -181,3 +181,20 @@ def run_under_timeout(cmd: list[str], timeout: int) -> None:
     except subprocess.TimeoutExpired as exc:
         pytest.fail(f"{' '.join(cmd)} hung for {timeout}s:\n{(exc.stderr or b'')[-3000:]}")
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+
+
+def refine_flags(**overrides) -> list[str]:
+    """Small, fast ``drift-trainer refine`` options for the tests, as ``--flag value`` pairs (``overrides`` by name)."""
+    flags = {
+        "drift_num_queries": 4,
+        "drift_num_rollouts": 4,
+        "drift_max_new_tokens": 3,
+        "drift_projection_dim": 4,
+        "drift_feature_batch_size": 8,
+        "drift_rollout_batch_size": 16,
+        "drift_progress": "false",
+        "shard_size": 8,
+        "seed": 3,
+        **overrides,
+    }
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]

@@ -17,30 +17,11 @@ from drift_trainer.cli.toy import (
     build_tiny_llama,
     offline_env,
 )
-from tests.helpers import digit_first
+from tests.helpers import digit_first, refine_flags
 
 offline_env()
 N_TRAIN = 20
-FAST = [
-    "--drift_num_queries",
-    "4",
-    "--drift_num_rollouts",
-    "4",
-    "--drift_max_new_tokens",
-    "3",
-    "--drift_projection_dim",
-    "4",
-    "--drift_feature_batch_size",
-    "8",
-    "--drift_rollout_batch_size",
-    "16",
-    "--drift_progress",
-    "false",
-    "--shard_size",
-    "8",
-    "--seed",
-    "3",
-]
+FAST = refine_flags()
 REWARD = f"{digit_first.__module__}:digit_first"
 
 

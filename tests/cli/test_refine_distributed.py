@@ -20,7 +20,7 @@ import pytest
 
 from drift_trainer.cli import refine
 from drift_trainer.cli.toy import Corruption, addition_dataset, build_char_tokenizer, build_tiny_llama, offline_env
-from tests.helpers import digit_first, run_under_timeout
+from tests.helpers import digit_first, refine_flags, run_under_timeout
 
 pytestmark = pytest.mark.slow
 offline_env()
@@ -50,7 +50,14 @@ def data(tmp_path_factory):
 def _args(root, out, adapter=False, *extra):
     model = ["--model", str(root / "model")]
     if adapter:
-        model = ["--model", str(root / "adapter"), "--base_model", str(root / "model"), "--tokenizer", str(root / "model")]
+        model = [
+            "--model",
+            str(root / "adapter"),
+            "--base_model",
+            str(root / "model"),
+            "--tokenizer",
+            str(root / "model"),
+        ]
     return [
         *model,
         "--train_file",
@@ -61,24 +68,7 @@ def _args(root, out, adapter=False, *extra):
         f"{digit_first.__module__}:digit_first",
         "--output_dir",
         str(out),
-        "--drift_num_queries",
-        "4",
-        "--drift_num_rollouts",
-        "4",
-        "--drift_max_new_tokens",
-        "3",
-        "--drift_projection_dim",
-        "4",
-        "--drift_feature_batch_size",
-        "8",
-        "--drift_rollout_batch_size",
-        "4",  # 4 rollout calls, 2 per rank
-        "--drift_progress",
-        "false",
-        "--shard_size",
-        "8",
-        "--seed",
-        "3",
+        *refine_flags(drift_rollout_batch_size=4),  # 4 rollout calls, 2 per rank
         "--no_report",
         *extra,
     ]

@@ -69,6 +69,7 @@ def main():
             {"query_dataset": val.select_columns(["prompt", "answer"]), "reward_funcs": digit_start_reward},
         ),
     }
+
     def fit(method, options, inputs, out, resume_from=None, **schedule):
         if engine:  # one accelerate state per trainer: DeepSpeed and FSDP take their plugin only on the first
             from accelerate.state import AcceleratorState
