@@ -338,7 +338,7 @@ def feature_shards(sc: Scoring, view: TrainView, target: np.ndarray) -> int:
 def _spare_forwards(sc: Scoring, batches: list[int]) -> int:
     """Under ``--fsdp``, the forwards this rank adds so that every rank runs as many as the busiest (0 otherwise):
     ranks own different numbers of shards, a last shard is short, and a resumed run has finished different ones."""
-    if not fsdp_sharded(sc.model):
+    if not sc.ra.fsdp:
         return 0
     busiest = int(sc.dist.all_reduce_max(np.asarray([float(sum(batches))]))[0])
     return busiest - sum(batches)
