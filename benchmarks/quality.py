@@ -17,11 +17,15 @@ rows and its "corrupted" rows are the off-target ones.
 
 Regimes: ``warm`` (primary): a base model is first trained on clean addition (rows disjoint from every SFT set), then
 fine-tuned at the gentler ``--sft-lr`` for ``--steps``. ``scratch`` (secondary): random init, ``--scratch-steps``.
+``icl``: as ``warm``, but each base-training row comes after 0 to ``--icl-demos`` other clean rows in the same
+sequence (examples back to back, as pretraining text has them), so text after other examples is in distribution. ICA
+needs that: it scores a row by its log-probability after holdout demonstrations, and a base model that has seen one
+example per sequence loses every prediction after the first EOS (``benchmarks/ica_sft.py``, ``results/ica_sft.md``).
 
 Configurations: ``plain``; ``clean`` (the oracle: plain SFT on the clean rows only); ``drift`` (the library's
 defaults); the candidates in ``VARIANTS`` (each a set of ``drift_*`` options on top of the defaults: weighting rules,
 sampling, the loss hybrid and its gate, split-half shrinkage, a stable target, more contrast rollouts, the
-preconditioners); the baselines ``loss``, ``cosine``, ``off_policy``, ``random`` (each a ``drift_scorer`` at the
+preconditioners); ``ica`` (SFT ICA, ``drift_method="ica"``, its holdout the queries with their answers); the baselines ``loss``, ``cosine``, ``off_policy``, ``random`` (each a ``drift_scorer`` at the
 library's default weighting). Runs are independent jobs written to ``{out}/runs/*.json`` as
 they finish: rerunning skips finished jobs, and ``--aggregate-only`` rebuilds the tables.
 
@@ -58,6 +62,12 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift": {},  # today's defaults: drift_loss_mix=1.0, drift_sampling="systematic"
     "drift_v0": dict(V0),  # the earlier defaults: influence only, draws with replacement
     "drift_replacement": {"drift_sampling": "replacement"},  # = the earlier `drift_loss1`
+    "drift_ordered": {"drift_sampling": "ordered"},  # the systematic counts, in plain SFT's order
+    # less weight to the rows with helpful evidence (fewer repeats of them) at today's defaults: a lower cap, or the
+    # `demote` rule (weight 1 above -threshold standard deviations), with the loss hybrid
+    "drift_clip2": {"drift_weight_clip": 2.0},
+    "drift_demote_loss": {"drift_weighting": "demote"},
+    "drift_demote0_loss": {"drift_weighting": "demote", "drift_demote_threshold": 0.0},
     # the fast path against its reference: every row recomputed at every refresh (no captured features), and the
     # earlier capture default (capture at every step; below an agreement of 0.9 every row is recomputed)
     "drift_full": {"drift_capture_features": False},
@@ -93,6 +103,9 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift_loss2": {**V0, "drift_loss_mix": 2.0},
     "drift_loss1_gated": {**V0, "drift_loss_mix": 1.0, "drift_loss_gate": True},
     "drift_loss2_gated": {**V0, "drift_loss_mix": 2.0, "drift_loss_gate": True},
+    # SFT ICA (arXiv 2510.14459): loss weights from in-context scores against the queries with their right answers
+    # (the same validation examples DRIFT judges its rollouts on), computed once at the start (the paper's default)
+    "ica": {"drift_method": "ica"},
     # the baselines, at the softmax weighting and the draws with replacement they were measured with
     **{b: {"drift_scorer": b, "drift_sampling": "replacement"} for b in BASELINES},
 }
@@ -109,7 +122,7 @@ MAIN_CONFIGS = (
     "drift_systematic",
     *BASELINES,
 )
-REGIMES = ("warm", "scratch")
+REGIMES = ("warm", "scratch", "icl")
 
 
 def parse(argv=None):
@@ -126,6 +139,9 @@ def parse(argv=None):
     p.add_argument("--first-refresh", type=int, default=40, help="Warm regime: step of the first refresh.")
     p.add_argument("--scratch-first-refresh", type=int, default=600)
     p.add_argument("--refresh", type=int, default=40, help="Steps between refreshes.")
+    p.add_argument(
+        "--icl-demos", type=int, default=3, help="icl regime: most clean rows before each base-training row."
+    )
     p.add_argument("--num-train", type=int, default=1000)
     p.add_argument("--num-test", type=int, default=300)
     p.add_argument("--num-queries", type=int, default=64)
@@ -184,18 +200,36 @@ def kind_data(ns, kind: str, seed: int):
     return train, queries, query_dataset_from(test.select(keep))
 
 
-def base_job(ns, seed: int) -> str:
-    """Train (or reuse) the clean base model of ``seed`` (warm regime); returns its directory."""
+def with_demos(data, max_demos: int, eos: str, seed: int):
+    """``data`` with 0 to ``max_demos`` other rows (``prompt + completion + eos`` each, drawn from ``data``) put
+    before each prompt: a row after other examples, as ICA's demonstrations come."""
+    import random
+
+    rng = random.Random(seed)
+    texts = [p + c + eos for p, c in zip(data["prompt"], data["completion"])]
+    prompts = []
+    for i, p in enumerate(data["prompt"]):
+        k = rng.randint(0, max_demos)
+        others = [j for j in rng.sample(range(len(texts)), k + 1) if j != i][:k]
+        prompts.append("".join(texts[j] for j in others) + p)
+    return data.remove_columns("prompt").add_column("prompt", prompts)
+
+
+def base_job(ns, seed: int, icl: bool = False) -> str:
+    """Train (or reuse) the clean base model of ``seed`` (warm regime; ``icl``: the icl regime's, each row after 0 to
+    ``--icl-demos`` other rows); returns its directory."""
     _setup()
     from drift_trainer.cli.demo import make_data, run_one
     from drift_trainer.cli.toy import addition_dataset, build_char_tokenizer
 
-    path = os.path.join(ns.out, "base", f"seed{seed}")
+    path = os.path.join(ns.out, "base_icl" if icl else "base", f"seed{seed}")
     if os.path.exists(os.path.join(path, "base.json")):
         return path
     tok = build_char_tokenizer(os.path.join(path, "tokenizer"))
     _, _, test = make_data("none", 0.0, ns.num_train, ns.num_test, ns.num_queries, seed)
     base_train = addition_dataset(ns.num_train * 2, seed=9000 + seed)  # clean, other rows than the SFT sets
+    if icl:
+        base_train = with_demos(base_train, ns.icl_demos, tok.eos_token, seed)
     r = run_one(
         "base",
         train=base_train,
@@ -227,7 +261,8 @@ def run_job(ns, regime: str, kind: str, seed: int, config: str) -> dict:
             return json.load(f)
     tok = build_char_tokenizer(os.path.join(ns.out, "tok", name))
     train, queries, test = kind_data(ns, kind, seed)
-    warm = regime == "warm"
+    warm = regime in ("warm", "icl")
+    base = "base_icl" if regime == "icl" else "base"
     common = dict(
         queries=queries,
         test=test,
@@ -236,7 +271,7 @@ def run_job(ns, regime: str, kind: str, seed: int, config: str) -> dict:
         steps=ns.steps if warm else ns.scratch_steps,
         seed=seed,
         progress=False,
-        init_from=os.path.join(ns.out, "base", f"seed{seed}", "run", "final") if warm else None,
+        init_from=os.path.join(ns.out, base, f"seed{seed}", "run", "final") if warm else None,
         warmup_steps=0 if warm else None,
         **_model_kwargs(ns, ns.sft_lr if warm else ns.lr),
     )
@@ -246,10 +281,14 @@ def run_job(ns, regime: str, kind: str, seed: int, config: str) -> dict:
         clean_rows = [i for i, c in enumerate(train["corrupted"]) if not c]
         r = run_one(config, train=train.select(clean_rows), drift=False, **common)
     else:
+        holdout = None
+        if VARIANTS[config].get("drift_method") == "ica":
+            holdout = queries.map(lambda row: {"completion": row["answer"]})
         r = run_one(
             config,
             train=train,
             drift=True,
+            holdout=holdout,
             drift_first_refresh_step=ns.first_refresh if warm else ns.scratch_first_refresh,
             drift_refresh_steps=ns.refresh,
             drift_num_queries=ns.num_queries,
@@ -285,10 +324,11 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         jobs = jobs_of(ns)
         with ProcessPoolExecutor(max_workers=ns.workers) as pool:
-            if "warm" in ns.regimes.split(","):
-                for seed, fut in [(s, pool.submit(base_job, ns, s)) for s in range(ns.seeds)]:
+            for icl in [r == "icl" for r in ns.regimes.split(",") if r in ("warm", "icl")]:
+                for seed, fut in [(s, pool.submit(base_job, ns, s, icl)) for s in range(ns.seeds)]:
                     with open(os.path.join(fut.result(), "base.json")) as f:
-                        print(f"base seed {seed}: test accuracy {json.load(f)['test_accuracy']:.3f}", flush=True)
+                        acc = json.load(f)["test_accuracy"]
+                        print(f"base seed {seed}{' (icl)' * icl}: test accuracy {acc:.3f}", flush=True)
             futs = {pool.submit(run_job, ns, *j): j for j in jobs}
             for i, fut in enumerate(as_completed(futs), 1):
                 r = fut.result()

@@ -92,13 +92,16 @@ def aggregate(ns, command: str) -> dict:
             rs = [r for r in runs if r.get("regime", "warm") == regime and r["kind"] == kind]
             if rs:
                 table.setdefault(regime, {})[kind] = kind_table(rs, ns.bootstrap)
-    bases = {}
+    bases, icl_bases = {}, {}
     for s in range(ns.seeds):
-        p = os.path.join(ns.out, "base", f"seed{s}", "base.json")
-        if os.path.exists(p):
-            with open(p) as f:
-                bases[s] = json.load(f)["test_accuracy"]
+        for folder, into in (("base", bases), ("base_icl", icl_bases)):
+            p = os.path.join(ns.out, folder, f"seed{s}", "base.json")
+            if os.path.exists(p):
+                with open(p) as f:
+                    into[s] = json.load(f)["test_accuracy"]
     result = {"command": command, "options": vars(ns), "base_accuracy": bases, "table": table}
+    if icl_bases:
+        result["icl_base_accuracy"] = icl_bases
     drifts = drift_configs(table)
     result["targets"] = {regime: {c: targets(kinds, c) for c in drifts} for regime, kinds in table.items()}
     with open(os.path.join(ns.out, "quality.json"), "w") as f:
@@ -158,6 +161,14 @@ def markdown(result: dict, ns) -> str:
         "closed: (acc - plain) / (oracle - plain) on seed means. Weight AUROC: final weights, clean vs corrupted rows.",
         "",
     ]
+    if result.get("icl_base_accuracy"):
+        lines[-1:-1] = [
+            "",
+            f"icl regime: as warm, but each base-training row comes after 0 to {ns.icl_demos} other clean rows "
+            "(test accuracy by seed: "
+            + ", ".join(f"{s}: {a:.3f}" for s, a in sorted(result["icl_base_accuracy"].items()))
+            + ").",
+        ]
     for regime, kinds in result["table"].items():
         for kind, rows in kinds.items():
             lines += [f"## {regime} / {kind}", "", "| config | accuracy | vs plain | gap closed | weight AUROC |"]

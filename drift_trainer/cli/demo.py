@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from drift_trainer.cli.demo_report import format_table, plot, read_refreshes
+from drift_trainer.cli.demo_report import auroc, format_table, plot, read_refreshes
 from drift_trainer.cli.toy import (
     Corruption,
     addition_dataset,
@@ -192,12 +192,14 @@ def run_one(
     init_from: str | None = None,
     warmup_steps: int | None = None,
     save_model: bool = False,
+    holdout=None,
     **drift_kwargs,
 ) -> RunResult:
     """Train a fresh tiny Llama (init from ``seed``, or loaded from ``init_from``) on ``train`` for ``steps`` and
     evaluate it on ``test``.
 
     ``drift=False`` is plain SFT (``drift_enabled=False``); otherwise ``drift_kwargs`` are ``drift_*`` options.
+    ``holdout`` (prompt + completion) is the ``holdout_dataset`` of ``drift_method="ica"``.
     """
     import torch
 
@@ -219,6 +221,7 @@ def run_one(
         train_dataset=train,
         query_dataset=queries if drift else None,
         reward_funcs=exact_match if drift else None,
+        holdout_dataset=holdout if drift else None,
         processing_class=tokenizer,
         callbacks=[probe],
     )
@@ -229,8 +232,12 @@ def run_one(
     acc = evaluate_accuracy(trainer.model, tokenizer, test)
     result = RunResult(name=name, final_accuracy=acc, seconds=time.perf_counter() - start, output_dir=output_dir)
     result.accuracy_curve = list(probe.curve)
-    if drift:
-        read_refreshes(result, os.path.join(output_dir, "drift"), np.asarray(train["corrupted"], dtype=bool))
+    corrupted = np.asarray(train["corrupted"], dtype=bool)
+    if drift and trainer.ica_callback is not None:  # ICA keeps its weights on the callback (one row each)
+        weights, mixed = trainer.ica_callback.weights, corrupted.any() and (~corrupted).any()
+        result.weight_auroc.append(auroc(np.asarray(weights), ~corrupted) if mixed else float("nan"))
+    elif drift:
+        read_refreshes(result, os.path.join(output_dir, "drift"), corrupted)
     with open(os.path.join(output_dir, "result.json"), "w") as f:
         json.dump(result.to_dict(), f, indent=2)
     return result

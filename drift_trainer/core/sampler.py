@@ -15,7 +15,10 @@ position ``p`` draws ``searchsorted(cumsum(w), u_p * sum(w))`` with ``u_p`` from
 weight version that takes effect at position ``p`` fills the rest of the epoch, ``m = n - p`` positions, by systematic
 sampling (``m`` evenly spaced points on ``cumsum(w)`` from one seeded offset), shuffled: row ``i`` is drawn
 ``floor`` or ``ceil`` of ``m w_i / sum(w)`` times, so at mean-1 weights a weight-1 row is seen once per epoch, as in
-plain SFT. ``len()`` never changes.
+plain SFT. ``mode="ordered"`` keeps plain SFT's order instead: each row's count for the whole epoch is its share of
+the weight, ``n w_i / sum(w)``; the rows' counts still owed for the rest of the epoch (less what was already drawn in
+it) are systematically sampled along the epoch's permutation, the rows not yet reached first, and each row is yielded
+in its place, so where the weights are near 1 the batches stay plain SFT's batches. ``len()`` never changes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from torch.utils.data import Sampler
 
 CHUNK = 1024
-MODES = ("replacement", "systematic")
+MODES = ("replacement", "systematic", "ordered")
 
 
 class DriftSampler(Sampler[int]):
@@ -106,6 +109,7 @@ class DriftSampler(Sampler[int]):
         version = self._start_version(epoch)
         perm = cdf = u = block = None
         start = r = 0
+        drawn = np.zeros(self.num_samples, dtype=np.int64)  # this epoch's draws so far (mode="ordered")
         self._iterating = epoch
         try:
             for pos in range(self.num_samples):
@@ -114,18 +118,27 @@ class DriftSampler(Sampler[int]):
                 while r < len(recorded) and recorded[r][0] <= pos:
                     version, r, changed = recorded[r][1], r + 1, True
                 w = self.versions[version]
+                if perm is None and (w is None or self.mode == "ordered"):
+                    gen = torch.Generator().manual_seed(self.seed + epoch)  # as SeedableRandomSampler
+                    perm = torch.randperm(self.num_samples, generator=gen).numpy()
                 if w is None:
-                    if perm is None:
-                        gen = torch.Generator().manual_seed(self.seed + epoch)  # as SeedableRandomSampler
-                        perm = torch.randperm(self.num_samples, generator=gen).tolist()
-                    yield perm[pos]
+                    row = int(perm[pos])
+                    drawn[row] += 1
+                    yield row
                     continue
                 if cdf is None or changed:
                     cdf = np.cumsum(w)
                     start = pos
-                    block = self._systematic(cdf, epoch, pos) if self.mode == "systematic" else None
+                    if self.mode == "systematic":
+                        block = self._systematic(cdf, epoch, pos)
+                    elif self.mode == "ordered":
+                        block = self._ordered(w, perm, drawn, epoch, pos)
+                    else:
+                        block = None
                 if block is not None:
-                    yield int(block[pos - start])
+                    row = int(block[pos - start])
+                    drawn[row] += 1
+                    yield row
                     continue
                 chunk, offset = divmod(pos, CHUNK)
                 if offset == 0 or u is None:
@@ -143,6 +156,26 @@ class DriftSampler(Sampler[int]):
         points = (offset + np.arange(m)) / m * cdf[-1]
         rows = np.minimum(np.searchsorted(cdf, points, side="right"), self.num_samples - 1)
         return rows[torch.randperm(m, generator=gen).numpy()]
+
+    def _ordered(self, w: np.ndarray, perm: np.ndarray, drawn: np.ndarray, epoch: int, start: int) -> np.ndarray:
+        """Rows for positions ``start..n-1`` in the permutation's order: each row's epoch count ``n w_i / sum(w)``
+        less its draws so far, rescaled to the ``m`` positions left, systematically sampled along ``perm[start:]``
+        then ``perm[:start]`` (rows not yet reached first)."""
+        n = self.num_samples
+        m = n - start
+        owed = np.maximum(n * w / w.sum() - drawn, 0.0)
+        if owed.sum() <= 0:  # everything owed was drawn already: the rest of the epoch by weight alone
+            owed = np.asarray(w, dtype=np.float64).copy()
+        order = np.concatenate([perm[start:], perm[:start]])
+        cdf = np.cumsum(owed[order]) * (m / owed.sum())
+        offset = float(torch.rand(1, generator=self._generator(epoch, start, 2), dtype=torch.float64))
+        # at whole owed counts the offset never moves a count; it only places the fractional ones
+        counts = np.diff(np.floor(np.concatenate([[0.0], cdf]) + 1.0 - offset - 1e-9).astype(np.int64))
+        counts = np.maximum(counts, 0)
+        rows = np.repeat(order, counts)
+        if len(rows) < m:  # rounding at the end: pad with the last rows in order
+            rows = np.concatenate([rows, order[: m - len(rows)]])
+        return rows[:m]
 
     def state_dict(self) -> dict:
         """Everything needed to replay the stream: seed, epoch, every weight version and when each took effect."""

@@ -20,7 +20,7 @@ SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")
 PRECONDITIONERS = ("identity", "fisher", "kronecker", "adam")
 WEIGHTINGS = ("softmax", "prune", "truncate", "demote")
-SAMPLINGS = ("replacement", "systematic")
+SAMPLINGS = ("replacement", "systematic", "ordered")
 REWEIGHT_MODES = ("sampler", "loss")
 NO_CONTRAST = ("skip", "keep")
 SCORERS = tuple(SCORER_REGISTRY)
@@ -307,7 +307,9 @@ class DriftArguments:
         metadata=_help(
             "How `sampler` mode draws rows by weight. `replacement`: independent draws (a weight-1 row is seen "
             "0, 1, 2... times per epoch). `systematic`: systematic sampling over the rest of the epoch, then "
-            "shuffled: each row is drawn floor or ceil of its weight times, so a weight-1 row is seen once per epoch.",
+            "shuffled: each row is drawn floor or ceil of its weight times, so a weight-1 row is seen once per epoch. "
+            "`ordered`: the same counts, each yielded in its place in plain SFT's permutation, so batches stay plain "
+            "SFT's batches where weights are near 1.",
             SAMPLINGS,
         ),
     )

@@ -65,7 +65,7 @@ class DriftDPOConfig(DriftArguments, ICAArguments, PreferenceArguments, DPOConfi
         metadata={
             "help": "How the pair weights act. `loss` (the default for preference data): TRL's batch order, each "
             "pair's loss scaled by its weight, `sum_i w_i L_i / sum_i w_i`. `sampler`: pairs drawn by weight "
-            "(`drift_sampling`: `systematic` or `replacement`), each in the batch at weight 1; LossDiff-IRM's 0/1 "
+            "(`drift_sampling`: `systematic`, `ordered` or `replacement`), each in the batch at weight 1; LossDiff-IRM's 0/1 "
             "weights then never draw the pairs it drops.",
             "choices": list(REWEIGHT_MODES),
         },

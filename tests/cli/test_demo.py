@@ -98,3 +98,32 @@ def test_demo_flags_take_underscores_too_and_check_the_scorer(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--scorer", "influence"])
     assert "invalid choice: 'influence'" in capsys.readouterr().err
+
+
+def test_run_one_takes_an_ica_holdout_and_reports_the_weight_auroc(tmp_path):
+    """The quality benchmark's `ica` configuration: run_one hands the holdout to DriftSFTTrainer and reads the
+    weights off the ICA callback (it writes no refresh folders)."""
+    from drift_trainer.cli.demo import make_data, run_one
+    from drift_trainer.cli.toy import build_char_tokenizer
+
+    tok = build_char_tokenizer(str(tmp_path / "tok"))
+    train, queries, test = make_data("random", 0.4, 48, 8, 8, seed=0)
+    holdout = queries.map(lambda row: {"completion": row["answer"]})
+    r = run_one(
+        "ica",
+        train=train,
+        queries=queries,
+        test=test,
+        tokenizer=tok,
+        output_dir=str(tmp_path / "run"),
+        steps=2,
+        hidden_size=32,
+        num_layers=1,
+        batch_size=8,
+        progress=False,
+        holdout=holdout,
+        drift_method="ica",
+    )
+    assert len(r.weight_auroc) == 1 and 0.0 <= r.weight_auroc[0] <= 1.0
+    assert not os.path.exists(tmp_path / "run" / "drift" / "refresh-000000")
+    assert json.load(open(tmp_path / "run" / "result.json"))["weight_auroc"] == r.weight_auroc

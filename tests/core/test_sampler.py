@@ -128,3 +128,51 @@ def test_systematic_mode_is_deterministic_and_replays_a_mid_epoch_switch():
     assert restored.mode == "systematic" and list(restored) == head + tail
     with pytest.raises(ValueError, match="drift_sampling"):
         DriftSampler(10, mode="bogus")
+
+
+def test_ordered_mode_keeps_plain_order_and_draws_the_systematic_counts():
+    n = 1000
+    w = np.ones(n)
+    w[:200] = 0.05
+    w[200:210] = 3.0
+    plain = DriftSampler(n, seed=3)
+    plain.set_epoch(1)
+    uniform = list(plain)
+    s = DriftSampler(n, seed=3, mode="ordered")
+    s.update(w)
+    s.set_epoch(1)
+    seq = list(s)
+    counts = np.bincount(seq, minlength=n)
+    assert len(seq) == n
+    assert np.all(np.abs(counts - n * w / w.sum()) < 1.0 + 1e-9)  # floor or ceil of each row's share
+    # the kept rows come in plain SFT's order: dropping the demoted rows and the repeats leaves the permutation
+    kept = [r for r in uniform if r >= 200]
+    dedup = [r for i, r in enumerate(seq) if r >= 200 and (i == 0 or seq[i - 1] != r)]
+    assert dedup == kept
+    shared = np.mean([len(set(seq[i : i + 64]) & set(uniform[i : i + 64])) / 64 for i in range(0, n - 64, 64)])
+    systematic = DriftSampler(n, seed=3, mode="systematic")
+    systematic.update(w)
+    systematic.set_epoch(1)
+    seq_s = list(systematic)
+    shared_s = np.mean([len(set(seq_s[i : i + 64]) & set(uniform[i : i + 64])) / 64 for i in range(0, n - 64, 64)])
+    assert shared > 0.6 > 0.2 > shared_s
+
+
+def test_ordered_mode_mid_epoch_switch_owes_what_was_not_yet_drawn_and_replays():
+    n = 300
+    s = DriftSampler(n, seed=7, mode="ordered")
+    it = iter(s)
+    head = [next(it) for _ in range(100)]
+    s.update(np.ones(n) * 2.0)  # equal weights: still the plain permutation
+    s.update(np.where(np.arange(n) < 30, 0.0, 1.0))  # rows 0..29 dropped from here on
+    tail = list(it)
+    uniform = list(DriftSampler(n, seed=7))
+    assert head == uniform[:100] and len(tail) == n - 100
+    assert not set(tail) & set(range(30))
+    # every weight-1 row not yet drawn comes once, in plain order; the positions left over go to rows owed a bit more
+    unseen = [r for r in uniform[100:] if r >= 30]
+    firsts = [r for i, r in enumerate(tail) if r in set(unseen) and (i == 0 or tail[i - 1] != r)]
+    assert firsts == unseen
+    restored = DriftSampler(n, seed=0)
+    restored.load_state_dict(s.state_dict())
+    assert restored.mode == "ordered" and list(restored) == head + tail
