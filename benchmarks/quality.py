@@ -66,6 +66,8 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # less weight to the rows with helpful evidence (fewer repeats of them) at today's defaults: a lower cap, or the
     # `demote` rule (weight 1 above -threshold standard deviations), with the loss hybrid
     "drift_clip2": {"drift_weight_clip": 2.0},
+    "drift_clip3": {"drift_weight_clip": 3.0},
+    "drift_clip2_t2": {"drift_weight_clip": 2.0, "drift_softmax_temperature": 2.0},
     "drift_demote_loss": {"drift_weighting": "demote"},
     "drift_demote0_loss": {"drift_weighting": "demote", "drift_demote_threshold": 0.0},
     # the fast path against its reference: every row recomputed at every refresh (no captured features), and the

@@ -309,7 +309,8 @@ class DriftArguments:
             "0, 1, 2... times per epoch). `systematic`: systematic sampling over the rest of the epoch, then "
             "shuffled: each row is drawn floor or ceil of its weight times, so a weight-1 row is seen once per epoch. "
             "`ordered`: the same counts, each yielded in its place in plain SFT's permutation, so batches stay plain "
-            "SFT's batches where weights are near 1.",
+            "SFT's batches where weights are near 1 and a row's repeats share a batch (measured worse than "
+            "`systematic` in the quality benchmark, e.g. clean data -0.043 [-0.076, -0.014]).",
             SAMPLINGS,
         ),
     )
