@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     for kind in ns.kinds.split(","):
         for seed in range(ns.seeds):
             train, queries, _ = quality.kind_data(qns, kind, seed)
-            holdout = queries.map(lambda row: {"completion": row["answer"]})
+            holdout = quality.ica_holdout(queries)
             model = LlamaForCausalLM.from_pretrained(os.path.join(ns.base, f"seed{seed}", "run", "final"))
             lp = score_parts(model, tok, train, holdout, ns.num_demos)
             score = lp[:, 1] - lp[:, 0]

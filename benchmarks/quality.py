@@ -217,6 +217,11 @@ def with_demos(data, max_demos: int, eos: str, seed: int):
     return data.remove_columns("prompt").add_column("prompt", prompts)
 
 
+def ica_holdout(queries):
+    """ICA's holdout: the queries with their right answers as completions (what DRIFT judges its rollouts by)."""
+    return queries.map(lambda row: {"completion": row["answer"]})
+
+
 def base_job(ns, seed: int, icl: bool = False) -> str:
     """Train (or reuse) the clean base model of ``seed`` (warm regime; ``icl``: the icl regime's, each row after 0 to
     ``--icl-demos`` other rows); returns its directory."""
@@ -283,9 +288,7 @@ def run_job(ns, regime: str, kind: str, seed: int, config: str) -> dict:
         clean_rows = [i for i, c in enumerate(train["corrupted"]) if not c]
         r = run_one(config, train=train.select(clean_rows), drift=False, **common)
     else:
-        holdout = None
-        if VARIANTS[config].get("drift_method") == "ica":
-            holdout = queries.map(lambda row: {"completion": row["answer"]})
+        holdout = ica_holdout(queries) if VARIANTS[config].get("drift_method") == "ica" else None
         r = run_one(
             config,
             train=train,

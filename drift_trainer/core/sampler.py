@@ -109,7 +109,8 @@ class DriftSampler(Sampler[int]):
         version = self._start_version(epoch)
         perm = cdf = u = block = None
         start = r = 0
-        drawn = np.zeros(self.num_samples, dtype=np.int64)  # this epoch's draws so far (mode="ordered")
+        # this epoch's draws so far: only mode="ordered" owes rows what they have not yet been drawn
+        drawn = np.zeros(self.num_samples, dtype=np.int64) if self.mode == "ordered" else None
         self._iterating = epoch
         try:
             for pos in range(self.num_samples):
@@ -123,7 +124,8 @@ class DriftSampler(Sampler[int]):
                     perm = torch.randperm(self.num_samples, generator=gen).numpy()
                 if w is None:
                     row = int(perm[pos])
-                    drawn[row] += 1
+                    if drawn is not None:
+                        drawn[row] += 1
                     yield row
                     continue
                 if cdf is None or changed:
@@ -137,7 +139,8 @@ class DriftSampler(Sampler[int]):
                         block = None
                 if block is not None:
                     row = int(block[pos - start])
-                    drawn[row] += 1
+                    if drawn is not None:
+                        drawn[row] += 1
                     yield row
                     continue
                 chunk, offset = divmod(pos, CHUNK)
