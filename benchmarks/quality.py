@@ -256,12 +256,16 @@ def base_job(ns, seed: int, icl: bool = False) -> str:
     return path
 
 
+def job_name(regime: str, kind: str, seed: int, config: str) -> str:
+    return f"{regime}-{kind}-seed{seed}-{config}"
+
+
 def run_job(ns, regime: str, kind: str, seed: int, config: str) -> dict:
     _setup()
     from drift_trainer.cli.demo import ROLLOUT_OPTIONS, run_one
     from drift_trainer.cli.toy import build_char_tokenizer
 
-    name = f"{regime}-{kind}-seed{seed}-{config}"
+    name = job_name(regime, kind, seed, config)
     out_file = os.path.join(ns.out, "runs", f"{name}.json")
     if os.path.exists(out_file):
         with open(out_file) as f:
@@ -327,10 +331,12 @@ def main(argv=None) -> int:
     os.makedirs(ns.out, exist_ok=True)
     if not ns.aggregate_only:
         started = time.perf_counter()
-        jobs = jobs_of(ns)
+        jobs = [j for j in jobs_of(ns) if not os.path.exists(os.path.join(ns.out, "runs", f"{job_name(*j)}.json"))]
         with ProcessPoolExecutor(max_workers=ns.workers) as pool:
             for icl in [r == "icl" for r in ns.regimes.split(",") if r in ("warm", "icl")]:
-                for seed, fut in [(s, pool.submit(base_job, ns, s, icl)) for s in range(ns.seeds)]:
+                # a base model only for the seeds with a job left: finished runs need none (bases are not committed)
+                pending = sorted({j[2] for j in jobs if j[0] == ("icl" if icl else "warm")})
+                for seed, fut in [(s, pool.submit(base_job, ns, s, icl)) for s in pending]:
                     with open(os.path.join(fut.result(), "base.json")) as f:
                         acc = json.load(f)["test_accuracy"]
                         print(f"base seed {seed}{' (icl)' * icl}: test accuracy {acc:.3f}", flush=True)

@@ -92,13 +92,7 @@ def aggregate(ns, command: str) -> dict:
             rs = [r for r in runs if r.get("regime", "warm") == regime and r["kind"] == kind]
             if rs:
                 table.setdefault(regime, {})[kind] = kind_table(rs, ns.bootstrap)
-    bases, icl_bases = {}, {}
-    for s in range(ns.seeds):
-        for folder, into in (("base", bases), ("base_icl", icl_bases)):
-            p = os.path.join(ns.out, folder, f"seed{s}", "base.json")
-            if os.path.exists(p):
-                with open(p) as f:
-                    into[s] = json.load(f)["test_accuracy"]
+    bases, icl_bases = base_accuracies(ns.out, ns.seeds)
     result = {"command": command, "options": vars(ns), "base_accuracy": bases, "table": table}
     if icl_bases:
         result["icl_base_accuracy"] = icl_bases
@@ -109,6 +103,27 @@ def aggregate(ns, command: str) -> dict:
     with open(os.path.join(ns.out, "quality.md"), "w") as f:
         f.write(markdown(result, ns))
     return result
+
+
+def base_accuracies(out: str, seeds: int) -> tuple[dict, dict]:
+    """Test accuracy of each seed's base model, warm and icl. The base models are not committed (``base/`` is
+    ignored), so their accuracies are kept in ``{out}/base_accuracy.json``, updated from every ``base.json`` present:
+    a clean clone that only aggregates, or only runs new seeds, still reports every seed's base."""
+    path = os.path.join(out, "base_accuracy.json")
+    kept = {"warm": {}, "icl": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            kept.update(json.load(f))
+    for folder, regime in (("base", "warm"), ("base_icl", "icl")):
+        for s in range(seeds):
+            p = os.path.join(out, folder, f"seed{s}", "base.json")
+            if os.path.exists(p):
+                with open(p) as f:
+                    kept[regime][str(s)] = json.load(f)["test_accuracy"]
+    with open(path, "w") as f:
+        json.dump(kept, f, indent=1, sort_keys=True)
+    pick = [{int(s): a for s, a in kept[r].items() if int(s) < seeds} for r in ("warm", "icl")]
+    return pick[0], pick[1]
 
 
 def targets(kinds: dict, config: str) -> dict:
@@ -161,6 +176,13 @@ def markdown(result: dict, ns) -> str:
         "closed: (acc - plain) / (oracle - plain) on seed means. Weight AUROC: final weights, clean vs corrupted rows.",
         "",
     ]
+    ns_of = {r["n"] for kinds in result["table"].values() for rows in kinds.values() for r in rows.values()}
+    if len(ns_of) > 1:
+        lines[-1:-1] = [
+            "",
+            f"Rows differ in their number of seeds (n = {', '.join(map(str, sorted(ns_of)))}): the later seeds were "
+            "run for some configurations only. Each paired difference uses the seeds both of its rows have.",
+        ]
     if result.get("icl_base_accuracy"):
         lines[-1:-1] = [
             "",
