@@ -260,13 +260,18 @@ def job_name(regime: str, kind: str, seed: int, config: str) -> str:
     return f"{regime}-{kind}-seed{seed}-{config}"
 
 
+def run_file(ns, *job) -> str:
+    """Where the result of ``job`` (regime, kind, seed, config) is written; a job whose file exists is finished."""
+    return os.path.join(ns.out, "runs", f"{job_name(*job)}.json")
+
+
 def run_job(ns, regime: str, kind: str, seed: int, config: str) -> dict:
     _setup()
     from drift_trainer.cli.demo import ROLLOUT_OPTIONS, run_one
     from drift_trainer.cli.toy import build_char_tokenizer
 
     name = job_name(regime, kind, seed, config)
-    out_file = os.path.join(ns.out, "runs", f"{name}.json")
+    out_file = run_file(ns, regime, kind, seed, config)
     if os.path.exists(out_file):
         with open(out_file) as f:
             return json.load(f)
@@ -331,7 +336,7 @@ def main(argv=None) -> int:
     os.makedirs(ns.out, exist_ok=True)
     if not ns.aggregate_only:
         started = time.perf_counter()
-        jobs = [j for j in jobs_of(ns) if not os.path.exists(os.path.join(ns.out, "runs", f"{job_name(*j)}.json"))]
+        jobs = [j for j in jobs_of(ns) if not os.path.exists(run_file(ns, *j))]
         with ProcessPoolExecutor(max_workers=ns.workers) as pool:
             for icl in [r == "icl" for r in ns.regimes.split(",") if r in ("warm", "icl")]:
                 # a base model only for the seeds with a job left: finished runs need none (bases are not committed)
