@@ -50,6 +50,17 @@ from overhead_regimes import bench_regimes
 from overhead_report import markdown
 from overhead_throughput import bench_throughput
 
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere): ratios depend on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
 SECTIONS = {
     "throughput": bench_throughput,
     "exact": bench_exact,
@@ -97,7 +108,7 @@ def main(argv=None):
     res = {
         "command": command,
         "config": vars(cfg),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        "machine": f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{torch.get_num_threads()} torch threads, python {platform.python_version()}",
     }
     start = time.perf_counter()

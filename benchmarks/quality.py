@@ -134,6 +134,12 @@ def parse(argv=None):
     p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--configs", default=",".join(MAIN_CONFIGS), help="Comma-separated, or `all` (every candidate).")
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="Run only seeds first-seed .. seeds-1 (the table still aggregates every finished seed below --seeds).",
+    )
     p.add_argument("--workers", type=int, default=2, help="Parallel worker processes (1 torch thread each).")
     p.add_argument("--base-steps", type=int, default=800, help="Steps of the clean base-model training per seed.")
     p.add_argument("--steps", type=int, default=200, help="Warm regime: SFT steps from the base model.")
@@ -256,6 +262,41 @@ def base_job(ns, seed: int, icl: bool = False) -> str:
     return path
 
 
+def check_base(ns, regime: str, seed: int, acc: float) -> None:
+    """Record the base model of ``seed`` in ``base_accuracy.json``, refusing one that differs from the base its
+    finished runs were made from.
+
+    Base models are not committed and their training does not reproduce across machines and library versions (the
+    same seed has trained to 0.703 and to 0.723). A base retrained here whose test accuracy differs from the one kept
+    in ``base_accuracy.json`` is another model: the finished runs of that seed were made from the kept one, so new
+    runs would not be paired with them."""
+    path = os.path.join(ns.out, "base_accuracy.json")
+    kept = {"warm": {}, "icl": {}}
+    if os.path.exists(path):
+        with open(path) as f:
+            kept.update(json.load(f))
+    before = kept.get(regime, {}).get(str(seed))
+    runs = os.path.join(ns.out, "runs")
+    finished = (
+        [n for n in os.listdir(runs) if n.startswith(f"{regime}-") and f"-seed{seed}-" in n]
+        if os.path.isdir(runs)
+        else []
+    )
+    if before is not None and abs(before - acc) < 1e-9:
+        return
+    if before is not None and finished:
+        raise SystemExit(
+            f"The base model of {regime} seed {seed} was retrained here to test accuracy {acc:.3f}, but the "
+            f"{len(finished)} finished {regime} runs of that seed in {runs} were made from a base at {before:.3f} "
+            f"(base_accuracy.json): new runs would not be paired with them. Run new configurations on seeds without "
+            f"finished runs (--first-seed), give --out a fresh directory (and run plain and the baselines there too), "
+            f"or move that seed's finished runs aside to rerun them all."
+        )
+    kept.setdefault(regime, {})[str(seed)] = acc
+    with open(path, "w") as f:
+        json.dump(kept, f, indent=1, sort_keys=True)
+
+
 def job_name(regime: str, kind: str, seed: int, config: str) -> str:
     return f"{regime}-{kind}-seed{seed}-{config}"
 
@@ -320,7 +361,7 @@ def run_job(ns, regime: str, kind: str, seed: int, config: str) -> dict:
 def jobs_of(ns) -> list[tuple]:
     jobs = []
     for regime in ns.regimes.split(","):
-        for seed in range(ns.seeds):
+        for seed in range(ns.first_seed, ns.seeds):
             for kind in ns.kinds.split(","):
                 for config in ns.configs.split(","):
                     if config == "clean" and kind == "none":
@@ -340,11 +381,13 @@ def main(argv=None) -> int:
         with ProcessPoolExecutor(max_workers=ns.workers) as pool:
             for icl in [r == "icl" for r in ns.regimes.split(",") if r in ("warm", "icl")]:
                 # a base model only for the seeds with a job left: finished runs need none (bases are not committed)
-                pending = sorted({j[2] for j in jobs if j[0] == ("icl" if icl else "warm")})
+                regime = "icl" if icl else "warm"
+                pending = sorted({j[2] for j in jobs if j[0] == regime})
                 for seed, fut in [(s, pool.submit(base_job, ns, s, icl)) for s in pending]:
                     with open(os.path.join(fut.result(), "base.json")) as f:
                         acc = json.load(f)["test_accuracy"]
                         print(f"base seed {seed}{' (icl)' * icl}: test accuracy {acc:.3f}", flush=True)
+                    check_base(ns, regime, seed, acc)
             futs = {pool.submit(run_job, ns, *j): j for j in jobs}
             for i, fut in enumerate(as_completed(futs), 1):
                 r = fut.result()

@@ -107,8 +107,9 @@ def aggregate(ns, command: str) -> dict:
 
 def base_accuracies(out: str, seeds: int) -> tuple[dict, dict]:
     """Test accuracy of each seed's base model, warm and icl. The base models are not committed (``base/`` is
-    ignored), so their accuracies are kept in ``{out}/base_accuracy.json``, updated from every ``base.json`` present:
-    a clean clone that only aggregates, or only runs new seeds, still reports every seed's base."""
+    ignored), so their accuracies are kept in ``{out}/base_accuracy.json`` (``quality.check_base`` records each base
+    a run is made from), filled in from any ``base.json`` present for a seed it lacks: a clean clone that only
+    aggregates, or only runs new seeds, still reports every seed's base."""
     path = os.path.join(out, "base_accuracy.json")
     kept = {"warm": {}, "icl": {}}
     if os.path.exists(path):
@@ -117,7 +118,7 @@ def base_accuracies(out: str, seeds: int) -> tuple[dict, dict]:
     for folder, regime in (("base", "warm"), ("base_icl", "icl")):
         for s in range(seeds):
             p = os.path.join(out, folder, f"seed{s}", "base.json")
-            if os.path.exists(p):
+            if os.path.exists(p) and str(s) not in kept[regime]:  # a kept entry is the base its runs came from
                 with open(p) as f:
                     kept[regime][str(s)] = json.load(f)["test_accuracy"]
     with open(path, "w") as f:

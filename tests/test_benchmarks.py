@@ -1,0 +1,59 @@
+"""The quality benchmark's bookkeeping: runs of one seed are paired only if they come from one base model."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+
+import quality  # noqa: E402
+from quality_stats import base_accuracies  # noqa: E402
+
+
+def _ns(out):
+    return quality.parse(["--out", str(out)])
+
+
+def _finished(out, name):
+    os.makedirs(out / "runs", exist_ok=True)
+    (out / "runs" / f"{name}.json").write_text("{}")
+
+
+def test_check_base_records_a_new_seed_and_accepts_the_same_base(tmp_path):
+    ns = _ns(tmp_path)
+    quality.check_base(ns, "warm", 3, 0.75)
+    assert json.load(open(tmp_path / "base_accuracy.json"))["warm"] == {"3": 0.75}
+    _finished(tmp_path, "warm-none-seed3-plain")
+    quality.check_base(ns, "warm", 3, 0.75)  # the base the finished runs came from: fine
+
+
+def test_check_base_refuses_another_base_under_finished_runs(tmp_path):
+    ns = _ns(tmp_path)
+    quality.check_base(ns, "warm", 8, 0.703)
+    _finished(tmp_path, "warm-none-seed8-plain")
+    _finished(tmp_path, "warm-none-seed18-plain")  # "-seed18-" is not a run of seed 8
+    with pytest.raises(SystemExit, match=r"warm seed 8 was retrained here to test accuracy 0\.723.*0\.703"):
+        quality.check_base(ns, "warm", 8, 0.723)
+    assert json.load(open(tmp_path / "base_accuracy.json"))["warm"]["8"] == 0.703  # the record is kept
+    quality.check_base(ns, "warm", 1, 0.5)  # seed 1 has no finished run
+    quality.check_base(ns, "icl", 8, 0.9)  # nor has the icl regime of seed 8
+
+
+def test_check_base_takes_a_rerun_base_once_the_seeds_runs_are_moved_aside(tmp_path):
+    ns = _ns(tmp_path)
+    quality.check_base(ns, "warm", 2, 0.6)
+    quality.check_base(ns, "warm", 2, 0.8)  # no finished run of seed 2: the new base is recorded
+    assert json.load(open(tmp_path / "base_accuracy.json"))["warm"]["2"] == 0.8
+
+
+def test_aggregation_never_overwrites_the_kept_base_of_a_seed(tmp_path):
+    (tmp_path / "base_accuracy.json").write_text(json.dumps({"warm": {"0": 0.86}, "icl": {}}))
+    for seed, acc in ((0, 0.73), (1, 0.8)):  # seed 0 retrained to another base; seed 1 not kept yet
+        os.makedirs(tmp_path / "base" / f"seed{seed}")
+        (tmp_path / "base" / f"seed{seed}" / "base.json").write_text(json.dumps({"test_accuracy": acc}))
+    warm, icl = base_accuracies(str(tmp_path), seeds=2)
+    assert warm == {0: 0.86, 1: 0.8} and icl == {}
