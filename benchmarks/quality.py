@@ -44,7 +44,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from quality_stats import aggregate  # noqa: E402 (benchmarks/ is first on sys.path when run as a script)
+from quality_stats import aggregate, kept_bases, save_kept_bases  # noqa: E402 (benchmarks/ is first on sys.path)
 
 KINDS = ("none", "random10", "random40", "systematic", "format", "target")
 CORRUPTION = {  # kind -> (toy corruption, fraction of rows drawn for it)
@@ -270,11 +270,7 @@ def check_base(ns, regime: str, seed: int, acc: float) -> None:
     same seed has trained to 0.703 and to 0.723). A base retrained here whose test accuracy differs from the one kept
     in ``base_accuracy.json`` is another model: the finished runs of that seed were made from the kept one, so new
     runs would not be paired with them."""
-    path = os.path.join(ns.out, "base_accuracy.json")
-    kept = {"warm": {}, "icl": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            kept.update(json.load(f))
+    kept = kept_bases(ns.out)
     before = kept.get(regime, {}).get(str(seed))
     runs = os.path.join(ns.out, "runs")
     finished = (
@@ -293,8 +289,7 @@ def check_base(ns, regime: str, seed: int, acc: float) -> None:
             f"or move that seed's finished runs aside to rerun them all."
         )
     kept.setdefault(regime, {})[str(seed)] = acc
-    with open(path, "w") as f:
-        json.dump(kept, f, indent=1, sort_keys=True)
+    save_kept_bases(ns.out, kept)
 
 
 def job_name(regime: str, kind: str, seed: int, config: str) -> str:
@@ -379,9 +374,9 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         jobs = [j for j in jobs_of(ns) if not os.path.exists(run_file(ns, *j))]
         with ProcessPoolExecutor(max_workers=ns.workers) as pool:
-            for icl in [r == "icl" for r in ns.regimes.split(",") if r in ("warm", "icl")]:
+            for regime in [r for r in ns.regimes.split(",") if r in ("warm", "icl")]:
                 # a base model only for the seeds with a job left: finished runs need none (bases are not committed)
-                regime = "icl" if icl else "warm"
+                icl = regime == "icl"
                 pending = sorted({j[2] for j in jobs if j[0] == regime})
                 for seed, fut in [(s, pool.submit(base_job, ns, s, icl)) for s in pending]:
                     with open(os.path.join(fut.result(), "base.json")) as f:

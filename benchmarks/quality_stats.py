@@ -105,24 +105,34 @@ def aggregate(ns, command: str) -> dict:
     return result
 
 
+def kept_bases(out: str) -> dict:
+    """``{regime: {seed (str): base test accuracy}}`` from ``{out}/base_accuracy.json`` (empty if absent)."""
+    kept = {"warm": {}, "icl": {}}
+    path = os.path.join(out, "base_accuracy.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            kept.update(json.load(f))
+    return kept
+
+
+def save_kept_bases(out: str, kept: dict) -> None:
+    with open(os.path.join(out, "base_accuracy.json"), "w") as f:
+        json.dump(kept, f, indent=1, sort_keys=True)
+
+
 def base_accuracies(out: str, seeds: int) -> tuple[dict, dict]:
     """Test accuracy of each seed's base model, warm and icl. The base models are not committed (``base/`` is
     ignored), so their accuracies are kept in ``{out}/base_accuracy.json`` (``quality.check_base`` records each base
     a run is made from), filled in from any ``base.json`` present for a seed it lacks: a clean clone that only
     aggregates, or only runs new seeds, still reports every seed's base."""
-    path = os.path.join(out, "base_accuracy.json")
-    kept = {"warm": {}, "icl": {}}
-    if os.path.exists(path):
-        with open(path) as f:
-            kept.update(json.load(f))
+    kept = kept_bases(out)
     for folder, regime in (("base", "warm"), ("base_icl", "icl")):
         for s in range(seeds):
             p = os.path.join(out, folder, f"seed{s}", "base.json")
             if os.path.exists(p) and str(s) not in kept[regime]:  # a kept entry is the base its runs came from
                 with open(p) as f:
                     kept[regime][str(s)] = json.load(f)["test_accuracy"]
-    with open(path, "w") as f:
-        json.dump(kept, f, indent=1, sort_keys=True)
+    save_kept_bases(out, kept)
     pick = [{int(s): a for s, a in kept[r].items() if int(s) < seeds} for r in ("warm", "icl")]
     return pick[0], pick[1]
 
