@@ -85,8 +85,12 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift_t2": {**V0, "drift_softmax_temperature": 2.0},
     "drift_mix30": {**V0, "drift_uniform_mix": 0.3},
     "drift_t2_systematic": {**V0, "drift_softmax_temperature": 2.0, "drift_sampling": "systematic"},
-    # split-half shrinkage, a stable target, more contrast, the preconditioners
+    # split-half shrinkage, a stable target, more contrast, the preconditioners. The `drift_reliable*` rows ran before
+    # the shrink was fixed: it scaled the standardised scores, which the weighting rule standardised again, so it only
+    # set how much each refresh moved the score average. `drift_shrink` runs the fixed option (the weights move
+    # `reliability` of the way from 1) at today's defaults.
     "drift_reliable": {**V0, "drift_reliability_shrink": True},
+    "drift_shrink": {"drift_reliability_shrink": True},
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},

@@ -217,8 +217,6 @@ def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, pre
         return np.zeros_like(result.scores), np.ones_like(result.scores)
     wp = params.weighting
     z = standardize(result.scores, result.scored)
-    if result.reliability is not None:  # drift_reliability_shrink: evidence the halves disagree on moves little
-        z = z * result.reliability
     z = shrink_stale(z, result)
     known = result.scored
     partial = params.features.max_train_examples is not None or result.num_recomputed >= 0
@@ -229,16 +227,27 @@ def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, pre
         known = result.scored | (previous_smoothed != 0)
         ema = wp.score_ema
         z = np.where(result.scored, ema * previous_smoothed + (1 - ema) * z, previous_smoothed)
-        weights = scores_to_weights(z, wp, known)
+        weights = shrink_toward_uniform(scores_to_weights(z, wp, known), result.reliability)
         if previous_weights is not None:
             weights = np.where(known, weights, previous_weights)
         return z, weights
     if previous_smoothed is not None and wp.score_ema > 0:
         z = np.where(result.scored, wp.score_ema * previous_smoothed + (1 - wp.score_ema) * z, 0.0)
-    weights = scores_to_weights(z, wp, result.scored)
+    weights = shrink_toward_uniform(scores_to_weights(z, wp, result.scored), result.reliability)
     if previous_weights is not None:
         weights = np.where(result.scored, weights, previous_weights)
     return z, weights
+
+
+def shrink_toward_uniform(weights: np.ndarray, reliability: float | None) -> np.ndarray:
+    """``drift_reliability_shrink``: each weight moves only ``reliability`` of the way from 1 to what the rule gave,
+    ``1 + r (w - 1)``, so evidence that two halves of the rollouts disagree on (r near 0) leaves the weights near 1.
+    The mean stays 1 and the clip still holds. Applied to the weights, not the scores: the rules standardise their
+    input, which would undo a scaling of the scores."""
+    if reliability is None:
+        return weights
+    r = float(np.clip(reliability, 0.0, 1.0))
+    return 1.0 + r * (np.asarray(weights, dtype=np.float64) - 1.0)
 
 
 def shrink_stale(z: np.ndarray, result: RefreshResult) -> np.ndarray:

@@ -177,10 +177,10 @@ class DriftArguments:
     drift_reliability_shrink: bool = field(
         default=False,
         metadata=_help(
-            "Scale each refresh's standardised scores by their split-half reliability before weighting: the "
-            "rollouts are split by query into two halves, each half's target scores every row, and the two score "
-            "vectors' correlation r gives the reliability 2r/(1+r) (Spearman-Brown, clipped to [0, 1]). Scores "
-            "that two independent halves of the evidence disagree on move the weights little (e.g. clean data)."
+            "Shrink each refresh's weights toward 1 by the split-half reliability of its scores: the rollouts "
+            "are split by query into two halves, each half's target scores every row, and the two score vectors' "
+            "correlation r gives the reliability R = 2r/(1+r) (Spearman-Brown, clipped to [0, 1]); each weight "
+            "becomes 1 + R (w - 1). Evidence that two independent halves disagree on moves the weights little."
         ),
     )
     drift_projection_dim: int = field(

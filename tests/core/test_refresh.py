@@ -218,17 +218,26 @@ def test_kronecker_preconditioner_in_a_refresh(toy):
     assert np.corrcoef(kron.scores, plain.scores)[0, 1] < 0.999  # it does precondition
 
 
-def test_reliability_shrink_scales_the_standardised_scores(toy):
+def test_reliability_shrink_moves_the_weights_part_of_the_way_from_one(toy):
     base = _refresh(toy, _args())
     shrunk = _refresh(toy, _args(drift_reliability_shrink=True))
     assert base.reliability is None and 0.0 <= shrunk.reliability <= 1.0
     np.testing.assert_allclose(shrunk.scores, base.scores, rtol=1e-6)  # the scores themselves are unchanged
-    z_base, _ = new_weights(base, None, None, _args())
-    z, w = new_weights(shrunk, None, None, _args(drift_reliability_shrink=True))
-    np.testing.assert_allclose(z, shrunk.reliability * z_base, atol=1e-12)
-    shrunk.reliability = 0.0  # two halves that disagree: every weight stays 1
-    _, w0 = new_weights(shrunk, None, None, _args(drift_reliability_shrink=True))
-    np.testing.assert_allclose(w0, 1.0)
+    args = _args(drift_reliability_shrink=True)
+    z_base, w_base = new_weights(base, None, None, _args())
+    assert np.ptp(w_base) > 0.1
+    for r in (1.0, 0.5, 0.0):  # half the evidence agreeing moves every weight half way; none leaves them at 1
+        shrunk.reliability = r
+        z, w = new_weights(shrunk, None, None, args)
+        np.testing.assert_allclose(z, z_base, atol=1e-12)
+        np.testing.assert_allclose(w, 1.0 + r * (w_base - 1.0), atol=1e-12)
+        assert abs(w.mean() - 1.0) < 1e-9
+    # the same with the scores of a previous refresh smoothed in (the rules standardise their input, which must not
+    # undo the shrink)
+    shrunk.reliability = 0.5
+    _, w_prev = new_weights(base, z_base[::-1].copy(), None, _args())
+    _, w_half = new_weights(shrunk, z_base[::-1].copy(), None, args)
+    np.testing.assert_allclose(w_half, 1.0 + 0.5 * (w_prev - 1.0), atol=1e-12)
 
 
 def test_target_ema_smooths_the_unit_target_across_refreshes(toy):
