@@ -91,6 +91,9 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # `reliability` of the way from 1) at today's defaults.
     "drift_reliable": {**V0, "drift_reliability_shrink": True},
     "drift_shrink": {"drift_reliability_shrink": True},
+    # per-query contrast: each rollout signed by its reward minus its query's mean, so the direction a query's
+    # rollouts share (its prompt, the answer format) cancels and only what separates its right and wrong answers counts
+    "drift_advantage": {"drift_signing": "advantage"},
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},
