@@ -94,6 +94,9 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # per-query contrast: each rollout signed by its reward minus its query's mean, so the direction a query's
     # rollouts share (its prompt, the answer format) cancels and only what separates its right and wrong answers counts
     "drift_advantage": {"drift_signing": "advantage"},
+    # each query's contrast anchored at its reference answer (reference minus the mean of its wrong rollouts), so the
+    # many all-wrong queries of a weak model count too
+    "drift_anchored": {"drift_scorer": "drift_anchored"},
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},

@@ -15,6 +15,7 @@ scorer             target ``G``                                                s
 ``drift``          signed sum of normalised rollout features                   ``drift_debias`` of ``<H^-1 G, phi_i>``
 ``drift_unsigned`` correct rollouts only, each +1/#correct                     as ``drift``
 ``drift_raw``      as ``drift``                                                ``<H^-1 G, phi_i>`` (debias ``none``)
+``drift_anchored`` per query: reference answer minus mean wrong rollout        as ``drift``
 ``off_policy``     mean normalised feature of the reference answers            ``<H^-1 G, phi_i>`` (raw: classic IF)
 ``cosine``         mean normalised feature of the reference answers            ``<G, phi_i / ||phi_i||>`` (mean cos)
 ``loss``           none                                                        ``-loss_i``
@@ -191,6 +192,45 @@ class DriftUnsignedScorer(RolloutScorer):
         return np.where(correct, 1.0 / max(int(correct.sum()), 1), 0.0), bool(correct.any())
 
 
+class DriftAnchoredScorer(RolloutScorer):
+    name = "drift_anchored"
+    help = (
+        "`drift` with each query's contrast anchored at its reference answer: the reference's feature minus the mean "
+        "of the query's wrong rollouts', so a query whose rollouts are all wrong still counts (needs the queries' "
+        "`answer` column)."
+    )
+
+    def check_queries(self, query_dataset) -> None:
+        ReferenceScorer.check_queries(self, query_dataset)
+
+    def signs(self, rewards, signs, contrast, threshold):
+        wrong = np.asarray(rewards, dtype=np.float64) < threshold
+        return np.where(wrong, -1.0, 0.0), bool(wrong.any())
+
+    def target_halves(self, inputs: TargetInputs) -> np.ndarray:
+        """Per query with a wrong rollout: its reference answer's unit feature minus the mean unit feature of its
+        wrong rollouts, averaged over those queries; halves as for ``drift`` (even- and odd-numbered queries)."""
+        self.check_queries(inputs.query_dataset)
+        halves = np.zeros((2, inputs.dim))
+        wrong = np.flatnonzero(np.asarray(inputs.signs) < 0)
+        if not len(wrong):
+            return halves
+        query = np.asarray(inputs.rollouts.query_index)[wrong]
+        queries = sorted(set(query.tolist()))
+        rows = inputs.rollouts.training_rows()
+        refs = reference_rows(inputs.tokenizer, inputs.query_dataset, queries)
+        feats, _, _ = inputs.feature_pass.run(inputs.model, [rows[j] for j in wrong] + refs)
+        rollout_feats, ref_feats = feats[: len(wrong)], feats[len(wrong) :]
+        position = {int(q): i for i, q in enumerate(inputs.query_rows)}
+        for i, q in enumerate(queries):
+            mine = query == q
+            g = signed_target(ref_feats[i : i + 1], np.ones(1)) + signed_target(
+                rollout_feats[mine], np.full(int(mine.sum()), -1.0 / mine.sum())
+            )
+            halves[position.get(int(q), i) % 2] += g / len(queries)
+        return halves
+
+
 class ReferenceScorer(Scorer):
     """Targets built from the queries' reference answers (off-policy baselines): rollouts are not used."""
 
@@ -264,6 +304,7 @@ for _cls in (
     UniformScorer,
     DriftUnsignedScorer,
     DriftRawScorer,
+    DriftAnchoredScorer,
 ):
     register(_cls())
 

@@ -211,6 +211,8 @@ def test_run_refresh_each_scorer(tok, setup, scorer):
         assert np.argmax(result.scores) == 0
         assert result.scores[0] == pytest.approx(1.0, abs=1e-6)
         assert np.all(result.scores <= 1.0 + 1e-9)
+    if scorer == "drift_anchored":  # an untrained model is wrong everywhere, and the reference still anchors
+        assert result.contrast and result.scores.any()
     if scorer in ("drift", "drift_raw", "drift_unsigned") and not result.contrast:
         assert not result.scores.any()  # an untrained model: no correct rollout, so no target
 
@@ -265,3 +267,49 @@ def test_loss_gate_counts_loss_only_as_far_as_influence_agrees():
     zi = (harmful_noisy - harmful_noisy.mean()) / harmful_noisy.std()
     zl = (-losses + losses.mean()) / losses.std()
     np.testing.assert_allclose(scorer_scores(gated, harmful_noisy, norms, losses, 0), zi + r * zl)
+
+
+class _LookupFeatures:
+    """A feature pass whose feature of a row is a fixed vector chosen by the row's last label token."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def run(self, model, rows):
+        return np.stack([self.table[r["labels"][-2]] for r in rows]), None, None
+
+
+def test_anchored_target_is_reference_minus_mean_wrong_rollout_per_query(tok):
+    from datasets import Dataset
+
+    from drift_trainer.methods.scorers import TargetInputs
+
+    queries = Dataset.from_dict({"prompt": ["1+1=", "2+2=", "3+3="], "answer": ["2", "4", "6"]})
+    ids = {ch: tok.convert_tokens_to_ids(ch) for ch in "24567"}
+    p = tok("1+1=", add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    # query 0: rollouts "2" (right) and "5" (wrong); query 1: "5", "7" (both wrong); query 2: "6" (right only)
+    rollouts = Rollouts(
+        query_index=[0, 0, 1, 1, 2],
+        prompt_ids=[p] * 5,
+        completion_ids=[[ids[c], eos] for c in "25576"],
+        rewards=[1.0, 0.0, 0.0, 0.0, 1.0],
+    )
+    rng = np.random.default_rng(0)
+    table = {ids[c]: rng.normal(size=4) for c in "24567"}
+    unit = {c: table[ids[c]] / np.linalg.norm(table[ids[c]]) for c in "24567"}
+    scorer = get_scorer("drift_anchored")
+    signs, contrast = scorer.signs(np.asarray(rollouts.rewards), np.zeros(5), False, 0.5)
+    assert contrast  # query 1 has no right rollout, yet it counts: its reference is the anchor
+    inputs = TargetInputs(_LookupFeatures(table), None, tok, queries, [0, 1, 2], rollouts, signs, contrast, 4)
+    halves = scorer.target_halves(inputs)
+    np.testing.assert_allclose(halves[0], (unit["2"] - unit["5"]) / 2)  # query 0 (even); query 2 has nothing wrong
+    np.testing.assert_allclose(halves[1], (unit["4"] - (unit["5"] + unit["7"]) / 2) / 2)
+    np.testing.assert_allclose(scorer.target(inputs), halves.sum(0))
+    # nothing wrong anywhere: no contrast, and a zero target
+    signs, contrast = scorer.signs(np.ones(5), np.zeros(5), False, 0.5)
+    assert (
+        not contrast and not scorer.target(TargetInputs(None, None, tok, queries, [0], rollouts, signs, False, 4)).any()
+    )
+    with pytest.raises(ValueError, match="answer"):
+        scorer.check_queries(queries.remove_columns("answer"))
