@@ -117,6 +117,15 @@ def scorer_help() -> str:
     return " ".join(f"`{s.name}`: {s.help}" for s in SCORERS.values())
 
 
+def signed_halves(features: np.ndarray, signs: np.ndarray, half: np.ndarray, dim: int) -> np.ndarray:
+    """``(2, dim)``: the signed targets (:func:`signed_target`) of the rows with ``half`` 0 and with ``half`` 1."""
+    halves = np.zeros((2, dim))
+    for h in (0, 1):
+        if (half == h).any():
+            halves[h] = signed_target(features[half == h], signs[half == h])
+    return halves
+
+
 class RolloutScorer(Scorer):
     """Targets built from the refresh's signed rollouts (DRIFT and its ablations)."""
 
@@ -139,10 +148,7 @@ class RolloutScorer(Scorer):
         rfeat, _, _ = inputs.feature_pass.run(inputs.model, [rows[j] for j in live])
         position = {int(q): i for i, q in enumerate(inputs.query_rows)}
         half = np.asarray([position.get(int(inputs.rollouts.query_index[j]), j) % 2 for j in live])
-        for h in (0, 1):
-            if (half == h).any():
-                halves[h] = signed_target(rfeat[half == h], inputs.signs[live][half == h])
-        return halves
+        return signed_halves(rfeat, inputs.signs[live], half, inputs.dim)
 
     def influence(self, raw, norms, params) -> np.ndarray:
         """Debiased influence scores (no loss mix)."""
@@ -211,24 +217,20 @@ class DriftAnchoredScorer(RolloutScorer):
         """Per query with a wrong rollout: its reference answer's unit feature minus the mean unit feature of its
         wrong rollouts, averaged over those queries; halves as for ``drift`` (even- and odd-numbered queries)."""
         self.check_queries(inputs.query_dataset)
-        halves = np.zeros((2, inputs.dim))
         wrong = np.flatnonzero(np.asarray(inputs.signs) < 0)
         if not len(wrong):
-            return halves
+            return np.zeros((2, inputs.dim))
         query = np.asarray(inputs.rollouts.query_index)[wrong]
         queries = sorted(set(query.tolist()))
         rows = inputs.rollouts.training_rows()
         refs = reference_rows(inputs.tokenizer, inputs.query_dataset, queries)
         feats, _, _ = inputs.feature_pass.run(inputs.model, [rows[j] for j in wrong] + refs)
-        rollout_feats, ref_feats = feats[: len(wrong)], feats[len(wrong) :]
+        # one signed sum per half: +1/Q for each reference, -1/(Q * its query's wrong count) for each wrong rollout
+        count = {q: int((query == q).sum()) for q in queries}
+        weight = np.concatenate([[-1.0 / count[q] for q in query.tolist()], np.ones(len(queries))]) / len(queries)
         position = {int(q): i for i, q in enumerate(inputs.query_rows)}
-        for i, q in enumerate(queries):
-            mine = query == q
-            g = signed_target(ref_feats[i : i + 1], np.ones(1)) + signed_target(
-                rollout_feats[mine], np.full(int(mine.sum()), -1.0 / mine.sum())
-            )
-            halves[position.get(int(q), i) % 2] += g / len(queries)
-        return halves
+        half = np.asarray([position.get(q, q) % 2 for q in query.tolist() + queries])
+        return signed_halves(feats, weight, half, inputs.dim)
 
 
 class ReferenceScorer(Scorer):
