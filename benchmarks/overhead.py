@@ -79,7 +79,15 @@ def _merge(previous: dict, res: dict, command: str) -> tuple[dict, str]:
     merged["commands"] = [*previous.get("commands", [previous.get("command")]), command]
     merged["section_s"] = {**previous.get("section_s", {}), **res["section_s"]}
     merged["total_s"] = sum(merged["section_s"].values())
-    merged["machine"] = res["machine"]
+    # the machine of each section (sections from earlier runs keep theirs: a merge may run on another host)
+    before = previous.get("section_machine") or {k: previous.get("machine") for k in previous if k in SECTIONS}
+    merged["section_machine"] = {**before, **{k: res["machine"] for k in res if k in SECTIONS}}
+    hosts: dict[str, list[str]] = {}
+    for k, m in merged["section_machine"].items():
+        hosts.setdefault(m, []).append(k)
+    merged["machine"] = (
+        res["machine"] if len(hosts) == 1 else "; ".join(f"{m} (sections: {', '.join(ks)})" for m, ks in hosts.items())
+    )
     return merged, " && ".join(merged["commands"])
 
 

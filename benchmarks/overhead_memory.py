@@ -10,6 +10,7 @@ ru_maxrss increase). Each probe runs this file again: ``python benchmarks/overhe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -22,6 +23,7 @@ import time
 import numpy as np
 import torch
 from common import batches_of, model_of, n_params, offline_setup, run_section, text_rows, tokenizer, train_step
+from overhead_throughput import trl_default_step
 
 from drift_trainer.core.feature_pass import FeaturePass
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
@@ -78,16 +80,26 @@ def memory_probe(kind: str, model_name: str, n: int, batch_size: int, k: int, me
     projector = ProjectedGradients(select_target_modules(model), k)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = batches_of(rows[:batch_size], batch_size)[0]
+    trl = kind.endswith("_trl_defaults")  # as an SFTConfig run by default: checkpointing, clipping, bf16 autocast
+    step = trl_default_step if trl else train_step
+    if trl:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=None)
+        projector = ProjectedGradients(
+            select_target_modules(model, top_layers=model.config.num_hidden_layers // 2), k
+        )  # the default upper half
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if trl else contextlib.nullcontext()
     model.train()
-    train_step(model, opt, batch)  # optimizer state exists before measuring, as in training
+    step(model, opt, batch)  # optimizer state exists before measuring, as in training
     model.eval()
-    projector.compute(model, batch)
+    with autocast:
+        projector.compute(model, batch)
     with PeakSampler() as ps:
-        if kind == "train_step":
+        if kind.startswith("train_step"):
             model.train()
-            train_step(model, opt, batch)
-        elif kind == "feature_batch":
-            projector.compute(model, batch)
+            step(model, opt, batch)
+        elif kind.startswith("feature_batch"):
+            with autocast:
+                projector.compute(model, batch)
         else:
             fp = FeaturePass(projector, tokenizer().pad_token_id, batch_size, memmap_dir=memmap_dir)
             feats, _, _ = fp.run(model, rows)
@@ -140,6 +152,7 @@ def bench_memory(cfg) -> dict:
     tmp = tempfile.mkdtemp(prefix="drift-bench-mm-")
     n = cfg.mem_examples
     probes = [("train_step", None), ("feature_batch", None), ("feature_pass", None), ("feature_pass_memmap", tmp)]
+    probes += [("train_step_trl_defaults", None), ("feature_batch_trl_defaults", None)]
     results = []
     for kind, mm in probes:
         results.append(run_probe(kind, model_name, n, cfg.batch_size, cfg.projection_dim, mm))

@@ -13,8 +13,9 @@ def _md_throughput(res: dict) -> list[str]:
         "## 1. Feature throughput vs training (target >= 2.0)",
         "",
         "| model | params | data (mean tokens) | batch | feature dim | train ex/s | features ex/s | ratio | "
-        "FeaturePass, every block ex/s | ratio | FeaturePass, upper half (the default) ex/s (modules) | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "FeaturePass, every block ex/s | ratio | FeaturePass, upper half (the default) ex/s (modules) | ratio | "
+        "at TRL's defaults: train ex/s | upper half ex/s | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["throughput"]:
         top = r.get("ratio_feature_pass_top_half")
@@ -28,6 +29,12 @@ def _md_throughput(res: dict) -> list[str]:
                 if top is not None
                 else "- | - |"
             )
+            + (
+                f" {r['trl_default_train_ex_per_s']:.0f} | {r['trl_default_feature_pass_ex_per_s']:.0f} | "
+                f"**{r['ratio_trl_defaults']:.2f}** |"
+                if "ratio_trl_defaults" in r
+                else " - | - | - |"
+            )
         )
     L += [
         "",
@@ -36,6 +43,13 @@ def _md_throughput(res: dict) -> list[str]:
         "FeaturePass = `FeaturePass.run` over the same rows (length-sorted batches, results stored), with target modules in every block; upper half, the default: "
         "the target modules of the upper half of the blocks only (`drift_target_layers=0.5`), the blocks below run "
         "without an autograd graph.",
+        "",
+        "At TRL's defaults: the same batches, the training step as an `SFTConfig` run takes it by default "
+        "(activation checkpointing on, enabled as `Trainer` enables it; gradients clipped to `max_grad_norm=1.0`; "
+        "the forward under bf16 autocast) against the upper-half `FeaturePass.run` under the same autocast (a bf16 "
+        "run's model keeps accelerate's autocast-wrapped forward, so a refresh's feature pass runs under it; the "
+        "feature pass runs in eval mode, which does not checkpoint). The bare columns before them leave out all "
+        "three.",
         "",
     ]
     return L
@@ -182,6 +196,15 @@ def _md_memory(res: dict) -> list[str]:
         L.append(
             f"| {p['kind']} | {p['peak_anon_delta_bytes'] / 2**20:.1f} | {p['ru_maxrss_delta_bytes'] / 2**20:.1f} |"
         )
+    if any(p["kind"].endswith("_trl_defaults") for p in m["probes"]):
+        L += [
+            "",
+            "`*_trl_defaults`: one training step as an `SFTConfig` run takes it by default (activation checkpointing, "
+            "clipping, bf16 autocast) and one feature batch of the default upper half under the same autocast, same "
+            "batch. The feature pass runs in eval mode, where the decoder layers do not checkpoint: its activations "
+            "of the upper blocks are all kept for the backward, while checkpointed training keeps only each block's "
+            "input.",
+        ]
     L.append("")
     return L
 

@@ -6,11 +6,17 @@ sorts by length; the training step is forward + backward + AdamW step of the sam
 top half``: the same pass with the target modules in the upper half of the blocks only (``drift_target_layers``),
 where the lower blocks run without an autograd graph and the backward stops at the lowest target block.
 
+``at TRL's defaults``: the same two sides as an ``SFTConfig`` run takes them by default: the training step with
+activation checkpointing on (enabled as ``Trainer`` enables it), gradients clipped to ``max_grad_norm=1.0`` and the
+forward under bf16 autocast; the upper-half ``FeaturePass.run`` under the same autocast (a bf16 run's model keeps
+accelerate's autocast-wrapped forward, so a refresh's feature pass runs under it; eval mode does not checkpoint).
+
     PYTHONPATH=. python benchmarks/overhead_throughput.py --quick    # this section alone (prints JSON)
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -31,6 +37,52 @@ from drift_trainer.core.feature_pass import FeaturePass
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
 
 offline_setup()
+
+
+def trl_default_step(model, opt, batch) -> None:
+    """One training step as ``SFTConfig``'s defaults run it (the model's activation checkpointing already on): the
+    forward under bf16 autocast, backward, gradients clipped to norm 1.0, AdamW step."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def trl_defaults(model):
+    """Activation checkpointing on, as ``Trainer`` turns it on for ``SFTConfig``'s default, for the enclosed steps."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=None)
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
+
+
+def _time_trl_defaults(cfg, model, opt, fpass_top, batches, rows):
+    """Per repeat: seconds of the training steps at TRL's defaults over ``batches`` and of one upper-half
+    ``FeaturePass.run`` over ``rows`` under the same bf16 autocast."""
+    t_train, t_top = [], []
+    with trl_defaults(model):
+        model.train()
+        trl_default_step(model, opt, batches[0])  # warm-up
+        for _ in range(cfg.repeats):
+            model.train()
+            s = time.perf_counter()
+            for b in batches:
+                trl_default_step(model, opt, b)
+            t_train.append(time.perf_counter() - s)
+            s = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                fpass_top.run(model, rows)
+            t_top.append(time.perf_counter() - s)
+    return t_train, t_top
 
 
 def _time_interleaved(cfg, model, opt, projector, fpass, batches, rows, fpass_top):
@@ -82,6 +134,8 @@ def bench_throughput(cfg) -> list[dict]:
         r_compute = [tt / tf for tt, tf in zip(t_train, t_feat)]
         r_pass = [tt / tp for tt, tp in zip(t_train, t_pass)]
         r_top = [tt / tp for tt, tp in zip(t_train, t_top)]
+        t_train_trl, t_top_trl = _time_trl_defaults(cfg, model, opt, fpass_top, batches, rows)
+        r_trl = [tt / tp for tt, tp in zip(t_train_trl, t_top_trl)]
         out.append(
             {
                 **case_head(model_name, model, data, length),
@@ -100,6 +154,10 @@ def bench_throughput(cfg) -> list[dict]:
                 "feature_pass_top_half_ex_per_s": n / median(t_top),
                 "ratio_feature_pass_top_half": median(r_top),
                 "ratio_compute_per_repeat": [round(r, 3) for r in r_compute],
+                "trl_default_train_ex_per_s": n / median(t_train_trl),
+                "trl_default_feature_pass_ex_per_s": n / median(t_top_trl),
+                "ratio_trl_defaults": median(r_trl),
+                "ratio_trl_defaults_per_repeat": [round(r, 3) for r in r_trl],
             }
         )
         print(
@@ -107,7 +165,9 @@ def bench_throughput(cfg) -> list[dict]:
             f"features {out[-1]['features_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_compute']:.2f}), "
             f"FeaturePass {out[-1]['feature_pass_ex_per_s']:.0f} ex/s (x{out[-1]['ratio_feature_pass']:.2f}), "
             f"top half {out[-1]['feature_pass_top_half_ex_per_s']:.0f} ex/s "
-            f"(x{out[-1]['ratio_feature_pass_top_half']:.2f})",
+            f"(x{out[-1]['ratio_feature_pass_top_half']:.2f}); at TRL's defaults: train "
+            f"{out[-1]['trl_default_train_ex_per_s']:.0f} ex/s, upper half {out[-1]['trl_default_feature_pass_ex_per_s']:.0f} "
+            f"ex/s (x{out[-1]['ratio_trl_defaults']:.2f})",
             flush=True,
         )
     return out

@@ -85,6 +85,19 @@ FULL = {
 QUICK = {"n_train": 256, "n_val_pairs": 64, "n_test_pairs": 200, "refresh": 8}
 
 
+def run_config(sft_steps: int | None = None, sft_demos: int = 0, quick: bool = False) -> dict:
+    """The configuration of a run: ``FULL`` (``QUICK`` over it for a smoke run) with the command line's start
+    options. ``sft_demos`` enters only when set, so the default configuration keeps its key (and its recorded runs)."""
+    cfg = dict(FULL)
+    if sft_steps is not None:
+        cfg["sft_steps"] = sft_steps
+    if sft_demos:
+        cfg["sft_demos"] = sft_demos
+    if quick:
+        cfg.update(QUICK)
+    return cfg
+
+
 def config_key(cfg: dict, flip: float) -> str:
     return hashlib.sha1(json.dumps({**cfg, "flip": flip}, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -100,7 +113,7 @@ class Seed:
         self.val = make_pairs(va, cfg["n_val_pairs"], 100 + seed, 0.0, w)
         self.test = make_pairs(te, cfg["n_test_pairs"], 1000 + seed, 0.0, w)
         self.clean = unflip(self.train)
-        self.start = sft_start(tok, tr, seed, cfg["sft_steps"], w)
+        self.start = sft_start(tok, tr, seed, cfg["sft_steps"], w, demos=cfg.get("sft_demos", 0))
         self.flipped = np.asarray(self.train["flipped"], dtype=bool)
 
 
@@ -231,9 +244,14 @@ def load_runs(path: str) -> list[dict]:
 
 
 def append_run(path: str, rec: dict) -> None:
+    """Append one run as one line, in one ``write`` to an ``O_APPEND`` file: processes running other seeds into the
+    same file (``--first-seed``) do not interleave their lines."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(rec) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (json.dumps(rec) + "\n").encode())
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -548,18 +566,23 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="", help="suffix of the result files (preference{tag}.json / .md / runs)")
     ap.add_argument("--sft-steps", type=int, default=None, help=f"SFT steps of the start (default {FULL['sft_steps']})")
+    ap.add_argument(
+        "--sft-demos",
+        type=int,
+        default=0,
+        help="the start's SFT puts 0 to N other solved problems before each row (an in-context-capable start, which "
+        "ICA's demonstrations need); 0: one problem per row (the default)",
+    )
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--aggregate-only", action="store_true", help="rebuild json/md from the checkpointed runs")
     a = ap.parse_args(argv)
     quiet_setup()
     from drift_trainer.cli.toy import build_char_tokenizer
 
-    cfg = dict(FULL)
-    if a.sft_steps is not None:
-        cfg["sft_steps"] = a.sft_steps
-    seeds = list(range(a.seeds))
+    cfg = run_config(a.sft_steps, a.sft_demos, a.quick)
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     tag = a.tag
     if a.quick:
-        cfg.update(QUICK)
         seeds = list(range(min(a.seeds, 1)))
         tag = tag or "_quick"
     key = config_key(cfg, a.flip)

@@ -80,25 +80,43 @@ def make_pairs(operands, n: int, seed: int, flip: float, width: int, rule: str =
 
 
 def sft_start(
-    tok, operands, seed: int, steps: int, width: int, rule: str = "add", lr: float = 3e-3, batch: int = 32, **model_kw
+    tok,
+    operands,
+    seed: int,
+    steps: int,
+    width: int,
+    rule: str = "add",
+    lr: float = 3e-3,
+    batch: int = 32,
+    demos: int = 0,
+    **model_kw,
 ):
-    """A tiny Llama briefly fine-tuned (plain AdamW loop) on clean sums of the train prompts: the shared start."""
+    """A tiny Llama briefly fine-tuned (plain AdamW loop) on clean sums of the train prompts: the shared start.
+
+    ``demos``: each row comes after 0 to ``demos`` other clean solved problems (``"ab+cd=s"`` + EOS each, unlabelled)
+    in the same sequence, so text after other examples is in distribution, as ICA's demonstrations put it (a start
+    that has only seen one problem per sequence loses its predictions after the first EOS). 0: one problem per row.
+    """
     from drift_trainer.cli.toy import build_tiny_llama
     from drift_trainer.core.features import collate_right, per_example_loss
 
     torch.manual_seed(seed)
     model = build_tiny_llama(tok, seed=seed, **model_kw)
     rng = random.Random(1000 + seed)
+    demo_rng = random.Random(2000 + seed)  # its own stream: demos=0 draws the same problems as before it existed
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    ids = lambda t: tok(text=t, add_special_tokens=False)["input_ids"]  # noqa: E731
+    solved = lambda a, b: ids(fmt_prompt(a, b) + fmt_answer(solve(a, b, rule), width)) + [tok.eos_token_id]  # noqa: E731
     model.train()
     for _ in range(steps):
         rows = []
         for _ in range(batch):
             a, b = rng.choice(operands)
-            p = tok(text=fmt_prompt(a, b), add_special_tokens=False)["input_ids"]
-            c = tok(text=fmt_answer(solve(a, b, rule), width), add_special_tokens=False)["input_ids"] + [
-                tok.eos_token_id
-            ]
+            p = ids(fmt_prompt(a, b))
+            c = ids(fmt_answer(solve(a, b, rule), width)) + [tok.eos_token_id]
+            if demos:
+                before = [t for _ in range(demo_rng.randint(0, demos)) for t in solved(*demo_rng.choice(operands))]
+                p = before + p
             rows.append({"input_ids": p + c, "labels": [-100] * len(p) + c})
         loss, _ = per_example_loss(model, collate_right(rows, tok.pad_token_id))
         opt.zero_grad()

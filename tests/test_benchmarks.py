@@ -57,3 +57,16 @@ def test_aggregation_never_overwrites_the_kept_base_of_a_seed(tmp_path):
         (tmp_path / "base" / f"seed{seed}" / "base.json").write_text(json.dumps({"test_accuracy": acc}))
     warm, icl = base_accuracies(str(tmp_path), seeds=2)
     assert warm == {0: 0.86, 1: 0.8} and icl == {}
+
+
+def test_preference_start_options_keep_the_default_configurations_recorded_runs():
+    import preference
+
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    with open(os.path.join(bench, "results", "preference.json")) as f:
+        recorded = json.load(f)["meta"]["config_key"]
+    assert preference.config_key(preference.run_config(), 0.33) == recorded
+    assert preference.config_key(preference.run_config(sft_demos=0), 0.33) == recorded
+    icl = preference.run_config(sft_steps=400, sft_demos=3)
+    assert (icl["sft_demos"], icl["sft_steps"]) == (3, 400)
+    assert preference.config_key(icl, 0.33) != recorded  # its runs go under their own key
