@@ -7,8 +7,8 @@ the default) on two starts, with no training after it:
 
 - ``single``: the benchmark's start (``--sft-steps`` 200 SFT steps, one problem per row);
 - ``demos``: each SFT row after 0 to ``--demos`` other solved problems (``preference.py --sft-demos``), so text after
-  demonstrations is in distribution; ``--demo-steps`` SFT steps (longer rows learn slower, so its start is matched in
-  held-out strength to ``single`` rather than in steps).
+  demonstrations is in distribution; ``--demo-steps`` SFT steps (longer rows learn slower: at 200 steps this start
+  barely learns the task, at 400 it is still a little weaker than ``single`` on held-out pairs; see the table).
 
 Reported per seed and start: the start's held-out pref_acc and greedy exact match, and the AUROC of the ICA scores
 for clean (positive) against flipped pairs (0.5: blind; below 0.5: inverted).
