@@ -397,7 +397,15 @@ def write_md(path: str, meta: dict, agg: dict, tg: list[dict]) -> None:
         f"{cfg['n_test_pairs']} clean test pairs on the unseen test prompts.",
         "",
         f"Start: a tiny random-init Llama (`build_tiny_llama` defaults) after {cfg['sft_steps']} SFT steps (batch 32, "
-        "AdamW 3e-3) on clean sums of the train prompts: weak but not hopeless. It is the start of every method of a "
+        "AdamW 3e-3) on clean sums of the train prompts"
+        + (
+            f", each SFT row after 0 to {cfg['sft_demos']} other solved problems in the same sequence (`--sft-demos`: "
+            "text after demonstrations is in distribution, as ICA's scoring puts it; this start's steps were set "
+            "from the start's held-out strength only, no DPO run)"
+            if cfg.get("sft_demos")
+            else ""
+        )
+        + ": weak but not hopeless. It is the start of every method of a "
         f"seed and DPO's reference. DPO: `DriftDPOTrainer`, `loss_type=sigmoid`, beta {cfg['beta']}, lr {cfg['lr']}, "
         f"batch {cfg['batch']}, {cfg['epochs']} epochs (LossDiff-IRM: 1 warm-up epoch on all pairs, then selection; "
         f"DRIFT: refresh every {cfg['refresh']} steps). `*_simpo`: `loss_type=simpo`, beta {cfg['simpo_beta']}, "
@@ -650,7 +658,8 @@ def main(argv=None):
     if a.aggregate_only and os.path.exists(json_path):  # keep the command and wall time of the run that made them
         with open(json_path) as f:
             prev = json.load(f).get("meta", {})
-        if prev.get("config_key") == key and "--aggregate-only" not in prev.get("command", ""):
+        same = prev.get("config_key") == key and prev.get("seeds") == seeds  # not one of several --first-seed runs
+        if same and "--aggregate-only" not in prev.get("command", ""):
             for k in ("command", "wall_seconds", "skipped", "machine"):
                 meta[k] = prev[k]
             meta["rebuilt_by"] = command.strip()
