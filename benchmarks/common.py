@@ -9,6 +9,7 @@ has no side effects beyond putting the repository root on ``sys.path``; the over
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -119,6 +120,32 @@ def train_step(model, opt, batch):
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def trl_default_step(model, opt, batch, device_type: str = "cpu") -> None:
+    """One training step as ``SFTConfig``'s defaults run it (the model's activation checkpointing on, see
+    :func:`trl_defaults`): the forward under bf16 autocast, backward, gradients clipped to norm 1.0, AdamW step."""
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            use_cache=False,
+        )
+    out.loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def trl_defaults(model):
+    """Activation checkpointing on, as ``Trainer`` turns it on for ``SFTConfig``'s default, for the enclosed steps."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs=None)
+    try:
+        yield
+    finally:
+        model.activation_checkpointing_disable()
 
 
 def sft_step(model, opt, batch, capture=None, idx=None, step: int = 0) -> None:

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import sft_rows  # noqa: E402 (benchmarks/ is first on sys.path when run as a script)
+from common import sft_rows, trl_default_step, trl_defaults  # noqa: E402 (benchmarks/ is first on sys.path when run as a script)
 
 from drift_trainer.cli.toy import addition_dataset, build_char_tokenizer, offline_env, query_dataset_from  # noqa: E402
 
@@ -121,22 +121,21 @@ def bench_throughput(ns, tok) -> dict:
         "top_half": FeaturePass(top, tok.pad_token_id, ns.batch_size),
     }
 
-    def train_all(trl_defaults: bool = False):
-        """The training steps; ``trl_defaults``: as an ``SFTConfig`` run takes them by default, with activation
-        checkpointing (enabled as ``Trainer`` enables it) and gradients clipped to 1.0."""
-        if trl_defaults:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=None)
+    def train_all():
         model.train()
         for b in batches:
             with autocast(ns.device):
                 loss = model(**b, use_cache=False).loss
             loss.backward()
-            if trl_defaults:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        if trl_defaults:
-            model.activation_checkpointing_disable()
+
+    def train_all_trl_defaults():
+        """The training steps as an ``SFTConfig`` run takes them by default: checkpointing, clipping."""
+        with trl_defaults(model):
+            model.train()
+            for b in batches:
+                trl_default_step(model, opt, b, torch.device(ns.device).type)
 
     def timed(fn):
         sync(ns.device)
@@ -147,7 +146,7 @@ def bench_throughput(ns, tok) -> dict:
 
     times = {"train": [], "train_trl_defaults": [], "every": [], "top_half": []}
     for rep in range(ns.repeats + 1):  # the first repeat warms up
-        t = {"train": timed(train_all), "train_trl_defaults": timed(lambda: train_all(True))}
+        t = {"train": timed(train_all), "train_trl_defaults": timed(train_all_trl_defaults)}
         for name, fp in passes.items():
             with autocast(ns.device):
                 t[name] = timed(lambda fp=fp: fp.run(model, rows))

@@ -22,8 +22,17 @@ import time
 
 import numpy as np
 import torch
-from common import batches_of, model_of, n_params, offline_setup, run_section, text_rows, tokenizer, train_step
-from overhead_throughput import trl_default_step
+from common import (
+    batches_of,
+    model_of,
+    n_params,
+    offline_setup,
+    run_section,
+    text_rows,
+    tokenizer,
+    train_step,
+    trl_default_step,
+)
 
 from drift_trainer.core.feature_pass import FeaturePass
 from drift_trainer.core.features import ProjectedGradients, select_target_modules

@@ -16,7 +16,6 @@ accelerate's autocast-wrapped forward, so a refresh's feature pass runs under it
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
@@ -31,38 +30,14 @@ from common import (
     run_section,
     tokenizer,
     train_step,
+    trl_default_step,
+    trl_defaults,
 )
 
 from drift_trainer.core.feature_pass import FeaturePass
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
 
 offline_setup()
-
-
-def trl_default_step(model, opt, batch) -> None:
-    """One training step as ``SFTConfig``'s defaults run it (the model's activation checkpointing already on): the
-    forward under bf16 autocast, backward, gradients clipped to norm 1.0, AdamW step."""
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            use_cache=False,
-        )
-    out.loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-@contextlib.contextmanager
-def trl_defaults(model):
-    """Activation checkpointing on, as ``Trainer`` turns it on for ``SFTConfig``'s default, for the enclosed steps."""
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs=None)
-    try:
-        yield
-    finally:
-        model.activation_checkpointing_disable()
 
 
 def _time_trl_defaults(cfg, model, opt, fpass_top, batches, rows):
