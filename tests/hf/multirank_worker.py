@@ -1,42 +1,78 @@
 """One rank of a DRIFT run, launched by tests/hf/test_sft_trainer_distributed.py with torchrun (or alone for
 single-process runs).
 
-Usage: python multirank_worker.py OUT_DIR key=value ...
+Usage: python multirank_worker.py OUT_DIR key=value ... [+ OUT_DIR2 key=value ... ...]
   mode=single|ddp|zero2|zero3|fsdp2  lora=0|1  steps=6  n_train=27  lr=1e-3  mix=0.0  ga=1  gc=0  drift=1
   first=3  every=3  save_steps=0  resume=0  bf16=0  trainer=sft|callback (DriftSFTTrainer, or a plain
-  transformers.Trainer with DriftCallback attached)
+  transformers.Trainer with DriftCallback attached)  resume_from=DIR (before resuming, copy the checkpoint
+  directory DIR into this run's output directory)
 Writes OUT_DIR/rank{r}.json: the indices the sampler yielded, the weights and scores of the last refresh, the
 number of rows scored, and the training losses this rank logged.
+
+Runs separated by ``+`` train one after another in the same processes (the same mode: one backend per launch), each
+from a fresh model and trainer: a launch's start-up (two interpreters importing torch, transformers and DeepSpeed on
+two cores) costs more than a tiny run.
 """
 
 import json
 import os
 import sys
 
+DEFAULTS = {
+    "mode": "single",
+    "lora": "0",
+    "steps": "6",
+    "n_train": "27",
+    "lr": "1e-3",
+    "mix": "0.0",
+    "ga": "1",
+    "gc": "0",
+    "drift": "1",
+    "first": "3",
+    "every": "3",
+    "save_steps": "0",
+    "resume": "0",
+    "capture": "0",  # features captured in the training backward (the default) or a full rescoring per refresh
+    "budget": "0.1",
+    "check": "32",
+    "bf16": "0",
+    "trainer": "sft",
+    "resume_from": "",
+}
+
 
 def main():
-    out_dir = sys.argv[1]
-    opt = {
-        "mode": "single",
-        "lora": "0",
-        "steps": "6",
-        "n_train": "27",
-        "lr": "1e-3",
-        "mix": "0.0",
-        "ga": "1",
-        "gc": "0",
-        "drift": "1",
-        "first": "3",
-        "every": "3",
-        "save_steps": "0",
-        "resume": "0",
-        "capture": "0",  # features captured in the training backward (the default) or a full rescoring per refresh
-        "budget": "0.1",
-        "check": "32",
-        "bf16": "0",
-        "trainer": "sft",
-    }
-    opt.update(kv.split("=", 1) for kv in sys.argv[2:])
+    runs, group = [], []
+    for arg in sys.argv[1:] + ["+"]:
+        if arg != "+":
+            group.append(arg)
+        elif group:
+            runs.append((group[0], {**DEFAULTS, **dict(kv.split("=", 1) for kv in group[1:])}))
+            group = []
+    modes = {opt["mode"] for _, opt in runs}
+    if len(modes) != 1:
+        raise SystemExit(f"one mode per launch, got {sorted(modes)}")
+    for out_dir, opt in runs:
+        run(out_dir, opt)
+    import torch.distributed as td
+
+    if td.is_initialized():  # a gloo group left to interpreter shutdown can abort the process (exit code -6)
+        td.barrier()
+        td.destroy_process_group()
+    # Results are written: leave without the interpreter's teardown, where torch's gloo threads occasionally abort
+    # the process ("terminate called without an active exception", exit -6) after a run that finished.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def first_checkpoint_files(output_dir):
+    """The files of the earliest checkpoint in ``output_dir`` (each rank saves its own captured-feature cache there)."""
+    steps = sorted(int(d.split("-")[1]) for d in os.listdir(output_dir) if d.startswith("checkpoint-"))
+    return sorted(os.listdir(os.path.join(output_dir, f"checkpoint-{steps[0]}"))) if steps else []
+
+
+def run(out_dir, opt):
     mode = opt["mode"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -64,6 +100,7 @@ def main():
         PartialState(backend="gloo")
 
     import numpy as np
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     from drift_trainer import DriftConfig
     from drift_trainer.cli.toy import (
@@ -76,6 +113,7 @@ def main():
     from drift_trainer.core.sampler import DriftSampler
     from tests.helpers import tiny_trainer  # the repository root is on PYTHONPATH
 
+    unset_hf_deepspeed_config()  # an earlier run's ZeRO config must not reach this run's model construction
     rank = int(os.environ.get("RANK", "0"))
     tok = build_char_tokenizer(os.path.join(out_dir, f"tok{rank}"))
     model = build_tiny_llama(tok, seed=0)
@@ -175,6 +213,16 @@ def main():
             param_sums[state.global_step] = float(sum(p.detach().double().abs().sum() for p in local))
 
     trainer.add_callback(ParamSum())
+    if opt["resume_from"]:  # the checkpoint of an earlier run of this launch, copied in once every rank is here
+        import shutil
+
+        import torch.distributed as td
+
+        if rank == 0:
+            src = opt["resume_from"]
+            shutil.copytree(src, os.path.join(args.output_dir, os.path.basename(src)))
+        if td.is_initialized():
+            td.barrier()
     trainer.train(resume_from_checkpoint=opt["resume"] == "1" or None)
     state = trainer.drift_callback.drift_state
     result = {
@@ -191,20 +239,19 @@ def main():
         "param_sums": param_sums,
         "sharded": sharded,  # per step: [DTensor parameters, parameters]
         "model_class": type(trainer.model).__name__,
+        # the files of this run's first checkpoint (each rank saves its own captured-feature cache there)
+        "checkpoint_files": first_checkpoint_files(args.output_dir),
         "feature_names": trainer.drift_callback.projector.names if trainer.drift_callback.projector else [],
     }
+    DriftSampler.__iter__ = original_iter
+    from accelerate.state import AcceleratorState, GradientState
+
+    # the next run of this launch builds its own Accelerator (accelerate refuses a second one with a DeepSpeed
+    # plugin); the process group stays
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    import torch.distributed as td
-
-    if td.is_initialized():  # a gloo group left to interpreter shutdown can abort the process (exit code -6)
-        td.barrier()
-        td.destroy_process_group()
-    # Results are written: leave without the interpreter's teardown, where torch's gloo threads occasionally abort
-    # the process ("terminate called without an active exception", exit -6) after a run that finished.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ tolerance 1e-5 of the largest score (seen: 1e-15 for DDP and ZeRO-2, 1e-7 for Ze
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -21,41 +20,85 @@ from tests.helpers import run_under_timeout
 pytestmark = pytest.mark.slow
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multirank_worker.py")
 N_TRAIN = 27  # odd: the two ranks' shards differ in size
-TIMEOUT = 240
+UNTOUCHED = dict(lr=1e-2, ga=2, steps=8, first=2, every=2)  # scoring without reweighting vs plain SFT
+RESUME = dict(lr=1e-2, steps=12, save_steps=8, first=3, every=3, capture=1)  # an unbroken run, and one resumed at 8
+CAPTURED = dict(lr=0, capture=1, budget=100, check=4)
+# Every run of one backend trains in one launch (runs one after another in the same two processes, each from a
+# fresh model and trainer): a launch's start-up costs more than its tiny runs. name -> worker options.
+RUNS = {
+    "single": {
+        "lora0": dict(lr=0, lora=0),
+        "lora1": dict(lr=0, lora=1),
+        "callback": dict(lr=0, trainer="callback"),
+    },
+    "ddp": {
+        "score_lora0": dict(lr=0, lora=0),
+        "score_lora1": dict(lr=0, lora=1),
+        "captured": CAPTURED,
+        "untouched_drift": dict(UNTOUCHED, mix=1.0),
+        "untouched_plain": dict(UNTOUCHED, drift=0),
+        # captured features (the default); the sampler's epoch, which this is about, does not depend on capture
+        "resume_unbroken": RESUME,
+        "resume_resumed": dict(RESUME, resume=1, resume_from="resume_unbroken/run/checkpoint-8"),
+    },
+    "zero2": {"score_lora1": dict(lr=0, lora=1, ga=2)},  # LoRA and gradient accumulation
+    "zero3": {
+        "score_lora0": dict(lr=0, lora=0),
+        "score_lora1": dict(lr=0, lora=1, gc=1, ga=2),
+        "captured": dict(CAPTURED, lora=1, gc=1, ga=2),
+        "untouched_drift": dict(UNTOUCHED, mix=1.0),
+        "untouched_plain": dict(UNTOUCHED, drift=0),
+    },
+    "fsdp2": {
+        "score_callback": dict(lr=0, trainer="callback"),  # DriftCallback on a plain transformers.Trainer
+        # FSDP2 with LoRA and checkpointing: the captured-features run (its scores are checked the same way)
+        "captured": dict(CAPTURED, lora=1, gc=1, ga=2),
+        "untouched_drift": dict(UNTOUCHED, mix=1.0),
+        "untouched_plain": dict(UNTOUCHED, drift=0),
+    },
+    # FSDP2 under TRL's default bf16: a launch of its own (a process keeps the mixed precision it started with)
+    "fsdp2_bf16": {
+        "resume_unbroken": dict(RESUME, bf16=1),
+        "resume_resumed": dict(RESUME, bf16=1, resume=1, resume_from="resume_unbroken/run/checkpoint-8"),
+    },
+}
 
 
-def _launch(out_dir, nproc, **opts):
-    args = [f"{k}={v}" for k, v in {"n_train": N_TRAIN, **opts}.items()]
-    if nproc == 1:
-        cmd = [sys.executable, WORKER, str(out_dir), *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(29500 + os.getpid() % 1000),
-            WORKER,
-            str(out_dir),
-            *args,
-        ]
-    run_under_timeout(cmd, TIMEOUT)
-    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(nproc)]
+def _launch(base, mode, runs):
+    """Train ``runs`` (name -> options) one after another in one launch of ``mode`` (``single``: one process,
+    otherwise two torchrun ranks) under a timeout; returns name -> the per-rank results."""
+    nproc = 1 if mode == "single" else 2
+    args = []
+    for name, opts in runs.items():
+        opts = {"n_train": N_TRAIN, "mode": mode.removesuffix("_bf16"), **opts}
+        if "resume_from" in opts:
+            opts["resume_from"] = os.path.join(base, opts["resume_from"])
+        args += ["+", os.path.join(base, name), *(f"{k}={v}" for k, v in opts.items())]
+    prefix = [sys.executable]
+    if nproc > 1:
+        port = str(29500 + os.getpid() % 1000)
+        prefix += ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    run_under_timeout([*prefix, WORKER, *args[1:]], 120 + 40 * len(runs))
+    return {name: [json.load(open(os.path.join(base, name, f"rank{r}.json"))) for r in range(nproc)] for name in runs}
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory):
+def launched(tmp_path_factory):
+    """``launched(mode)``: the results of every run of ``RUNS[mode]`` (one launch per mode, made once)."""
     cache = {}
 
-    def get(lora, trainer="sft"):
-        if (lora, trainer) not in cache:
-            out = tmp_path_factory.mktemp(f"single{lora}{trainer}")
-            cache[lora, trainer] = _launch(out, 1, lr=0, lora=lora, trainer=trainer)[0]
-        return cache[lora, trainer]
+    def get(mode):
+        if mode not in cache:
+            cache[mode] = _launch(str(tmp_path_factory.mktemp(mode)), mode, RUNS[mode])
+        return cache[mode]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def single(launched):
+    names = {(0, "sft"): "lora0", (1, "sft"): "lora1", (0, "callback"): "callback"}
+    return lambda lora, trainer="sft": launched("single")[names[lora, trainer]][0]
 
 
 def _assert_sharded(ranks, model_class):
@@ -66,19 +109,20 @@ def _assert_sharded(ranks, model_class):
 
 
 @pytest.mark.parametrize(
-    "mode,lora,extra",
+    "mode,run",
     [
-        ("ddp", 0, {}),
-        ("ddp", 1, {}),
-        ("zero2", 1, {"ga": 2}),  # LoRA and accumulation in one launch (each launch costs ~15 s of start-up)
-        ("zero3", 0, {}),
-        ("zero3", 1, {"gc": 1, "ga": 2}),
-        ("fsdp2", 0, {"trainer": "callback"}),  # DriftCallback on a plain transformers.Trainer
-        # FSDP2 with LoRA and checkpointing: the captured-features case below (its scores are checked the same way)
+        ("ddp", "score_lora0"),
+        ("ddp", "score_lora1"),
+        ("zero2", "score_lora1"),
+        ("zero3", "score_lora0"),
+        ("zero3", "score_lora1"),
+        ("fsdp2", "score_callback"),
     ],
 )
-def test_two_ranks_score_like_one(tmp_path, single, mode, lora, extra):
-    ranks = _launch(tmp_path, 2, mode=mode, lora=lora, lr=0, **extra)
+def test_two_ranks_score_like_one(launched, single, mode, run):
+    extra = RUNS[mode][run]
+    lora = extra.get("lora", 0)
+    ranks = launched(mode)[run]
     ref = single(lora, extra.get("trainer", "sft"))
     if mode == "fsdp2":
         _assert_sharded(ranks, "FSDPPeftModel" if lora else "FSDPLlamaForCausalLM")
@@ -97,15 +141,13 @@ def test_two_ranks_score_like_one(tmp_path, single, mode, lora, extra):
         assert ranks[0]["feature_names"] and all("lora_" in n for n in ranks[0]["feature_names"])
 
 
-@pytest.mark.parametrize(
-    "mode,extra", [("ddp", {}), ("zero3", {"lora": 1, "gc": 1, "ga": 2}), ("fsdp2", {"lora": 1, "gc": 1, "ga": 2})]
-)
-def test_captured_features_score_like_a_full_rescoring(tmp_path, single, mode, extra):
+@pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
+def test_captured_features_score_like_a_full_rescoring(launched, single, mode):
     """Features captured in each rank's training backward, stale rows recomputed (budget large enough to cover
     them): the same scores as a single process recomputing every row, identical weights on both ranks. Under FSDP2
     the captured activations and output gradients are full-width although the weights are sharded."""
-    ranks = _launch(tmp_path, 2, mode=mode, lr=0, capture=1, budget=100, check=4, **extra)
-    ref = single(extra.get("lora", 0))
+    ranks = launched(mode)["captured"]
+    ref = single(RUNS[mode]["captured"].get("lora", 0))
     if mode == "fsdp2":
         _assert_sharded(ranks, "FSDPPeftModel")
     for r in ranks:
@@ -121,11 +163,9 @@ def test_captured_features_score_like_a_full_rescoring(tmp_path, single, mode, e
 
 
 @pytest.mark.parametrize("mode", ["ddp", "zero3", "fsdp2"])
-def test_scoring_without_reweighting_leaves_training_untouched(tmp_path, mode):
+def test_scoring_without_reweighting_leaves_training_untouched(launched, mode):
     """uniform mix 1.0: DRIFT refreshes (rollouts, feature passes) but the loss curve is plain SFT's, step for step."""
-    common = dict(mode=mode, lr=1e-2, ga=2, steps=8, first=2, every=2)
-    drift = _launch(tmp_path / "drift", 2, mix=1.0, **common)
-    plain = _launch(tmp_path / "plain", 2, drift=0, **common)
+    drift, plain = launched(mode)["untouched_drift"], launched(mode)["untouched_plain"]
     assert drift[0]["num_refreshes"] == 4
     assert len(drift[0]["losses"]) == 8
     np.testing.assert_allclose(drift[0]["losses"], plain[0]["losses"], rtol=1e-6)
@@ -135,29 +175,19 @@ def test_scoring_without_reweighting_leaves_training_untouched(tmp_path, mode):
         assert drift[0]["param_sums"] == drift[1]["param_sums"]
 
 
-@pytest.mark.parametrize(
-    "mode,capture,bf16",
-    # captured features (the default) on DDP, and FSDP2 under TRL's default bf16; the sampler's epoch, which this is
-    # about, does not depend on capture
-    [("ddp", 1, 0), ("fsdp2", 1, 1)],
-)
-def test_two_rank_resume_in_a_later_epoch_replays_the_same_stream(tmp_path, mode, capture, bf16):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2_bf16"])
+def test_two_rank_resume_in_a_later_epoch_replays_the_same_stream(launched, mode):
     """accelerate does not reach the sampler's set_epoch on a resumed epoch with several ranks; DRIFT sets it. With
     captured features each rank saves and restores its own cache (drift_features.rank{r}.npz)."""
-    common = dict(mode=mode, lr=1e-2, steps=12, save_steps=8, first=3, every=3, capture=capture, bf16=bf16)
-    unbroken = _launch(tmp_path / "a", 2, **common)
-    os.makedirs(tmp_path / "b" / "run")
-    shutil.copytree(tmp_path / "a" / "run" / "checkpoint-8", tmp_path / "b" / "run" / "checkpoint-8")
-    if capture:
-        names = sorted(os.listdir(tmp_path / "a" / "run" / "checkpoint-8"))
-        assert "drift_features.rank0.npz" in names and "drift_features.rank1.npz" in names
-    resumed = _launch(tmp_path / "b", 2, resume=1, **common)
+    runs = launched(mode)
+    unbroken, resumed = runs["resume_unbroken"], runs["resume_resumed"]
+    assert {"drift_features.rank0.npz", "drift_features.rank1.npz"} <= set(unbroken[0]["checkpoint_files"])
     for before, after in zip(unbroken, resumed):
         assert after["num_refreshes"] == before["num_refreshes"] == 4
         # 7 steps per epoch: the resumed run starts in epoch 1 and draws exactly what the unbroken run drew there
         assert after["drawn"] == before["drawn"][N_TRAIN:]
         assert after["weights"] == before["weights"]
-    if mode == "fsdp2":
+    if mode == "fsdp2_bf16":
         _assert_sharded(unbroken + resumed, "FSDPLlamaForCausalLM")
     else:
         assert unbroken[0]["param_sums"] == unbroken[1]["param_sums"]  # really data parallel
