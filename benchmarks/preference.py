@@ -61,6 +61,8 @@ METHODS = (
     "ica_k1",
     "ica_k5",
     "ica_refresh",
+    "lossdiff_irm_val4",
+    "lossdiff_irm_val16",
 )
 START = "start"
 BANDS = ("low", "medium", "high")
@@ -134,14 +136,23 @@ ICA_VARIANTS = {
 }
 
 
+# LossDiff's auxiliary model trained longer on the validation pairs (default: 1 epoch, 16 steps here): a check of why
+# LossDiff is blind to flips on this task, not a tuned setting
+LOSSDIFF_VARIANTS = {
+    "lossdiff_irm_val4": {"drift_lossdiff_val_epochs": 4.0},
+    "lossdiff_irm_val16": {"drift_lossdiff_val_epochs": 16.0},
+}
+
+
 def train_dpo(method: str, data, s: Seed, tok, cfg: dict, tag: str):
     """One DPO run from the seed's start; returns the trainer (after training) and its wall seconds."""
     from common import quiet_cpu_args  # here: after main has set up the environment
 
     from drift_trainer import DriftDPOConfig, DriftDPOTrainer
 
-    variant = ICA_VARIANTS.get(method, {})
-    base, simpo = ("ica" if variant else method.removesuffix("_simpo")), method.endswith("_simpo")
+    variant = {**ICA_VARIANTS, **LOSSDIFF_VARIANTS}.get(method, {})
+    base = "ica" if method in ICA_VARIANTS else "lossdiff_irm" if method in LOSSDIFF_VARIANTS else method
+    base, simpo = base.removesuffix("_simpo"), method.endswith("_simpo")
     drift_method = "uniform" if base in ("uniform", "oracle", "band") else base
     model, ref = copy.deepcopy(s.start), copy.deepcopy(s.start)
     extra = {"loss_type": ["simpo"], "simpo_gamma": cfg["simpo_gamma"]} if simpo else {}
@@ -496,7 +507,7 @@ def write_md(path: str, meta: dict, agg: dict, tg: list[dict]) -> None:
         "AUROC of -LossDiff | AUROC of -IRM | kept share by distance d=1/2/5/10 |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for m in ("lossdiff_irm", "lossdiff_irm_simpo"):
+    for m in ("lossdiff_irm", *LOSSDIFF_VARIANTS, "lossdiff_irm_simpo"):
         if m not in t:
             continue
         row = t[m]
@@ -563,6 +574,24 @@ def write_md(path: str, meta: dict, agg: dict, tg: list[dict]) -> None:
         f.write("\n".join(L) + "\n")
 
 
+def check_start(runs: list[dict], key: str, s: Seed, tok, cfg: dict) -> None:
+    """Refuse to add runs of a seed whose start model, retrained here, differs from the one its recorded runs began
+    from (SFT does not reproduce across machines and library versions: the same seed has started at pref_acc 0.725
+    and 0.730). New runs from another start would be paired with the recorded ones as if they shared it."""
+    kept = [r for r in runs if r.get("key") == key and r["method"] == START and r["seed"] == s.seed]
+    if not kept:
+        return
+    now = evaluate(s.start, s.start, tok, s.test, cfg["beta"], cfg["width"])
+    for metric in ("pref_acc", "exact"):
+        if abs(now[metric] - kept[-1][metric]) > 1e-9:
+            raise SystemExit(
+                f"The start of seed {s.seed} was retrained here to {metric} {now[metric]:.4f}, but the recorded runs of "
+                f"that seed began from a start at {kept[-1][metric]:.4f}: new runs would not be paired with them. Run "
+                f"new methods on new seeds (--first-seed) with uniform and oracle beside them, or give --tag a new "
+                f"name and rerun every method there."
+            )
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -608,6 +637,7 @@ def main(argv=None):
             if not todo:
                 continue
             s = Seed(tok, seed, cfg, a.flip)
+            check_start(load_runs(path), key, s, tok, cfg)
             for m in todo:
                 if m == START:
                     rec = {

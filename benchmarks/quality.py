@@ -97,6 +97,9 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # each query's contrast anchored at its reference answer (reference minus the mean of its wrong rollouts), so the
     # many all-wrong queries of a weak model count too
     "drift_anchored": {"drift_scorer": "drift_anchored"},
+    # the loss hybrid gated by its agreement with the influence, at today's defaults (measured before only with
+    # replacement draws and no loss hybrid by default: `drift_loss1_gated`)
+    "drift_gated": {"drift_loss_gate": True},
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},
