@@ -70,3 +70,19 @@ def test_preference_start_options_keep_the_default_configurations_recorded_runs(
     icl = preference.run_config(sft_steps=400, sft_demos=3)
     assert (icl["sft_demos"], icl["sft_steps"]) == (3, 400)
     assert preference.config_key(icl, 0.33) != recorded  # its runs go under their own key
+
+
+def test_preference_refuses_a_retrained_start_that_differs_from_the_recorded_one(monkeypatch):
+    import types
+
+    import preference
+
+    recorded = [{"key": "k", "method": "start", "seed": 3, "pref_acc": 0.725, "exact": 0.101}]
+    seed = types.SimpleNamespace(seed=3, start=None, test=None)
+    cfg = {"beta": 1.0, "width": 2}
+    monkeypatch.setattr(preference, "evaluate", lambda *a: {"pref_acc": 0.725, "exact": 0.101})
+    preference.check_start(recorded, "k", seed, None, cfg)  # the same start: accepted
+    preference.check_start(recorded, "other", seed, None, cfg)  # no recorded start under this key: accepted
+    monkeypatch.setattr(preference, "evaluate", lambda *a: {"pref_acc": 0.730, "exact": 0.142})
+    with pytest.raises(SystemExit, match="seed 3 was retrained here to pref_acc 0.7300"):
+        preference.check_start(recorded, "k", seed, None, cfg)
