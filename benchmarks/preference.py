@@ -63,6 +63,7 @@ METHODS = (
     "ica_refresh",
     "lossdiff_irm_val4",
     "lossdiff_irm_val16",
+    "drift_sampler",
 )
 START = "start"
 BANDS = ("low", "medium", "high")
@@ -144,14 +145,19 @@ LOSSDIFF_VARIANTS = {
 }
 
 
+# DRIFT for DPO with its weights drawing the pairs (each at weight 1 in its batch) instead of scaling their losses
+DRIFT_VARIANTS = {"drift_sampler": {"drift_reweight_mode": "sampler"}}
+
+
 def train_dpo(method: str, data, s: Seed, tok, cfg: dict, tag: str):
     """One DPO run from the seed's start; returns the trainer (after training) and its wall seconds."""
     from common import quiet_cpu_args  # here: after main has set up the environment
 
     from drift_trainer import DriftDPOConfig, DriftDPOTrainer
 
-    variant = {**ICA_VARIANTS, **LOSSDIFF_VARIANTS}.get(method, {})
-    base = "ica" if method in ICA_VARIANTS else "lossdiff_irm" if method in LOSSDIFF_VARIANTS else method
+    variant = {**ICA_VARIANTS, **LOSSDIFF_VARIANTS, **DRIFT_VARIANTS}.get(method, {})
+    bases = {**dict.fromkeys(ICA_VARIANTS, "ica"), **dict.fromkeys(LOSSDIFF_VARIANTS, "lossdiff_irm")}
+    base = {**bases, **dict.fromkeys(DRIFT_VARIANTS, "drift")}.get(method, method)
     base, simpo = base.removesuffix("_simpo"), method.endswith("_simpo")
     drift_method = "uniform" if base in ("uniform", "oracle", "band") else base
     model, ref = copy.deepcopy(s.start), copy.deepcopy(s.start)
