@@ -64,6 +64,8 @@ METHODS = (
     "lossdiff_irm_val4",
     "lossdiff_irm_val16",
     "drift_sampler",
+    "drift_alpha05",
+    "drift_raw",
 )
 START = "start"
 BANDS = ("low", "medium", "high")
@@ -145,8 +147,14 @@ LOSSDIFF_VARIANTS = {
 }
 
 
-# DRIFT for DPO with its weights drawing the pairs (each at weight 1 in its batch) instead of scaling their losses
-DRIFT_VARIANTS = {"drift_sampler": {"drift_reweight_mode": "sampler"}}
+# DRIFT for DPO with its weights drawing the pairs (each at weight 1 in its batch) instead of scaling their losses; and
+# with less debiasing against the gradient norm (half, none), since its weights favour the easy pairs, whose DPO
+# gradients are small
+DRIFT_VARIANTS = {
+    "drift_sampler": {"drift_reweight_mode": "sampler"},
+    "drift_alpha05": {"drift_norm_exponent": 0.5},
+    "drift_raw": {"drift_debias": "none"},
+}
 
 
 def train_dpo(method: str, data, s: Seed, tok, cfg: dict, tag: str):
