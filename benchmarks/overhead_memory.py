@@ -32,6 +32,7 @@ from common import (
     tokenizer,
     train_step,
     trl_default_step,
+    trl_defaults,
 )
 
 from drift_trainer.core.feature_pass import FeaturePass
@@ -86,34 +87,31 @@ def memory_probe(kind: str, model_name: str, n: int, batch_size: int, k: int, me
     torch.set_num_threads(1)
     model = model_of(model_name)
     rows = text_rows(n, 64, seed=0)
-    projector = ProjectedGradients(select_target_modules(model), k)
+    trl = kind.endswith("_trl_defaults")  # as an SFTConfig run by default: checkpointing, clipping, bf16 autocast
+    # the default upper half of the blocks at TRL's defaults, every block otherwise
+    projector = ProjectedGradients(select_target_modules(model, top_layers=0.5 if trl else None), k)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     batch = batches_of(rows[:batch_size], batch_size)[0]
-    trl = kind.endswith("_trl_defaults")  # as an SFTConfig run by default: checkpointing, clipping, bf16 autocast
     step = trl_default_step if trl else train_step
-    if trl:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=None)
-        projector = ProjectedGradients(
-            select_target_modules(model, top_layers=model.config.num_hidden_layers // 2), k
-        )  # the default upper half
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if trl else contextlib.nullcontext()
-    model.train()
-    step(model, opt, batch)  # optimizer state exists before measuring, as in training
-    model.eval()
-    with autocast:
-        projector.compute(model, batch)
-    with PeakSampler() as ps:
-        if kind.startswith("train_step"):
-            model.train()
-            step(model, opt, batch)
-        elif kind.startswith("feature_batch"):
-            with autocast:
-                projector.compute(model, batch)
-        else:
-            fp = FeaturePass(projector, tokenizer().pad_token_id, batch_size, memmap_dir=memmap_dir)
-            feats, _, _ = fp.run(model, rows)
-            checksum = float(np.asarray(feats[:: max(1, n // 50)]).sum())  # touch it
-            _ = checksum
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if trl else contextlib.nullcontext
+    with trl_defaults(model) if trl else contextlib.nullcontext():
+        model.train()
+        step(model, opt, batch)  # optimizer state exists before measuring, as in training
+        model.eval()
+        with autocast():
+            projector.compute(model, batch)
+        with PeakSampler() as ps:
+            if kind.startswith("train_step"):
+                model.train()
+                step(model, opt, batch)
+            elif kind.startswith("feature_batch"):
+                with autocast():
+                    projector.compute(model, batch)
+            else:
+                fp = FeaturePass(projector, tokenizer().pad_token_id, batch_size, memmap_dir=memmap_dir)
+                feats, _, _ = fp.run(model, rows)
+                checksum = float(np.asarray(feats[:: max(1, n // 50)]).sum())  # touch it
+                _ = checksum
     return {
         "kind": kind,
         "peak_anon_delta_bytes": ps.delta,

@@ -100,9 +100,7 @@ def bench_throughput(cfg) -> list[dict]:
         batches = batches_of(rows, cfg.batch_size)
         projector = ProjectedGradients(select_target_modules(model), cfg.projection_dim)
         fpass = FeaturePass(projector, tokenizer().pad_token_id, cfg.batch_size)
-        top = ProjectedGradients(
-            select_target_modules(model, top_layers=model.config.num_hidden_layers // 2), cfg.projection_dim
-        )
+        top = ProjectedGradients(select_target_modules(model, top_layers=0.5), cfg.projection_dim)  # the default
         fpass_top = FeaturePass(top, tokenizer().pad_token_id, cfg.batch_size)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         t_train, t_feat, t_pass, t_top = _time_interleaved(cfg, model, opt, projector, fpass, batches, rows, fpass_top)

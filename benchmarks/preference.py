@@ -130,31 +130,25 @@ def unflip(ds):
     return ds.remove_columns(["chosen", "rejected"]).add_column("chosen", chosen).add_column("rejected", rejected)
 
 
-# ICA checks of the paper's choices (arXiv 2510.14459): retrieval k in {1, 3, 5} (``ica`` is k = 3, the default) and
-# one computation at the start (``ica``) against recomputing every 64 steps (3 recomputations in 256 steps)
-ICA_VARIANTS = {
-    "ica_k1": {"drift_ica_num_demos": 1},
-    "ica_k5": {"drift_ica_num_demos": 5},
-    "ica_refresh": {"drift_ica_refresh_steps": 64},
+# method -> (the method it is a variant of, its drift_* options on top of that method's defaults)
+VARIANTS = {
+    # ICA checks of the paper's choices (arXiv 2510.14459): retrieval k in {1, 3, 5} (``ica`` is k = 3, the default)
+    # and one computation at the start (``ica``) against recomputing every 64 steps (3 recomputations in 256 steps)
+    "ica_k1": ("ica", {"drift_ica_num_demos": 1}),
+    "ica_k5": ("ica", {"drift_ica_num_demos": 5}),
+    "ica_refresh": ("ica", {"drift_ica_refresh_steps": 64}),
+    # LossDiff's auxiliary model trained longer on the validation pairs (default: 1 epoch, 16 steps here): a check of
+    # why LossDiff is blind to flips on this task, not a tuned setting
+    "lossdiff_irm_val4": ("lossdiff_irm", {"drift_lossdiff_val_epochs": 4.0}),
+    "lossdiff_irm_val16": ("lossdiff_irm", {"drift_lossdiff_val_epochs": 16.0}),
+    # DRIFT for DPO with its weights drawing the pairs (each at weight 1 in its batch) instead of scaling their
+    # losses; and with less debiasing against the gradient norm (half, none), since its weights favour the easy pairs
+    "drift_sampler": ("drift", {"drift_reweight_mode": "sampler"}),
+    "drift_alpha05": ("drift", {"drift_norm_exponent": 0.5}),
+    "drift_raw": ("drift", {"drift_debias": "none"}),
 }
-
-
-# LossDiff's auxiliary model trained longer on the validation pairs (default: 1 epoch, 16 steps here): a check of why
-# LossDiff is blind to flips on this task, not a tuned setting
-LOSSDIFF_VARIANTS = {
-    "lossdiff_irm_val4": {"drift_lossdiff_val_epochs": 4.0},
-    "lossdiff_irm_val16": {"drift_lossdiff_val_epochs": 16.0},
-}
-
-
-# DRIFT for DPO with its weights drawing the pairs (each at weight 1 in its batch) instead of scaling their losses; and
-# with less debiasing against the gradient norm (half, none), since its weights favour the easy pairs, whose DPO
-# gradients are small
-DRIFT_VARIANTS = {
-    "drift_sampler": {"drift_reweight_mode": "sampler"},
-    "drift_alpha05": {"drift_norm_exponent": 0.5},
-    "drift_raw": {"drift_debias": "none"},
-}
+ICA_VARIANTS = {m: opts for m, (base, opts) in VARIANTS.items() if base == "ica"}
+LOSSDIFF_VARIANTS = [m for m, (base, _) in VARIANTS.items() if base == "lossdiff_irm"]
 
 
 def train_dpo(method: str, data, s: Seed, tok, cfg: dict, tag: str):
@@ -163,9 +157,7 @@ def train_dpo(method: str, data, s: Seed, tok, cfg: dict, tag: str):
 
     from drift_trainer import DriftDPOConfig, DriftDPOTrainer
 
-    variant = {**ICA_VARIANTS, **LOSSDIFF_VARIANTS, **DRIFT_VARIANTS}.get(method, {})
-    bases = {**dict.fromkeys(ICA_VARIANTS, "ica"), **dict.fromkeys(LOSSDIFF_VARIANTS, "lossdiff_irm")}
-    base = {**bases, **dict.fromkeys(DRIFT_VARIANTS, "drift")}.get(method, method)
+    base, variant = VARIANTS.get(method, (method, {}))
     base, simpo = base.removesuffix("_simpo"), method.endswith("_simpo")
     drift_method = "uniform" if base in ("uniform", "oracle", "band") else base
     model, ref = copy.deepcopy(s.start), copy.deepcopy(s.start)
