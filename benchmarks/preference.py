@@ -66,6 +66,10 @@ METHODS = (
     "drift_sampler",
     "drift_alpha05",
     "drift_raw",
+    "drift_influence",
+    "drift_anchored",
+    "drift_anchored_influence",
+    "drift_mixture",
 )
 START = "start"
 BANDS = ("low", "medium", "high")
@@ -146,6 +150,16 @@ VARIANTS = {
     "drift_sampler": ("drift", {"drift_reweight_mode": "sampler"}),
     "drift_alpha05": ("drift", {"drift_norm_exponent": 0.5}),
     "drift_raw": ("drift", {"drift_debias": "none"}),
+    # DRIFT for DPO on the influence alone: the loss hybrid (drift_loss_mix, 1 by default, chosen on the SFT
+    # benchmark) reads a pair's loss as -(log p(chosen) - log p(rejected)), so it favours the pairs the policy already
+    # ranks right by a wide margin
+    "drift_influence": ("drift", {"drift_loss_mix": 0.0}),
+    # each query's contrast anchored at its reference answer, so queries whose rollouts are all wrong count (most of
+    # them here: the start's exact match is about 0.08); with and without the loss hybrid
+    "drift_anchored": ("drift", {"drift_scorer": "drift_anchored"}),
+    "drift_anchored_influence": ("drift", {"drift_scorer": "drift_anchored", "drift_loss_mix": 0.0}),
+    # weight taken only from a separate low group of a two-Gaussian mixture of the scores (no upweighting)
+    "drift_mixture": ("drift", {"drift_weighting": "mixture"}),
 }
 ICA_VARIANTS = {m: opts for m, (base, opts) in VARIANTS.items() if base == "ica"}
 LOSSDIFF_VARIANTS = [m for m, (base, _) in VARIANTS.items() if base == "lossdiff_irm"]

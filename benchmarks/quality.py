@@ -100,6 +100,10 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # the loss hybrid gated by its agreement with the influence, at today's defaults (measured before only with
     # replacement draws and no loss hybrid by default: `drift_loss1_gated`)
     "drift_gated": {"drift_loss_gate": True},
+    # weight taken only from a separate low group of a two-Gaussian mixture of the scores, at today's defaults
+    "drift_mixture": {"drift_weighting": "mixture"},
+    # and in plain SFT's order: where the mixture leaves weights near 1, the batches stay plain SFT's
+    "drift_mixture_ordered": {"drift_weighting": "mixture", "drift_sampling": "ordered"},
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},

@@ -44,6 +44,53 @@ def clip_mean_one(w: np.ndarray, clip: float, iters: int = 20) -> np.ndarray:
     return w
 
 
+def mixture_weights(z: np.ndarray, iters: int = 200, tol: float = 1e-8) -> np.ndarray:
+    """The ``mixture`` rule: weights in [0, 1] from a two-Gaussian mixture fit by EM to the scores ``z``.
+
+    A row's weight is its posterior probability of the upper component (the one with the higher mean). Rows at or
+    above that mean keep 1, and below it a weight never rises as the score falls (a running minimum from the top),
+    so the rule only takes weight away, and only from rows in a separate low group. On unimodal scores the low
+    component is a thin tail and almost every row keeps 1; a group of rows with harmful evidence becomes the low
+    component as a whole. When the two means lie closer than the narrower component's standard deviation, the fit
+    describes one group's shape (a narrow core and heavy tails) and every row keeps 1. Deterministic (initialised at
+    the 10th and 60th percentiles), no tuned parameters."""
+    x = np.asarray(z, dtype=np.float64)
+    n = len(x)
+    if n < 2 or x.std() == 0:
+        return np.ones(n)
+    x = (x - x.mean()) / x.std()
+    mu = np.percentile(x, [10.0, 60.0])
+    sd = np.ones(2)
+    pi = np.array([0.3, 0.7])
+    prev = -np.inf
+    for _ in range(iters):
+        logp = -0.5 * ((x[:, None] - mu) / sd) ** 2 - np.log(sd) + np.log(pi)
+        top = logp.max(axis=1, keepdims=True)
+        resp = np.exp(logp - top)
+        total = resp.sum(axis=1, keepdims=True)
+        resp /= total
+        loglik = float((np.log(total) + top).sum())
+        nk = resp.sum(axis=0) + 1e-12
+        pi = np.clip(nk / n, 1e-6, None)
+        pi /= pi.sum()
+        mu = (resp * x[:, None]).sum(axis=0) / nk
+        sd = np.sqrt((resp * (x[:, None] - mu) ** 2).sum(axis=0) / nk) + 1e-3
+        if loglik - prev < tol * n:
+            break
+        prev = loglik
+    hi, lo = int(np.argmax(mu)), int(np.argmin(mu))
+    if hi == lo or mu[hi] - mu[lo] <= sd.min():
+        # means closer than the narrower component's spread: the two components describe one group's shape (a
+        # narrow core and heavy tails), not a group below the rest
+        return np.ones(n)
+    w = resp[:, hi].copy()
+    w[x >= mu[hi]] = 1.0
+    order = np.argsort(-x, kind="stable")
+    out = np.empty(n)
+    out[order] = np.minimum.accumulate(w[order])
+    return out
+
+
 def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None) -> np.ndarray:
     """Weights (n,) with mean 1 over ``mask`` (examples that were scored); unscored examples get 1.
 
@@ -51,7 +98,8 @@ def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None
     of standardised scores over ``drift_softmax_temperature``; ``prune`` sets the lowest ``drift_prune_fraction`` to 0
     and the rest to 1; ``truncate`` keeps (1) the scores between percentiles ``drift_truncate_low`` and
     ``drift_truncate_high`` and sets the rest to 0; ``demote`` keeps 1 for standardised scores ``z >=
-    -drift_demote_threshold`` and ``exp((z + threshold) / drift_softmax_temperature)`` below. Then weights are
+    -drift_demote_threshold`` and ``exp((z + threshold) / drift_softmax_temperature)`` below; ``mixture`` keeps 1
+    except for rows in a separate low group of a two-Gaussian mixture (:func:`mixture_weights`). Then weights are
     clipped at ``drift_weight_clip`` keeping mean 1, and mixed: ``(1 - drift_uniform_mix) * w + drift_uniform_mix``.
     """
     s = np.asarray(scores, dtype=np.float64)
@@ -75,11 +123,15 @@ def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None
         # only confident harmful evidence moves a weight: rows above -threshold (in std units) keep weight 1
         z = standardize(live)
         w = np.exp(np.minimum(z + p.demote_threshold, 0.0) / p.softmax_temperature)
+    elif rule == "mixture":
+        w = mixture_weights(live)
     elif rule == "truncate":
         lo, hi = np.percentile(live, [p.truncate_low, p.truncate_high])
         w = ((live >= lo) & (live <= hi)).astype(np.float64)
     else:
-        raise ValueError(f"drift_weighting must be 'softmax', 'prune', 'truncate' or 'demote'; got {rule!r}.")
+        raise ValueError(
+            f"drift_weighting must be 'softmax', 'prune', 'truncate', 'demote' or 'mixture'; got {rule!r}."
+        )
     w = clip_mean_one(w, p.weight_clip)
     mix = p.uniform_mix
     out[mask] = (1.0 - mix) * w + mix

@@ -19,7 +19,7 @@ from drift_trainer.methods.scorers import SCORERS as SCORER_REGISTRY, scorer_hel
 SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")
 PRECONDITIONERS = ("identity", "fisher", "kronecker", "adam")
-WEIGHTINGS = ("softmax", "prune", "truncate", "demote")
+WEIGHTINGS = ("softmax", "prune", "truncate", "demote", "mixture")
 SAMPLINGS = ("replacement", "systematic", "ordered")
 REWEIGHT_MODES = ("sampler", "loss")
 NO_CONTRAST = ("skip", "keep")
@@ -294,7 +294,9 @@ class DriftArguments:
             "drops the lowest `drift_prune_fraction`; `truncate` keeps scores between the percentiles "
             "`drift_truncate_low` and `drift_truncate_high` (the TIF rule); `demote` leaves every example at weight 1 "
             "except those with confident harmful evidence, a standardised score below `-drift_demote_threshold`, "
-            "whose weight decays as exp((z + threshold) / drift_softmax_temperature).",
+            "whose weight decays as exp((z + threshold) / drift_softmax_temperature); `mixture` fits two Gaussians to "
+            "the scores and leaves every example at 1 except a separate low group, whose weight is its posterior of "
+            "the upper component (no parameters; on unimodal scores almost every row keeps 1).",
             WEIGHTINGS,
         ),
     )

@@ -1,9 +1,15 @@
-"""Weighting: scores to weights (softmax, prune, truncate), clipping to mean one, the effective sample size."""
+"""Weighting: scores to weights (softmax, prune, truncate, demote, mixture), clipping to mean one, the effective sample size."""
 
 import numpy as np
 import pytest
 
-from drift_trainer.core.weighting import clip_mean_one, effective_sample_size, scores_to_weights, standardize
+from drift_trainer.core.weighting import (
+    clip_mean_one,
+    effective_sample_size,
+    mixture_weights,
+    scores_to_weights,
+    standardize,
+)
 from tests.helpers import drift_args
 
 
@@ -75,3 +81,32 @@ def test_demote_leaves_all_but_confidently_harmful_rows_at_one():
     assert effective_sample_size(w) > effective_sample_size(softmax)
     flat = scores_to_weights(rng.normal(size=100), drift_args(drift_weighting="demote", drift_demote_threshold=10.0))
     np.testing.assert_allclose(flat, 1.0)  # no row far enough below: nothing moves
+
+
+def test_mixture_takes_weight_only_from_a_separate_low_group():
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0.0, 1.0, 900), rng.normal(-5.0, 1.0, 100)])  # 10% in a low group
+    w = mixture_weights(scores)
+    assert np.median(w[:900]) > 0.999 and (w[:900] > 0.9).mean() > 0.97
+    assert (w[900:] < 0.1).mean() > 0.9
+    order = np.argsort(scores)
+    assert np.all(np.diff(w[order]) >= 0)  # never more weight for a lower score
+    weights = scores_to_weights(scores, drift_args(drift_weighting="mixture", drift_uniform_mix=0.0))
+    assert abs(weights.mean() - 1.0) < 1e-9 and weights.max() < 1.15  # no row is drawn much more than once
+    softmax = scores_to_weights(scores, drift_args(drift_uniform_mix=0.0))
+    assert effective_sample_size(weights[:900]) > 0.99 > effective_sample_size(softmax[:900])
+
+
+@pytest.mark.parametrize("sample", ["normal", "heavy_tailed"])
+def test_mixture_leaves_unimodal_scores_near_uniform(sample):
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=1000) if sample == "normal" else rng.standard_t(3, size=1000)
+    w = scores_to_weights(scores, drift_args(drift_weighting="mixture", drift_uniform_mix=0.0))
+    assert effective_sample_size(w) > 0.9
+    assert (w < 0.5).mean() < 0.05  # at most the far tail loses weight
+    np.testing.assert_allclose(mixture_weights(np.full(10, 3.0)), 1.0)  # no spread: nothing to separate
+
+
+def test_mixture_weights_are_the_same_for_a_shifted_and_scaled_score():
+    scores = np.random.default_rng(2).normal(size=300)
+    np.testing.assert_allclose(mixture_weights(scores), mixture_weights(3.0 * scores - 7.0), atol=1e-9)
