@@ -104,6 +104,9 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     "drift_mixture": {"drift_weighting": "mixture"},
     # and in plain SFT's order: where the mixture leaves weights near 1, the batches stay plain SFT's
     "drift_mixture_ordered": {"drift_weighting": "mixture", "drift_sampling": "ordered"},
+    # the control: seeded random scores through the mixture rule, which leaves their weights near 1 (the draw after
+    # each refresh is no longer plain SFT's permutation, and little else changes); on clean data only
+    "random_mixture": {"drift_scorer": "random", "drift_weighting": "mixture"},
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},

@@ -86,3 +86,25 @@ def test_preference_refuses_a_retrained_start_that_differs_from_the_recorded_one
     monkeypatch.setattr(preference, "evaluate", lambda *a: {"pref_acc": 0.730, "exact": 0.142})
     with pytest.raises(SystemExit, match="seed 3 was retrained here to pref_acc 0.7300"):
         preference.check_start(recorded, "k", seed, None, cfg)
+
+
+def test_every_quality_variant_is_a_valid_set_of_drift_options():
+    from drift_trainer import DriftConfig
+
+    for name, options in quality.VARIANTS.items():
+        args = DriftConfig(output_dir="/tmp/drift-variant-check", use_cpu=True, report_to=[], **options)  # validates
+        for key, value in options.items():
+            assert getattr(args, key) == value, (name, key)
+
+
+def test_every_preference_variant_is_a_valid_set_of_options_of_its_method():
+    import preference
+
+    from drift_trainer import DriftDPOConfig
+
+    for name, (method, options) in preference.VARIANTS.items():
+        args = DriftDPOConfig(
+            output_dir="/tmp/drift-variant-check", use_cpu=True, report_to=[], drift_method=method, **options
+        )
+        for key, value in options.items():
+            assert getattr(args, key) == value, (name, key)
