@@ -107,6 +107,9 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # the control: seeded random scores through the mixture rule, which leaves their weights near 1 (the draw after
     # each refresh is no longer plain SFT's permutation, and little else changes); on clean data only
     "random_mixture": {"drift_scorer": "random", "drift_weighting": "mixture"},
+    # the mixture rule on the hybrid of the two terms' normal scores (ranks), so the loss's long tail of hard rows
+    # alone cannot put a row in the low group
+    "drift_mixture_ranks": {"drift_weighting": "mixture", "drift_loss_ranks": True},
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},

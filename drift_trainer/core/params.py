@@ -79,6 +79,7 @@ class InfluenceParams(Params):
     norm_exponent: float = 1.0
     loss_mix: float = 1.0
     loss_gate: bool = False
+    loss_ranks: bool = False
     target_ema: float = 0.0
     reliability_shrink: bool = False
 

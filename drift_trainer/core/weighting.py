@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from drift_trainer.core.params import WeightingParams
 
@@ -16,6 +17,23 @@ def standardize(scores: np.ndarray, mask: np.ndarray | None = None) -> np.ndarra
         mu, sd = s[mask].mean(), s[mask].std()
         z[mask] = (s[mask] - mu) / (sd if sd > 0 else 1.0)
     return z
+
+
+def normal_scores(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``drift_loss_ranks``: each masked entry's rank mapped through the standard normal quantile, ``Phi^-1((r -
+    0.5) / m)`` (ties share their mean rank); entries outside the mask are 0. Standard normal whatever the values'
+    distribution, so a long tail counts no more than a short one."""
+    v = np.asarray(values, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros_like(v)
+    m = int(mask.sum())
+    if m > 1:
+        ranks = np.empty(m)
+        ranks[np.argsort(v[mask], kind="stable")] = np.arange(1, m + 1)
+        _, group, count = np.unique(v[mask], return_inverse=True, return_counts=True)
+        ranks = (np.bincount(group, weights=ranks) / count)[group]  # ties: their mean rank
+        out[mask] = torch.special.ndtri(torch.from_numpy((ranks - 0.5) / m)).numpy()
+    return out
 
 
 def _normalise_mean_one(w: np.ndarray) -> np.ndarray:

@@ -166,6 +166,14 @@ class DriftArguments:
             "noise), not where hard rows help (a weak start model)."
         ),
     )
+    drift_loss_ranks: bool = field(
+        default=False,
+        metadata=_help(
+            "Combine the influence and the loss of the `drift_loss_mix` hybrid by their normal scores (each row's "
+            "rank mapped through the standard normal quantile) instead of their z-scores, so that neither term's tail "
+            "dominates the sum: the loss's long tail of hard rows alone then cannot put a row at the bottom."
+        ),
+    )
     drift_target_ema: float = field(
         default=0.0,
         metadata=_help(

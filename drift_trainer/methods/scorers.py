@@ -45,7 +45,7 @@ from drift_trainer.core.features import IGNORE_INDEX
 from drift_trainer.core.influence import debias_raw, signed_target
 from drift_trainer.core.params import InfluenceParams
 from drift_trainer.core.rollouts import tokenize_prompt
-from drift_trainer.core.weighting import standardize
+from drift_trainer.core.weighting import normal_scores, standardize
 
 REFERENCE_COLUMN = "answer"
 
@@ -163,7 +163,8 @@ class RolloutScorer(Scorer):
             return scores
         live = np.asarray(norms) > 0
         neg_loss = -np.nan_to_num(np.asarray(losses, dtype=np.float64), nan=0.0)
-        z_influence, z_loss = standardize(scores, live), standardize(neg_loss, live)
+        scale = normal_scores if params.loss_ranks else standardize
+        z_influence, z_loss = scale(scores, live), scale(neg_loss, live)
         if params.loss_gate:  # loss counts as far as the influence corroborates it
             mix *= loss_agreement(z_influence[live], z_loss[live])
         return np.where(live, z_influence + mix * z_loss, 0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from statistics import NormalDist
+
 import numpy as np
 import pytest
 
@@ -128,6 +130,23 @@ def test_loss_mix_adds_standardised_low_loss_to_influence():
     np.testing.assert_allclose(
         scorer_scores(args_for("drift", drift_loss_mix=0.0), raw, norms, losses, 0)[live], influence
     )
+
+
+def test_loss_ranks_mix_normal_scores_so_a_long_loss_tail_alone_cannot_sink_a_row():
+    rng = np.random.default_rng(0)
+    n = 400
+    raw = rng.normal(size=n)
+    norms = np.ones(n)
+    losses = rng.exponential(0.1, size=n)
+    losses[0], raw[0] = 50.0, 1.5  # one very hard row the influence finds helpful
+    z_scores = scorer_scores(args_for("drift", drift_loss_mix=1.0), raw, norms, losses, 0)
+    ranked = scorer_scores(args_for("drift", drift_loss_mix=1.0, drift_loss_ranks=True), raw, norms, losses, 0)
+    assert np.argmin(z_scores) == 0  # z-scores: the loss tail puts it last
+    assert (ranked < ranked[0]).mean() > 0.05  # normal scores: the loss counts as a rank, at most about -3
+    influence_rank = np.argsort(np.argsort(raw)) + 0.5
+    loss_rank = np.argsort(np.argsort(-losses)) + 0.5
+    q = np.vectorize(NormalDist().inv_cdf)
+    np.testing.assert_allclose(ranked, q(influence_rank / n) + q(loss_rank / n), atol=1e-9)
 
 
 def test_uniform_keeps_weights_at_one_and_prune_would_not():
