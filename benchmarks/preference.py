@@ -49,28 +49,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 from preference_task import auroc, evaluate, make_pairs, prompt_split, quiet_setup, sft_start  # noqa: E402
 from quality_stats import bootstrap_ci  # noqa: E402
 
-METHODS = (
-    "uniform",
-    "oracle",
-    "ica",
-    "lossdiff_irm",
-    "drift",
-    "uniform_simpo",
-    "ica_simpo",
-    "lossdiff_irm_simpo",
-    "ica_k1",
-    "ica_k5",
-    "ica_refresh",
-    "lossdiff_irm_val4",
-    "lossdiff_irm_val16",
-    "drift_sampler",
-    "drift_alpha05",
-    "drift_raw",
-    "drift_influence",
-    "drift_anchored",
-    "drift_anchored_influence",
-    "drift_mixture",
-)
 START = "start"
 BANDS = ("low", "medium", "high")
 METRICS = ("pref_acc", "exact", "margin_mean", "eval_loss", "margin_acc")
@@ -161,6 +139,18 @@ VARIANTS = {
     # weight taken only from a separate low group of a two-Gaussian mixture of the scores (no upweighting)
     "drift_mixture": ("drift", {"drift_weighting": "mixture"}),
 }
+# the methods, then every variant (a variant missing here would be left out of the tables)
+METHODS = (
+    "uniform",
+    "oracle",
+    "ica",
+    "lossdiff_irm",
+    "drift",
+    "uniform_simpo",
+    "ica_simpo",
+    "lossdiff_irm_simpo",
+    *VARIANTS,
+)
 ICA_VARIANTS = {m: opts for m, (base, opts) in VARIANTS.items() if base == "ica"}
 LOSSDIFF_VARIANTS = [m for m, (base, _) in VARIANTS.items() if base == "lossdiff_irm"]
 

@@ -28,10 +28,8 @@ def normal_scores(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
     out = np.zeros_like(v)
     m = int(mask.sum())
     if m > 1:
-        ranks = np.empty(m)
-        ranks[np.argsort(v[mask], kind="stable")] = np.arange(1, m + 1)
         _, group, count = np.unique(v[mask], return_inverse=True, return_counts=True)
-        ranks = (np.bincount(group, weights=ranks) / count)[group]  # ties: their mean rank
+        ranks = (np.cumsum(count) - (count - 1) / 2.0)[group]  # 1-based; ties: their mean rank
         out[mask] = torch.special.ndtri(torch.from_numpy((ranks - 0.5) / m)).numpy()
     return out
 
@@ -76,7 +74,7 @@ def mixture_weights(z: np.ndarray, iters: int = 200, tol: float = 1e-8) -> np.nd
     n = len(x)
     if n < 2 or x.std() == 0:
         return np.ones(n)
-    x = (x - x.mean()) / x.std()
+    x = standardize(x)
     mu = np.percentile(x, [10.0, 60.0])
     sd = np.ones(2)
     pi = np.array([0.3, 0.7])
@@ -97,7 +95,7 @@ def mixture_weights(z: np.ndarray, iters: int = 200, tol: float = 1e-8) -> np.nd
             break
         prev = loglik
     hi, lo = int(np.argmax(mu)), int(np.argmin(mu))
-    if hi == lo or mu[hi] - mu[lo] <= sd.min():
+    if mu[hi] - mu[lo] <= sd.min():
         # means closer than the narrower component's spread: the two components describe one group's shape (a
         # narrow core and heavy tails), not a group below the rest
         return np.ones(n)

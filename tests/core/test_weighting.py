@@ -1,4 +1,5 @@
-"""Weighting: scores to weights (softmax, prune, truncate, demote, mixture), clipping to mean one, the effective sample size."""
+"""Weighting: scores to weights (softmax, prune, truncate, demote, mixture), clipping to mean one, the effective
+sample size."""
 
 import numpy as np
 import pytest
