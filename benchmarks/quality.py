@@ -59,7 +59,7 @@ BASELINES = ("loss", "cosine", "off_policy", "random")
 # against them carries them explicitly, so its recorded runs keep their meaning under today's defaults.
 V0 = {"drift_loss_mix": 0.0, "drift_sampling": "replacement"}
 VARIANTS = {  # configuration -> drift_* options on top of the library's defaults
-    "drift": {},  # today's defaults: drift_loss_mix=1.0, drift_sampling="systematic"
+    "drift": {},  # the defaults before the harm gate: drift_loss_mix=1.0, drift_sampling="systematic", no gate
     "drift_v0": dict(V0),  # the earlier defaults: influence only, draws with replacement
     "drift_replacement": {"drift_sampling": "replacement"},  # = the earlier `drift_loss1`
     "drift_ordered": {"drift_sampling": "ordered"},  # the systematic counts, in plain SFT's order
@@ -110,6 +110,14 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # the mixture rule on the hybrid of the two terms' normal scores (ranks), so the loss's long tail of hard rows
     # alone cannot put a row in the low group
     "drift_mixture_ranks": {"drift_weighting": "mixture", "drift_loss_ranks": True},
+    # drift_reference_bound: rows whose loss exceeds every query's reference answer's lose their weight; `flat` keeps
+    # every other row at 1 (the scores move nothing else), `mixture` adds the scores' low group
+    "bound_flat": {"drift_weighting": "flat", "drift_reference_bound": True},
+    "drift_bound_mixture": {"drift_weighting": "mixture", "drift_reference_bound": True},
+    # today's defaults: drift_harm_gate=True, weights stay 1 (plain SFT's batches) until the start model or a refresh
+    # finds harm (train losses beyond every reference answer's, or validation accuracy below the start model's, each
+    # at p < 0.01)
+    "drift_harm": {"drift_harm_gate": True},
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},
@@ -134,12 +142,16 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # the baselines, at the softmax weighting and the draws with replacement they were measured with
     **{b: {"drift_scorer": b, "drift_sampling": "replacement"} for b in BASELINES},
 }
+# Every configuration but `drift_harm` was measured before the harm gate became the default: each carries it off, so
+# its recorded runs keep their meaning under today's defaults.
+VARIANTS = {c: (o if c == "drift_harm" else {"drift_harm_gate": False, **o}) for c, o in VARIANTS.items()}
 CONFIGS = ("plain", "clean", *VARIANTS)
 # the default run (about an hour on 2 cores): the defaults, the earlier defaults, their one-option neighbours and the
 # baselines; `--configs all` runs every candidate above
 MAIN_CONFIGS = (
     "plain",
     "clean",
+    "drift_harm",
     "drift",
     "drift_full",
     "drift_v0",

@@ -97,6 +97,9 @@ class WeightingParams(Params):
     uniform_mix: float = 0.1
     score_ema: float = 0.5
     demote_threshold: float = 1.0
+    reference_bound: bool = False
+    harm_gate: bool = True
+    harm_alpha: float = 0.01
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,11 @@ from drift_trainer.core.storage import row_chunks
 from drift_trainer.methods.scorers import Scorer, TargetInputs
 
 # one stride per stage that draws random numbers: refresh k (0-based) uses seed + stride * (k + 1)
-SEED_STRIDES = {"queries": 7919, "generation": 104729, "scores": 15485863}
+SEED_STRIDES = {"queries": 7919, "generation": 104729, "scores": 15485863, "harm": 32452843}
 
 
 def stage_seed(stage: str, seed: int, refresh_index: int) -> int:
-    """The seed ``stage`` (``queries``, ``generation`` or ``scores``) uses at refresh ``refresh_index``."""
+    """The seed ``stage`` (``queries``, ``generation``, ``scores`` or ``harm``) uses at refresh ``refresh_index``."""
     return int(seed) + SEED_STRIDES[stage] * (int(refresh_index) + 1)
 
 

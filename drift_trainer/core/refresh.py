@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from drift_trainer.core import pipeline
-from drift_trainer.core.dist import Dist, shard
+from drift_trainer.core.dist import Dist, fsdp2_unsharded, shard
 from drift_trainer.core.feature_pass import RowFormat, TrainFeatures, TrainView, progress_bar, refresh_subset
-from drift_trainer.core.features import ProjectedGradients
+from drift_trainer.core.features import ProjectedGradients, summed_logps
 from drift_trainer.core.influence import inner_products, split_half_reliability
 from drift_trainer.core.params import RefreshParams
 from drift_trainer.core.rollouts import Rollouts
 from drift_trainer.core.weighting import effective_sample_size, scores_to_weights, standardize
-from drift_trainer.methods.scorers import get_scorer
+from drift_trainer.methods.scorers import get_scorer, has_reference, reference_rows, require_reference
 
 
 @dataclass
@@ -44,6 +44,19 @@ class RefreshResult:
     target: np.ndarray | None = None  # the unit target direction scored against (smoothed by drift_target_ema)
     stale: np.ndarray | None = None  # captured features: (num_examples,) bool, scored from a feature older than the
     # previous refresh (its standardised score is shrunk by capture_agreement)
+    reference_loss: np.ndarray | None = None  # the sampled queries' reference-answer losses (reference bound, gate)
+    harm_sample_loss: np.ndarray | None = None  # drift_harm_gate: losses of a sample of train rows, taken with the
+    # references' (same model, same forward pass), for the loss test
+    reference_bound: bool = False  # drift_reference_bound was on (beyond_reference then demotes rows)
+
+    @property
+    def beyond_reference(self) -> np.ndarray | None:
+        """``drift_reference_bound``: (num_examples,) bool, scored rows whose loss exceeds every reference answer's
+        (None without the option or without reference losses)."""
+        if not self.reference_bound or self.reference_loss is None or not len(self.reference_loss):
+            return None
+        loss = np.nan_to_num(np.asarray(self.loss, dtype=np.float64), nan=-np.inf)
+        return self.scored & (loss > float(np.max(self.reference_loss)))
 
     @property
     def rollout_accuracy(self) -> float:
@@ -147,6 +160,16 @@ def run_refresh(
     with pipeline.timed(timings, "influence"):
         seed_s = pipeline.stage_seed("scores", seed, refresh_index)
         rows, scores, reliability = score_rows(scorer, params, g, feats, len(view), projector, dist, seed_s, halves)
+    reference_loss = harm_sample_loss = None
+    gate_losses = params.weighting.harm_gate and has_reference(query_dataset)
+    if params.weighting.reference_bound or gate_losses:
+        with pipeline.timed(timings, "reference_loss"):
+            if gate_losses:
+                harm_sample_loss, reference_loss = harm_losses(
+                    fp, model, tokenizer, view, query_dataset, seed, refresh_index, dist
+                )
+            else:
+                reference_loss = reference_losses(fp, model, tokenizer, query_dataset, query_rows, dist)
     user = pipeline.to_user(view.user_index, view.num_examples, rows, scores, feats.subset)
     if feats.stale is not None:
         user["stale"] = np.zeros(view.num_examples, dtype=bool)
@@ -164,8 +187,54 @@ def run_refresh(
         reward_threshold=params.signing.reward_threshold,
         reliability=reliability,
         target=g,
+        reference_loss=reference_loss,
+        harm_sample_loss=harm_sample_loss,
+        reference_bound=params.weighting.reference_bound,
         **user,
     )
+
+
+BOUND_WHO = "drift_reference_bound=True compares train losses with"
+BOUND_FIX = "or set drift_reference_bound=False"
+
+
+HARM_ROWS = 1024  # train rows (and reference answers) the gate's loss test measures per refresh (all if fewer)
+
+
+def harm_sample(num_rows: int, seed: int) -> np.ndarray:
+    """The rows the harm gate's loss test measures at one refresh: all, or a seeded sample of HARM_ROWS."""
+    if num_rows <= HARM_ROWS:
+        return np.arange(num_rows)
+    return np.sort(np.random.default_rng(seed).choice(num_rows, HARM_ROWS, replace=False))
+
+
+def harm_losses(fp, model, tokenizer, view, query_dataset, seed, refresh_index, dist=None):
+    """``drift_harm_gate``'s loss test inputs, ``(train sample losses, reference losses)``, from the same model by
+    the same forward passes (``refresh_index`` -1: the start model, before the first step). The references are every
+    query's (up to HARM_ROWS, sampled), not only this refresh's ``query_rows``: the test's power grows with their
+    number, and a forward pass per reference is cheap."""
+    stage = pipeline.stage_seed("harm", seed, refresh_index)
+    train = forward_losses(fp, model, view.fetch(harm_sample(len(view), stage)), dist)
+    queries = harm_sample(len(query_dataset), stage + 1).tolist()
+    return train, reference_losses(fp, model, tokenizer, query_dataset, queries, dist)
+
+
+def forward_losses(fp, model, rows: list[dict], dist: Dist | None = None) -> np.ndarray:
+    """Mean labelled-token loss of each row under the current model, by forward passes only (eval mode; batches
+    split over the ranks, every rank gets every value); rows without a labelled token are left out. Under FSDP2 the
+    weights are gathered for the passes and resharded after (a forward without backward leaves the root unsharded)."""
+    with fsdp2_unsharded(model) as full:
+        logp, count = summed_logps(full, rows, fp.pad_token_id, fp.batch_size, dist)
+    live = count > 0
+    return -logp[live] / count[live]
+
+
+def reference_losses(fp, model, tokenizer, query_dataset, query_rows, dist: Dist | None = None) -> np.ndarray:
+    """The mean completion-token loss of each sampled query's reference answer (``answer`` + EOS after its prompt,
+    as a rollout is tokenized) under the current model (``drift_reference_bound``, ``drift_harm_gate``)."""
+    require_reference(query_dataset, BOUND_WHO, BOUND_FIX)
+    rows = reference_rows(tokenizer, query_dataset, query_rows)
+    return forward_losses(fp, model, rows, dist) if rows else np.zeros(0)
 
 
 def score_rows(scorer, params: RefreshParams, g, feats, n_rows: int, projector, dist: Dist, seed: int, halves=None):
@@ -218,6 +287,7 @@ def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, pre
     wp = params.weighting
     z = standardize(result.scores, result.scored)
     z = shrink_stale(z, result)
+    bound = result.beyond_reference if wp.reference_bound else None
     known = result.scored
     partial = params.features.max_train_examples is not None or result.num_recomputed >= 0
     if previous_smoothed is not None and partial:
@@ -227,13 +297,13 @@ def new_weights(result: RefreshResult, previous_smoothed: np.ndarray | None, pre
         known = result.scored | (previous_smoothed != 0)
         ema = wp.score_ema
         z = np.where(result.scored, ema * previous_smoothed + (1 - ema) * z, previous_smoothed)
-        weights = shrink_toward_uniform(scores_to_weights(z, wp, known), result.reliability)
+        weights = shrink_toward_uniform(scores_to_weights(z, wp, known, bound), result.reliability)
         if previous_weights is not None:
             weights = np.where(known, weights, previous_weights)
         return z, weights
     if previous_smoothed is not None and wp.score_ema > 0:
         z = np.where(result.scored, wp.score_ema * previous_smoothed + (1 - wp.score_ema) * z, 0.0)
-    weights = shrink_toward_uniform(scores_to_weights(z, wp, result.scored), result.reliability)
+    weights = shrink_toward_uniform(scores_to_weights(z, wp, result.scored, bound), result.reliability)
     if previous_weights is not None:
         weights = np.where(result.scored, weights, previous_weights)
     return z, weights
@@ -271,6 +341,14 @@ def refresh_summary(result: RefreshResult, weights: np.ndarray) -> dict:
         "drift/refresh_seconds": float(sum(result.timings.values())),
         **({"drift/capture_agreement": result.capture_agreement} if result.capture_agreement is not None else {}),
         **({"drift/reliability": result.reliability} if result.reliability is not None else {}),
+        **(
+            {
+                "drift/reference_loss_max": float(np.max(result.reference_loss)),
+                "drift/beyond_reference": float(result.beyond_reference[result.scored].mean()),
+            }
+            if result.beyond_reference is not None and result.scored.any()
+            else {}
+        ),
         **(
             {"drift/stale_fraction": float(result.stale[result.scored].mean())}
             if result.stale is not None and result.scored.any()

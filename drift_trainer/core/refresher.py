@@ -15,10 +15,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from drift_trainer.core import pipeline
 from drift_trainer.core.dist import Dist
+from drift_trainer.core.harm import accuracy_drop_p, loss_excess_p, per_query_accuracy
 from drift_trainer.core.params import RefreshParams
-from drift_trainer.core.refresh import RefreshResult, new_weights, refresh_summary, run_refresh, summary_record
+from drift_trainer.core.refresh import (
+    RefreshResult,
+    harm_losses,
+    new_weights,
+    refresh_summary,
+    run_refresh,
+    summary_record,
+)
 from drift_trainer.core.state import DriftState
+from drift_trainer.methods.scorers import has_reference
 
 logger = logging.getLogger("drift_trainer")
 STALE_CHECKS_TO_STOP = 2  # consecutive failed agreement checks after which capture turns itself off
@@ -111,8 +121,21 @@ class Refresher:
         )
         previous = self.state
         smoothed, weights, reason = self._weights(result, previous, dist, step)
+        harm_step, harm = previous.harm_step, {}
+        if self.params.weighting.harm_gate:
+            harm = self.harm_evidence(result, previous)
+            if harm_step is None and min(harm.values()) < self.params.weighting.harm_alpha:
+                harm_step = step
+                logger.info("DRIFT refresh at step %d: harm found (%s); reweighting from now on", step, harm)
+            if harm_step is None:  # nothing to fix yet: plain SFT's weights (and batches)
+                weights = np.ones_like(np.asarray(weights, dtype=np.float64))
         self._check_capture(result, step)
         metrics = refresh_summary(result, weights)
+        if self.params.weighting.harm_gate:
+            metrics.update({f"drift/harm_p_{k}": v for k, v in harm.items()})
+            if previous.start_loss_p is not None:
+                metrics["drift/harm_p_loss_start"] = previous.start_loss_p
+            metrics["drift/harm_found"] = float(harm_step is not None)
         metrics["drift/refresh_seconds"] = time.perf_counter() - started
         summary = summary_record(
             result,
@@ -137,8 +160,60 @@ class Refresher:
             reward_mean=metrics["drift/reward_mean"],
             history=previous.history + [summary],
             target=result.target if result.contrast and result.target is not None else previous.target,
+            start_accuracy=previous.start_accuracy,
+            harm_step=harm_step,
+            start_loss_p=previous.start_loss_p,
         )
-        return RefreshOutcome(result, np.asarray(weights), bool(result.contrast), metrics, summary)
+        changed = bool(result.contrast) or harm_step != previous.harm_step
+        return RefreshOutcome(result, np.asarray(weights), changed, metrics, summary)
+
+    def measure_start(self, model, generation_context=None, dist: Dist | None = None) -> dict[int, float]:
+        """``drift_harm_gate`` on the start model (call before the first training step, on every rank): its
+        per-query rollout accuracy, sampled as the first refresh samples, which later refreshes are compared with;
+        and the loss test, whose evidence is clearest before the model has learnt from the rows (a wrong rule the
+        model adopts soon raises the references' losses too). Harm found here opens the gate from the first
+        refresh. Kept in the state (and so in checkpoints); returns the accuracies."""
+        dist = dist or Dist()
+        _, rollouts = pipeline.sample_and_judge(
+            model,
+            self.tokenizer,
+            self.query_dataset,
+            self.reward_funcs,
+            self.params.rollouts,
+            seed=self.seed,
+            refresh_index=0,
+            dist=dist,
+            generation_context=generation_context,
+            show=self.progress and dist.rank == 0,
+        )
+        self.state.start_accuracy = per_query_accuracy(rollouts, self.params.signing.reward_threshold)
+        if not has_reference(self.query_dataset):  # only the accuracy test can find harm
+            return self.state.start_accuracy
+        fp = pipeline.make_feature_pass(self.projector, self.tokenizer, self.params.features, self.fused_lm_head)
+        train, refs = harm_losses(fp, model, self.tokenizer, self.view, self.query_dataset, self.seed, -1, dist)
+        self.state.start_loss_p = loss_excess_p(train, refs)
+        if self.state.start_loss_p < self.params.weighting.harm_alpha:
+            self.state.harm_step = 0
+            logger.info(
+                "DRIFT: the start model finds %d of %d train rows less likely than every reference answer (p = "
+                "%.2g): harm found, reweighting from the first refresh",
+                int(np.count_nonzero(train > refs.max())),
+                len(train),
+                self.state.start_loss_p,
+            )
+        return self.state.start_accuracy
+
+    def harm_evidence(self, result: RefreshResult, previous: DriftState) -> dict[str, float]:
+        """``drift_harm_gate``'s two p-values at this refresh (see :mod:`drift_trainer.core.harm`): ``loss``, train
+        rows beyond every reference answer's loss (1.0 at a refresh without contrast, which measures no losses);
+        ``accuracy``, the rollouts' per-query accuracy below the start's (1.0 without a start measurement)."""
+        train, refs = result.harm_sample_loss, result.reference_loss
+        now = per_query_accuracy(result.rollouts, result.reward_threshold)
+        start = previous.start_accuracy
+        return {
+            "loss": 1.0 if train is None or refs is None else loss_excess_p(train, refs),
+            "accuracy": accuracy_drop_p(start, now, seed=self.seed) if start else 1.0,
+        }
 
     def _weights(self, result: RefreshResult, previous: DriftState, dist: Dist, step: int):
         """``(smoothed, weights, reason)``: new ones, or (no contrast) the previous ones and why they were kept."""

@@ -30,6 +30,9 @@ class DriftState:
     history: list[dict] = field(default_factory=list)  # one summary dict per refresh (metrics, timings, reasons)
     target: np.ndarray | None = None  # the latest unit target direction (what drift_target_ema smooths)
     extra: dict = field(default_factory=dict)  # further per-example arrays of a scorer (LossDiff-IRM: irm, keep)
+    start_accuracy: dict | None = None  # drift_harm_gate: the start model's per-query rollout accuracy
+    harm_step: int | None = None  # drift_harm_gate: the step of the refresh that found harm (0: the start model)
+    start_loss_p: float | None = None  # drift_harm_gate: the loss test's p-value on the start model
 
     def to_dict(self) -> dict:
         def arr(a):
@@ -47,6 +50,11 @@ class DriftState:
             "history": self.history,
             "target": arr(self.target),
             "extra": {k: arr(v) for k, v in self.extra.items()},
+            "start_accuracy": None
+            if self.start_accuracy is None
+            else {str(k): float(v) for k, v in self.start_accuracy.items()},
+            "harm_step": self.harm_step,
+            "start_loss_p": self.start_loss_p,
         }
 
     @classmethod
@@ -66,6 +74,11 @@ class DriftState:
             history=list(d.get("history", [])),
             target=arr(d.get("target")),
             extra={k: arr(v) for k, v in (d.get("extra") or {}).items()},
+            start_accuracy=None
+            if d.get("start_accuracy") is None
+            else {int(k): float(v) for k, v in d["start_accuracy"].items()},
+            harm_step=d.get("harm_step"),
+            start_loss_p=d.get("start_loss_p"),
         )
 
 

@@ -107,7 +107,9 @@ def mixture_weights(z: np.ndarray, iters: int = 200, tol: float = 1e-8) -> np.nd
     return out
 
 
-def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None) -> np.ndarray:
+def scores_to_weights(
+    scores: np.ndarray, params, mask: np.ndarray | None = None, demote: np.ndarray | None = None
+) -> np.ndarray:
     """Weights (n,) with mean 1 over ``mask`` (examples that were scored); unscored examples get 1.
 
     ``params``: a :class:`WeightingParams` or a config. Rules (``weighting``, flag ``drift_weighting``): ``softmax``
@@ -115,8 +117,10 @@ def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None
     and the rest to 1; ``truncate`` keeps (1) the scores between percentiles ``drift_truncate_low`` and
     ``drift_truncate_high`` and sets the rest to 0; ``demote`` keeps 1 for standardised scores ``z >=
     -drift_demote_threshold`` and ``exp((z + threshold) / drift_softmax_temperature)`` below; ``mixture`` keeps 1
-    except for rows in a separate low group of a two-Gaussian mixture (:func:`mixture_weights`). Then weights are
-    clipped at ``drift_weight_clip`` keeping mean 1, and mixed: ``(1 - drift_uniform_mix) * w + drift_uniform_mix``.
+    except for rows in a separate low group of a two-Gaussian mixture (:func:`mixture_weights`); ``flat`` keeps 1.
+    ``demote`` (n,) bool: rows whose weight is set to 0 after the rule (``drift_reference_bound``; ignored if it
+    would take every scored row). Then weights are clipped at ``drift_weight_clip`` keeping mean 1, and mixed:
+    ``(1 - drift_uniform_mix) * w + drift_uniform_mix``.
     """
     s = np.asarray(scores, dtype=np.float64)
     mask = np.ones(len(s), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
@@ -141,13 +145,19 @@ def scores_to_weights(scores: np.ndarray, params, mask: np.ndarray | None = None
         w = np.exp(np.minimum(z + p.demote_threshold, 0.0) / p.softmax_temperature)
     elif rule == "mixture":
         w = mixture_weights(live)
+    elif rule == "flat":
+        w = np.ones(len(live))
     elif rule == "truncate":
         lo, hi = np.percentile(live, [p.truncate_low, p.truncate_high])
         w = ((live >= lo) & (live <= hi)).astype(np.float64)
     else:
         raise ValueError(
-            f"drift_weighting must be 'softmax', 'prune', 'truncate', 'demote' or 'mixture'; got {rule!r}."
+            f"drift_weighting must be 'softmax', 'prune', 'truncate', 'demote', 'mixture' or 'flat'; got {rule!r}."
         )
+    if demote is not None:
+        gone = np.asarray(demote, dtype=bool)[mask]
+        if gone.any() and not (gone | (w <= 0)).all():
+            w = np.where(gone, 0.0, w)
     w = clip_mean_one(w, p.weight_clip)
     mix = p.uniform_mix
     out[mask] = (1.0 - mix) * w + mix

@@ -28,6 +28,7 @@ from drift_trainer.core.capture import FeatureCache, TrainCapture
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.feature_pass import TrainView
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
+from drift_trainer.core.refresh import BOUND_FIX, BOUND_WHO
 from drift_trainer.core.refresher import Refresher
 from drift_trainer.core.rewards import check_reward_funcs, resolve_reward_funcs
 from drift_trainer.core.rollouts import check_query_dataset, check_query_format, dataset_format
@@ -42,7 +43,7 @@ from drift_trainer.core.state import (
 )
 from drift_trainer.hf.config import DriftArguments, drift_arguments_from
 from drift_trainer.hf.index import check_train_dataset, generation_context, log_metrics
-from drift_trainer.methods.scorers import get_scorer
+from drift_trainer.methods.scorers import get_scorer, has_reference, require_reference
 
 logger = logging.getLogger("drift_trainer")
 SAMPLER_FILE = "drift_sampler.json"
@@ -167,6 +168,8 @@ class DriftCallback(TrainerCallback):
         self.load_inputs(drift_args)
         check_query_dataset(self.query_dataset)
         get_scorer(drift_args.drift_scorer).check_queries(self.query_dataset)
+        if drift_args.drift_reference_bound:
+            require_reference(self.query_dataset, BOUND_WHO, BOUND_FIX)
         if not self.reward_funcs:
             raise ValueError(
                 "DRIFT is enabled but no reward function was given: pass reward_funcs=exact_match (or 'math_answer', "
@@ -290,6 +293,21 @@ class DriftCallback(TrainerCallback):
             capture=self.capture,
             state=self._state,
         )
+        fresh = int(state.global_step or 0) == 0 and self.refresher.state.num_refreshes == 0
+        if self.args.drift_harm_gate and not has_reference(self.query_dataset):
+            logger.warning(
+                "drift_harm_gate: the query dataset has no `answer` column, so of the gate's two tests only the "
+                "validation accuracy one can find harm (weights stay 1 until it does). Add the queries' reference "
+                "answers as `answer`, or set drift_harm_gate=False to reweight from the first refresh."
+            )
+        if self.args.drift_harm_gate and self.refresher.state.start_accuracy is None:
+            if fresh:  # the start model's validation accuracy, what drift_harm_gate compares each refresh with
+                self.refresher.measure_start(unwrapped, lambda: generation_context(trainer, unwrapped), Dist())
+            else:
+                logger.warning(
+                    "drift_harm_gate: this run resumes from a checkpoint without the start model's validation "
+                    "accuracy, so only the loss test of the gate can find harm."
+                )
 
     def _start_capture(self) -> None:
         if self.capture is not None:

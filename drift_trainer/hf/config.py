@@ -19,7 +19,7 @@ from drift_trainer.methods.scorers import SCORERS as SCORER_REGISTRY, scorer_hel
 SIGNINGS = ("correctness", "advantage")
 DEBIASINGS = ("normalize", "regress", "none")
 PRECONDITIONERS = ("identity", "fisher", "kronecker", "adam")
-WEIGHTINGS = ("softmax", "prune", "truncate", "demote", "mixture")
+WEIGHTINGS = ("softmax", "prune", "truncate", "demote", "mixture", "flat")
 SAMPLINGS = ("replacement", "systematic", "ordered")
 REWEIGHT_MODES = ("sampler", "loss")
 NO_CONTRAST = ("skip", "keep")
@@ -304,9 +304,39 @@ class DriftArguments:
             "except those with confident harmful evidence, a standardised score below `-drift_demote_threshold`, "
             "whose weight decays as exp((z + threshold) / drift_softmax_temperature); `mixture` fits two Gaussians to "
             "the scores and leaves every example at 1 except a separate low group, whose weight is its posterior of "
-            "the upper component (no parameters; on unimodal scores almost every row keeps 1).",
+            "the upper component (no parameters; on unimodal scores almost every row keeps 1); `flat` keeps every "
+            "example at 1 (the scores move no weight; with `drift_reference_bound` only the rows beyond the bound "
+            "lose theirs).",
             WEIGHTINGS,
         ),
+    )
+    drift_reference_bound: bool = field(
+        default=False,
+        metadata=_help(
+            "Calibrate against clean references: at each refresh, compute the loss of every sampled query's reference "
+            "answer (the query dataset's `answer` column) under the current model, and set the weight of each train "
+            "example whose loss exceeds all of them to 0 (before `drift_uniform_mix`, so it is still drawn at that "
+            "rate). A clean example exceeds every one of n exchangeable references with probability at most 1/(n+1), "
+            "so on clean data almost nothing moves, while wrong answers, which the model finds less likely than any "
+            "right one, do. Applies after the `drift_weighting` rule; needs an `answer` column; SFT only."
+        ),
+    )
+    drift_harm_gate: bool = field(
+        default=True,
+        metadata=_help(
+            "Reweight only once the data shows harm: the weights stay exactly 1 (plain SFT's batches) until the "
+            "start model or a refresh finds either more train rows whose loss exceeds every query's reference answer "
+            "than clean data gives (an exchangeability test; needs the queries' `answer` column, else only the other "
+            "test runs), or the validation rollouts' per-query accuracy below the start model's (measured before the "
+            "first step; a one-sided paired sign-flip test), either at p < `drift_harm_alpha`. From then on "
+            "`drift_weighting` applies at every refresh. Default on: the quality benchmark's choice (clean data "
+            "exactly plain SFT's result, the corrupted kinds as without the gate; see benchmarks/results/quality.md). "
+            "Set False to reweight from the first refresh, e.g. when the start model cannot do the task yet (from "
+            "random init it never shows harm). SFT only (DriftDPOConfig: off)."
+        ),
+    )
+    drift_harm_alpha: float = field(
+        default=0.01, metadata=_help("`drift_harm_gate`: the level of each of its two tests, in (0, 1).")
     )
     drift_demote_threshold: float = field(
         default=1.0,
@@ -418,6 +448,7 @@ class DriftArguments:
         _range(self, "drift_norm_exponent", 0.0, 1.0)
         _range(self, "drift_damping", 0.0, None, low_open=True)
         _range(self, "drift_loss_mix", 0.0, None)
+        _range(self, "drift_harm_alpha", 0.0, 1.0, low_open=True, high_open=True)
         if int(self.drift_contrast_rollouts) < 0:
             raise ValueError(f"drift_contrast_rollouts must be >= 0, got {self.drift_contrast_rollouts!r}.")
         _range(self, "drift_target_ema", 0.0, 1.0, high_open=True)

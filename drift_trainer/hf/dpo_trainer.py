@@ -71,8 +71,22 @@ class DriftDPOConfig(DriftArguments, ICAArguments, PreferenceArguments, DPOConfi
         },
     )
 
+    drift_harm_gate: bool = field(
+        default=False,
+        metadata={
+            "help": "Not for preference pairs (the gate's loss test compares language-modelling losses); must stay "
+            "False."
+        },
+    )
+
     def __post_init__(self):
         self.validate_drift()
+        for name in ("drift_reference_bound", "drift_harm_gate"):
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name} compares a train row's language-modelling loss with the reference answers'; a "
+                    f"preference pair's loss is not on that scale. Set {name}=False for DriftDPOTrainer."
+                )
         self.validate_ica()
         self.validate_preference()
         super().__post_init__()

@@ -234,16 +234,27 @@ class DriftAnchoredScorer(RolloutScorer):
         return signed_halves(feats, weight, half, inputs.dim)
 
 
+def has_reference(query_dataset) -> bool:
+    """Whether the query dataset has the reference-answer column."""
+    return REFERENCE_COLUMN in (getattr(query_dataset, "column_names", None) or [])
+
+
+def require_reference(query_dataset, who: str, fix: str) -> None:
+    """Raise unless the query dataset has the reference-answer column; ``who`` and ``fix`` name the option and the
+    way out in the message."""
+    columns = getattr(query_dataset, "column_names", None) or []
+    if REFERENCE_COLUMN not in columns:
+        raise ValueError(
+            f"{who} the queries' reference answers, but the query_dataset has no `{REFERENCE_COLUMN}` column "
+            f"(columns: {columns or None}). Add one, {fix}."
+        )
+
+
 class ReferenceScorer(Scorer):
     """Targets built from the queries' reference answers (off-policy baselines): rollouts are not used."""
 
     def check_queries(self, query_dataset) -> None:
-        columns = getattr(query_dataset, "column_names", None) or []
-        if REFERENCE_COLUMN not in columns:
-            raise ValueError(
-                f"drift_scorer={self.name!r} scores towards the queries' reference answers, but the query_dataset has "
-                f"no `{REFERENCE_COLUMN}` column (columns: {columns or None}). Add one, or use drift_scorer='drift'."
-            )
+        require_reference(query_dataset, f"drift_scorer={self.name!r} scores towards", "or use drift_scorer='drift'")
 
     def target(self, inputs: TargetInputs) -> np.ndarray:
         self.check_queries(inputs.query_dataset)

@@ -155,6 +155,58 @@ def test_new_weights_block_mode_keeps_previous_scores_outside_the_block():
     assert z0[2] == 0.0 and w0[2] == prev_weights[2]
 
 
+def test_new_weights_reference_bound_demotes_only_rows_beyond_every_reference():
+    res = _result([0.5, -0.5, 1.0, -1.0, 0.0, 2.0], [True] * 5 + [False])
+    res.loss = np.array([0.2, 3.0, 0.9, 0.1, 1.5, np.nan])
+    res.reference_loss = np.array([0.3, 1.0, 0.7])
+    assert res.beyond_reference is None  # the option off
+    res.reference_bound = True
+    assert res.beyond_reference.tolist() == [False, True, False, False, True, False]  # unscored: never beyond
+    _, w = new_weights(res, None, None, _args(drift_weighting="flat", drift_reference_bound=True))
+    np.testing.assert_allclose(w[[1, 4]], 0.1)  # the uniform-mix floor
+    np.testing.assert_allclose(w[[0, 2, 3]], 0.9 * 5 / 3 + 0.1)
+    assert w[5] == 1.0
+    _, off = new_weights(res, None, None, _args(drift_weighting="flat"))  # the flag off: nothing moves
+    np.testing.assert_allclose(off, 1.0)
+    res.reference_loss = None  # no reference losses (e.g. a refresh without contrast): the bound does nothing
+    _, none = new_weights(res, None, None, _args(drift_weighting="flat", drift_reference_bound=True))
+    np.testing.assert_allclose(none, 1.0)
+
+
+def test_reference_losses_are_the_reference_answers_losses_under_the_model(toy):
+    from drift_trainer.core.pipeline import stage_seed
+    from drift_trainer.core.refresh import refresh_summary
+    from drift_trainer.core.rollouts import sample_queries
+
+    tok, model, rows, queries = toy
+    by_hand = {}
+    for qi in range(len(queries)):  # recomputed by hand: mean cross-entropy of answer + EOS after the prompt
+        prompt = tok(queries[qi]["prompt"])["input_ids"]
+        answer = tok(queries[qi]["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
+        by_hand[qi] = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(answer)).item()
+    # the gate on (the default): every query's reference, and every train row's loss by the same forward passes
+    gated = _refresh(toy, _args())
+    np.testing.assert_allclose(np.sort(gated.reference_loss), np.sort(list(by_hand.values())), rtol=1e-4)
+    np.testing.assert_allclose(gated.harm_sample_loss, gated.loss, rtol=1e-4)  # = the feature pass's losses
+    # the bound alone: the refresh's sampled queries only
+    args = _args(drift_weighting="flat", drift_reference_bound=True, drift_harm_gate=False)
+    res = _refresh(toy, args)
+    assert res.harm_sample_loss is None
+    picked = sample_queries(queries, args.drift_num_queries, stage_seed("queries", 0, 0))
+    expected = [by_hand[int(qi)] for qi in picked]
+    np.testing.assert_allclose(np.sort(res.reference_loss), np.sort(expected), rtol=1e-4)
+    beyond = res.scored & (res.loss > max(expected))
+    assert np.array_equal(res.beyond_reference, beyond)
+    metrics = refresh_summary(res, np.ones(len(res.scores)))
+    assert metrics["drift/beyond_reference"] == pytest.approx(beyond[res.scored].mean())
+    assert metrics["drift/reference_loss_max"] == pytest.approx(max(expected), rel=1e-4)
+    with pytest.raises(ValueError, match="drift_reference_bound"):
+        _refresh((tok, model, rows, queries.remove_columns("answer")), args)
+
+
 # ---------------------------------------------------------------- memory-mapped features
 
 
@@ -271,3 +323,65 @@ def test_contrast_rollouts_go_to_queries_with_mixed_verdicts(toy):
     first = one.rollouts.query_index[0]
     assert mixed_queries(one.rollouts, sorted(set(one.rollouts.query_index))) == [first]
     assert len(one.rollouts) == 16 + 3 and set(one.rollouts.query_index[16:]) == {first}
+
+
+def test_harm_gate_keeps_weights_at_one_until_harm_then_stays_open(toy):
+    from drift_trainer.core.refresher import Refresher
+
+    tok, model, rows, queries = toy
+    args = _args(drift_harm_gate=True, drift_harm_alpha=0.1)
+    projector = ProjectedGradients(select_target_modules(model), args.drift_projection_dim, seed=0)
+    refresher = Refresher(
+        args,
+        view=train_view(rows),
+        query_dataset=queries,
+        reward_funcs=[alternating_reward],
+        projector=projector,
+        tokenizer=tok,
+        progress=False,
+    )
+    start = refresher.measure_start(model)
+    assert len(start) == args.drift_num_queries and set(start.values()) == {0.5}
+    assert refresher.state.start_loss_p >= 0.1 and refresher.state.harm_step is None  # no harm at the start
+    out = refresher.refresh(model, 1)
+    # the start model's own verdicts, no row far beyond the references: nothing to fix, plain SFT's weights
+    assert out.metrics["drift/harm_found"] == 0.0 and refresher.state.harm_step is None
+    assert np.all(out.weights == 1.0) and out.metrics["drift/harm_p_accuracy"] == 1.0
+    refresher.state.start_accuracy = {q: 1.0 for q in range(len(queries))}  # a start that solved every query
+    out = refresher.refresh(model, 2)
+    assert out.metrics["drift/harm_p_accuracy"] < 0.1 and refresher.state.harm_step == 2
+    assert not np.all(out.weights == 1.0)  # the weighting rule's weights from now on
+    refresher.state.start_accuracy = {q: 0.0 for q in range(len(queries))}  # the evidence gone: still open
+    out = refresher.refresh(model, 3)
+    assert refresher.state.harm_step == 2 and out.metrics["drift/harm_found"] == 1.0
+    assert not np.all(out.weights == 1.0)
+
+
+def test_harm_found_on_the_start_model_opens_the_gate_from_the_first_refresh(toy, monkeypatch):
+    from drift_trainer.core import refresher as refresher_module
+    from drift_trainer.core.refresher import Refresher
+
+    tok, model, rows, queries = toy
+    args = _args(drift_harm_gate=True)
+
+    def start_losses(fp, model, tokenizer, view, query_dataset, seed, refresh_index, dist=None):
+        assert refresh_index == -1  # the start model's sample, not a refresh's
+        return np.r_[np.full(10, 9.0), np.zeros(30)], np.ones(64)  # a quarter of the rows above 64 references
+
+    monkeypatch.setattr(refresher_module, "harm_losses", start_losses)
+    projector = ProjectedGradients(select_target_modules(model), args.drift_projection_dim, seed=0)
+    refresher = Refresher(
+        args,
+        view=train_view(rows),
+        query_dataset=queries,
+        reward_funcs=[alternating_reward],
+        projector=projector,
+        tokenizer=tok,
+        progress=False,
+    )
+    refresher.measure_start(model)
+    assert refresher.state.harm_step == 0
+    assert refresher.state.start_loss_p == pytest.approx(np.prod([(40 - i) / (40 + 64 - i) for i in range(10)]))
+    out = refresher.refresh(model, 1)
+    assert out.metrics["drift/harm_found"] == 1.0 and not np.all(out.weights == 1.0)
+    assert out.metrics["drift/harm_p_loss_start"] == refresher.state.start_loss_p

@@ -111,3 +111,21 @@ def test_mixture_leaves_unimodal_scores_near_uniform(sample):
 def test_mixture_weights_are_the_same_for_a_shifted_and_scaled_score():
     scores = np.random.default_rng(2).normal(size=300)
     np.testing.assert_allclose(mixture_weights(scores), mixture_weights(3.0 * scores - 7.0), atol=1e-9)
+
+
+def test_flat_keeps_one_and_a_demote_mask_takes_weight_only_from_its_rows():
+    scores = np.random.default_rng(3).normal(size=50)
+    np.testing.assert_allclose(scores_to_weights(scores, drift_args(drift_weighting="flat")), 1.0)
+    gone = np.zeros(50, dtype=bool)
+    gone[:5] = True
+    w = scores_to_weights(scores, drift_args(drift_weighting="flat", drift_uniform_mix=0.1), demote=gone)
+    np.testing.assert_allclose(w[:5], 0.1)  # drawn only at the uniform-mix rate
+    np.testing.assert_allclose(w[5:], 0.9 * 50 / 45 + 0.1)  # the others share the rest equally
+    assert abs(w.mean() - 1.0) < 1e-9
+    # after another rule the kept rows keep their order, the demoted ones get the floor whatever their score
+    soft = scores_to_weights(scores, drift_args(drift_uniform_mix=0.1), demote=gone)
+    np.testing.assert_allclose(soft[:5], 0.1)
+    assert np.array_equal(np.argsort(soft[5:]), np.argsort(scores[5:]))
+    # a mask that would take every row is ignored rather than zeroing the draw
+    every = scores_to_weights(scores, drift_args(drift_weighting="flat"), demote=np.ones(50, dtype=bool))
+    np.testing.assert_allclose(every, 1.0)

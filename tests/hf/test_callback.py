@@ -180,3 +180,14 @@ def test_adam_preconditioner_is_refused_under_deepspeed(tmp_path, tokenizer, tin
     trainer.is_deepspeed_enabled = True  # what Trainer sets under a DeepSpeed config
     with pytest.raises(ValueError, match="drift_preconditioner='adam' .* DeepSpeed"):
         DriftCallback(query_dataset=queries, reward_funcs=digit_start_reward).attach(trainer)
+
+
+def test_reference_bound_needs_the_queries_answer_column_before_training():
+    from drift_trainer import DriftArguments
+    from drift_trainer.cli.toy import query_dataset_from
+
+    queries = query_dataset_from(addition_dataset(4, seed=1))
+    args = DriftArguments(drift_reference_bound=True)
+    DriftCallback(queries, exact_match).validate(args, addition_dataset(8, seed=0))
+    with pytest.raises(ValueError, match="drift_reference_bound=True compares .*no `answer` column"):
+        DriftCallback(queries.remove_columns("answer"), exact_match).validate(args, addition_dataset(8, seed=0))

@@ -34,6 +34,8 @@ def test_every_drift_field_has_help():
         ("drift_loss_mix", -0.5, "drift_loss_mix"),
         ("drift_target_ema", 1.0, "drift_target_ema"),
         ("drift_contrast_rollouts", -1, "drift_contrast_rollouts"),
+        ("drift_harm_alpha", 0.0, "drift_harm_alpha must be in"),
+        ("drift_harm_alpha", 1.0, "drift_harm_alpha must be in"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, field, value, message):
@@ -113,3 +115,11 @@ def test_config_rejects_bad_method():
         DriftConfig(output_dir="x", use_cpu=True, drift_method="lossdiff")
     with pytest.raises(ValueError, match="drift_ica_weighting"):
         DriftConfig(output_dir="x", use_cpu=True, drift_method="ica", drift_ica_weighting="exp")
+
+
+@pytest.mark.parametrize("name", ["drift_reference_bound", "drift_harm_gate"])
+def test_loss_reference_options_are_refused_for_preference_pairs(tmp_path, name):
+    from drift_trainer import DriftDPOConfig
+
+    with pytest.raises(ValueError, match=f"{name}=False for DriftDPOTrainer"):
+        DriftDPOConfig(output_dir=str(tmp_path), **{name: True})

@@ -39,7 +39,9 @@ def test_sft_trainer_end_to_end(tmp_path, tokenizer, tiny_model, conversational,
 
     monkeypatch.setattr(DriftSampler, "update", recording_update)
     train, queries = addition_data(conversational=conversational)
-    trainer = tiny_trainer(tiny_model, tokenizer, _config(tmp_path), train, queries)
+    # the weights must move for this test to see them reach the sampler; the harm gate (on by default) would hold
+    # them at 1, since a random-init model shows no harm (test_harm_gate_* cover it)
+    trainer = tiny_trainer(tiny_model, tokenizer, _config(tmp_path, drift_harm_gate=False), train, queries)
     trainer.train()
     state = trainer.drift_state
     assert state.num_refreshes == 3 and state.step == 12
@@ -92,7 +94,11 @@ def test_peft_lora_features_come_from_lora_modules(tmp_path, tokenizer, tiny_mod
 def test_loss_mode_scales_per_example_losses(tmp_path, tokenizer, tiny_model):
     train, queries = addition_data(24)
     trainer = tiny_trainer(
-        tiny_model, tokenizer, _config(tmp_path, max_steps=8, drift_reweight_mode="loss"), train, queries
+        tiny_model,
+        tokenizer,
+        _config(tmp_path, max_steps=8, drift_reweight_mode="loss", drift_harm_gate=False),  # weights must move
+        train,
+        queries,
     )
     assert trainer.drift_callback.sampler is None
     trainer.train()
@@ -188,3 +194,27 @@ def test_reward_errors_surface_with_the_function_name(tmp_path, tokenizer, tiny_
     # found at construction (each reward is called once on a query row), not after the warm-up steps
     with pytest.raises(RuntimeError, match="'broken_reward' returned NaN"):
         tiny_trainer(tiny_model, tokenizer, _config(tmp_path, max_steps=4), train, queries, reward_funcs=broken_reward)
+
+
+def test_harm_gate_trains_on_plain_sfts_batches_until_it_finds_harm(tmp_path, tokenizer):
+    from drift_trainer.cli.toy import addition_dataset, build_tiny_llama, query_dataset_from
+
+    train = addition_dataset(16, seed=0)  # clean rows
+    queries = query_dataset_from(addition_dataset(8, seed=1))
+
+    def losses(**kw):
+        model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=1, num_heads=2, seed=0)
+        trainer = tiny_trainer(
+            model, tokenizer, _config(tmp_path / str(len(kw)), max_steps=8, logging_steps=1, **kw), train, queries
+        )
+        trainer.train()
+        return trainer, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    gated, gated_losses = losses(drift_harm_gate=True, drift_harm_alpha=1e-9)  # a gate that cannot open
+    state = gated.drift_state
+    assert state.num_refreshes >= 2 and state.harm_step is None
+    assert set(state.start_accuracy) <= set(range(len(queries))) and len(state.start_accuracy) > 0
+    assert all("drift/harm_p_loss" in h["metrics"] for h in state.history)
+    assert all(v is None for v in gated.drift_callback.sampler.versions)  # the weights never left uniform
+    _, plain_losses = losses(drift_enabled=False)
+    assert gated_losses == plain_losses  # the same batches as plain SFT, step for step
