@@ -325,13 +325,12 @@ def test_contrast_rollouts_go_to_queries_with_mixed_verdicts(toy):
     assert len(one.rollouts) == 16 + 3 and set(one.rollouts.query_index[16:]) == {first}
 
 
-def test_harm_gate_keeps_weights_at_one_until_harm_then_stays_open(toy):
+def _refresher(toy, args):
     from drift_trainer.core.refresher import Refresher
 
     tok, model, rows, queries = toy
-    args = _args(drift_harm_gate=True, drift_harm_alpha=0.1)
     projector = ProjectedGradients(select_target_modules(model), args.drift_projection_dim, seed=0)
-    refresher = Refresher(
+    return Refresher(
         args,
         view=train_view(rows),
         query_dataset=queries,
@@ -340,6 +339,12 @@ def test_harm_gate_keeps_weights_at_one_until_harm_then_stays_open(toy):
         tokenizer=tok,
         progress=False,
     )
+
+
+def test_harm_gate_keeps_weights_at_one_until_harm_then_stays_open(toy):
+    tok, model, rows, queries = toy
+    args = _args(drift_harm_gate=True, drift_harm_alpha=0.1)
+    refresher = _refresher(toy, args)
     start = refresher.measure_start(model)
     assert len(start) == args.drift_num_queries and set(start.values()) == {0.5}
     assert refresher.state.start_loss_p >= 0.1 and refresher.state.harm_step is None  # no harm at the start
@@ -359,7 +364,6 @@ def test_harm_gate_keeps_weights_at_one_until_harm_then_stays_open(toy):
 
 def test_harm_found_on_the_start_model_opens_the_gate_from_the_first_refresh(toy, monkeypatch):
     from drift_trainer.core import refresher as refresher_module
-    from drift_trainer.core.refresher import Refresher
 
     tok, model, rows, queries = toy
     args = _args(drift_harm_gate=True)
@@ -369,16 +373,7 @@ def test_harm_found_on_the_start_model_opens_the_gate_from_the_first_refresh(toy
         return np.r_[np.full(10, 9.0), np.zeros(30)], np.ones(64)  # a quarter of the rows above 64 references
 
     monkeypatch.setattr(refresher_module, "harm_losses", start_losses)
-    projector = ProjectedGradients(select_target_modules(model), args.drift_projection_dim, seed=0)
-    refresher = Refresher(
-        args,
-        view=train_view(rows),
-        query_dataset=queries,
-        reward_funcs=[alternating_reward],
-        projector=projector,
-        tokenizer=tok,
-        progress=False,
-    )
+    refresher = _refresher(toy, args)
     refresher.measure_start(model)
     assert refresher.state.harm_step == 0
     assert refresher.state.start_loss_p == pytest.approx(np.prod([(40 - i) / (40 + 64 - i) for i in range(10)]))
