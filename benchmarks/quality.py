@@ -118,6 +118,7 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # finds harm (train losses beyond every reference answer's, or validation accuracy below the start model's, each
     # at p < 0.01)
     "drift_harm": {"drift_harm_gate": True},
+    "drift_harm_anchored": {"drift_harm_gate": True, "drift_scorer": "drift_anchored"},  # the gate, anchored contrast
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},
     "drift_kronecker": {**V0, "drift_preconditioner": "kronecker"},
@@ -142,9 +143,9 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # the baselines, at the softmax weighting and the draws with replacement they were measured with
     **{b: {"drift_scorer": b, "drift_sampling": "replacement"} for b in BASELINES},
 }
-# Every configuration but `drift_harm` was measured before the harm gate became the default: each carries it off, so
-# its recorded runs keep their meaning under today's defaults.
-VARIANTS = {c: (o if c == "drift_harm" else {"drift_harm_gate": False, **o}) for c, o in VARIANTS.items()}
+# Every configuration that does not set the harm gate was measured before it became the default: each carries it off,
+# so its recorded runs keep their meaning under today's defaults.
+VARIANTS = {c: (o if "drift_harm_gate" in o else {"drift_harm_gate": False, **o}) for c, o in VARIANTS.items()}
 CONFIGS = ("plain", "clean", *VARIANTS)
 # the default run (about an hour on 2 cores): the defaults, the earlier defaults, their one-option neighbours and the
 # baselines; `--configs all` runs every candidate above
