@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -99,8 +99,11 @@ class Refresher:
         dist = dist or Dist()
         started = time.perf_counter()
         capture = self.capture if self.capture is not None and not self.capture.disabled else None
+        params = self.params
+        if params.weighting.harm_gate and self.state.harm_step is not None:  # open for good: no evidence to measure
+            params = replace(params, weighting=replace(params.weighting, harm_gate=False))
         result = run_refresh(
-            args=self.params,
+            args=params,
             step=step,
             model=model,
             tokenizer=self.tokenizer,
@@ -122,12 +125,12 @@ class Refresher:
         previous = self.state
         smoothed, weights, reason = self._weights(result, previous, dist, step)
         harm_step, harm = previous.harm_step, {}
-        if self.params.weighting.harm_gate:
+        if self.params.weighting.harm_gate and harm_step is None:
             harm = self.harm_evidence(result, previous)
-            if harm_step is None and min(harm.values()) < self.params.weighting.harm_alpha:
+            if min(harm.values()) < self.params.weighting.harm_alpha:
                 harm_step = step
                 logger.info("DRIFT refresh at step %d: harm found (%s); reweighting from now on", step, harm)
-            if harm_step is None:  # nothing to fix yet: plain SFT's weights (and batches)
+            else:  # nothing to fix yet: plain SFT's weights (and batches)
                 weights = np.ones_like(np.asarray(weights, dtype=np.float64))
         self._check_capture(result, step)
         metrics = refresh_summary(result, weights)

@@ -242,8 +242,8 @@ def has_reference(query_dataset) -> bool:
 def require_reference(query_dataset, who: str, fix: str) -> None:
     """Raise unless the query dataset has the reference-answer column; ``who`` and ``fix`` name the option and the
     way out in the message."""
-    columns = getattr(query_dataset, "column_names", None) or []
-    if REFERENCE_COLUMN not in columns:
+    if not has_reference(query_dataset):
+        columns = getattr(query_dataset, "column_names", None) or []
         raise ValueError(
             f"{who} the queries' reference answers, but the query_dataset has no `{REFERENCE_COLUMN}` column "
             f"(columns: {columns or None}). Add one, {fix}."
