@@ -9,9 +9,9 @@ Usage: python multirank_worker.py OUT_DIR key=value ... [+ OUT_DIR2 key=value ..
 Writes OUT_DIR/rank{r}.json: the indices the sampler yielded, the weights and scores of the last refresh, the
 number of rows scored, and the training losses this rank logged.
 
-Runs separated by ``+`` train one after another in the same processes (the same mode: one backend per launch), each
-from a fresh model and trainer: a launch's start-up (two interpreters importing torch, transformers and DeepSpeed on
-two cores) costs more than a tiny run.
+Runs separated by ``+`` train one after another in the same processes (one backend per launch; ZeRO-2 and ZeRO-3
+may share one, ZeRO-2 first), each from a fresh model and trainer: a launch's start-up (two interpreters importing
+torch, transformers and DeepSpeed on two cores) costs more than a tiny run.
 """
 
 import json
@@ -50,8 +50,8 @@ def main():
             runs.append((group[0], {**DEFAULTS, **dict(kv.split("=", 1) for kv in group[1:])}))
             group = []
     modes = {opt["mode"] for _, opt in runs}
-    if len(modes) != 1:
-        raise SystemExit(f"one mode per launch, got {sorted(modes)}")
+    if len({"zero" if m.startswith("zero") else m for m in modes}) != 1:
+        raise SystemExit(f"one backend per launch (ZeRO stages may share one), got {sorted(modes)}")
     for out_dir, opt in runs:
         run(out_dir, opt)
     import torch.distributed as td

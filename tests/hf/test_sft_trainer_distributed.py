@@ -24,7 +24,8 @@ UNTOUCHED = dict(lr=1e-2, ga=2, steps=8, first=2, every=2)  # scoring without re
 RESUME = dict(lr=1e-2, steps=12, save_steps=8, first=3, every=3, capture=1)  # an unbroken run, and one resumed at 8
 CAPTURED = dict(lr=0, capture=1, budget=100, check=4)
 # Every run of one backend trains in one launch (runs one after another in the same two processes, each from a
-# fresh model and trainer): a launch's start-up costs more than its tiny runs. name -> worker options.
+# fresh model and trainer): a launch's start-up costs more than its tiny runs. name -> worker options. ZeRO-2's run
+# shares ZeRO-3's launch (LAUNCH_OF), ahead of it: stage 2 leaves nothing behind that stage 3's model init would see.
 RUNS = {
     "single": {
         "lora0": dict(lr=0, lora=0),
@@ -64,13 +65,16 @@ RUNS = {
 }
 
 
-def _launch(base, mode, runs):
-    """Train ``runs`` (name -> options) one after another in one launch of ``mode`` (``single``: one process,
-    otherwise two torchrun ranks) under a timeout; returns name -> the per-rank results."""
-    nproc = 1 if mode == "single" else 2
+LAUNCH_OF = {"zero2": "zero", "zero3": "zero"}  # modes that train in one launch, in RUNS' order
+
+
+def _launch(base, launch, runs):
+    """Train ``runs`` (name -> options) one after another in one launch (``single``: one process, otherwise two
+    torchrun ranks) under a timeout; returns name -> the per-rank results."""
+    nproc = 1 if launch == "single" else 2
     args = []
     for name, opts in runs.items():
-        opts = {"n_train": N_TRAIN, "mode": mode.removesuffix("_bf16"), **opts}
+        opts = {"n_train": N_TRAIN, **opts}
         if "resume_from" in opts:
             opts["resume_from"] = os.path.join(base, opts["resume_from"])
         args += ["+", os.path.join(base, name), *(f"{k}={v}" for k, v in opts.items())]
@@ -82,15 +86,27 @@ def _launch(base, mode, runs):
     return {name: [json.load(open(os.path.join(base, name, f"rank{r}.json"))) for r in range(nproc)] for name in runs}
 
 
+def _in_launch(mode, opts):
+    """A run of ``RUNS[mode]`` as its launch trains it: its backend named, its checkpoint source under its name."""
+    opts = dict(opts, mode=mode.removesuffix("_bf16"))
+    if "resume_from" in opts:
+        opts["resume_from"] = f"{mode}-{opts['resume_from']}"
+    return opts
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """``launched(mode)``: the results of every run of ``RUNS[mode]`` (one launch per mode, made once)."""
+    """``launched(mode)``: the results of every run of ``RUNS[mode]`` (one launch per mode or ``LAUNCH_OF`` group,
+    made once)."""
     cache = {}
 
     def get(mode):
-        if mode not in cache:
-            cache[mode] = _launch(str(tmp_path_factory.mktemp(mode)), mode, RUNS[mode])
-        return cache[mode]
+        launch = LAUNCH_OF.get(mode, mode)
+        if launch not in cache:
+            modes = [m for m in RUNS if LAUNCH_OF.get(m, m) == launch]
+            runs = {f"{m}-{name}": _in_launch(m, opts) for m in modes for name, opts in RUNS[m].items()}
+            cache[launch] = _launch(str(tmp_path_factory.mktemp(launch)), launch, runs)
+        return {name.removeprefix(f"{mode}-"): r for name, r in cache[launch].items() if name.startswith(f"{mode}-")}
 
     return get
 
