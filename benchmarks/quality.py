@@ -118,6 +118,8 @@ VARIANTS = {  # configuration -> drift_* options on top of the library's default
     # finds harm (train losses beyond every reference answer's, or validation accuracy below the start model's, each
     # at p < 0.01)
     "drift_harm": {"drift_harm_gate": True},
+    # the gate's loss test also above the 2nd, 4th and 8th largest reference loss (Bonferroni over the four)
+    "drift_harm_rank8": {"drift_harm_gate": True, "drift_harm_max_rank": 8},
     "drift_harm_anchored": {"drift_harm_gate": True, "drift_scorer": "drift_anchored"},  # the gate, anchored contrast
     "drift_target_ema": {**V0, "drift_target_ema": 0.5},
     "drift_contrast4": {**V0, "drift_contrast_rollouts": 4},

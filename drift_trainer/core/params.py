@@ -100,6 +100,7 @@ class WeightingParams(Params):
     reference_bound: bool = False
     harm_gate: bool = True
     harm_alpha: float = 0.01
+    harm_max_rank: int = 1
 
 
 @dataclass(frozen=True)

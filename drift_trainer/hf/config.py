@@ -326,8 +326,8 @@ class DriftArguments:
         metadata=_help(
             "Reweight only once the data shows harm: the weights stay exactly 1 (plain SFT's batches) until the "
             "start model or a refresh finds either more train rows whose loss exceeds every query's reference answer "
-            "than clean data gives (an exchangeability test; needs the queries' `answer` column, else only the other "
-            "test runs), or the validation rollouts' per-query accuracy below the start model's (measured before the "
+            "(see `drift_harm_max_rank`) than clean data gives (an exchangeability test; needs the queries' `answer` "
+            "column, else only the other test runs), or the validation rollouts' per-query accuracy below the start model's (measured before the "
             "first step; a one-sided paired sign-flip test), either at p < `drift_harm_alpha`. From then on "
             "`drift_weighting` applies at every refresh. Default on: the quality benchmark's choice (clean data "
             "exactly plain SFT's result, the corrupted kinds as without the gate; see benchmarks/results/quality.md). "
@@ -337,6 +337,16 @@ class DriftArguments:
     )
     drift_harm_alpha: float = field(
         default=0.01, metadata=_help("`drift_harm_gate`: the level of each of its two tests, in (0, 1).")
+    )
+    drift_harm_max_rank: int = field(
+        default=1,
+        metadata=_help(
+            "`drift_harm_gate`'s loss test: it counts the train rows above the j-th largest reference loss for j = 1, "
+            "2, 4, ... up to this (and up to the number of references), and takes the smallest p-value times their "
+            "number (Bonferroni). 1 (default): only the rows above every reference. Larger keeps the test's power "
+            "when one or two references are hard themselves, at the price of the factor. A power of two >= 1; 8 was "
+            "measured and not adopted (benchmarks/README.md)."
+        ),
     )
     drift_demote_threshold: float = field(
         default=1.0,
@@ -449,6 +459,12 @@ class DriftArguments:
         _range(self, "drift_damping", 0.0, None, low_open=True)
         _range(self, "drift_loss_mix", 0.0, None)
         _range(self, "drift_harm_alpha", 0.0, 1.0, low_open=True, high_open=True)
+        rank = self.drift_harm_max_rank
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or rank & (rank - 1):
+            raise ValueError(
+                f"drift_harm_max_rank must be a power of two >= 1 (1, 2, 4, 8, ...), got {rank!r}: the loss test's "
+                "thresholds are the 1st, 2nd, 4th, ... largest reference losses up to it."
+            )
         if int(self.drift_contrast_rollouts) < 0:
             raise ValueError(f"drift_contrast_rollouts must be >= 0, got {self.drift_contrast_rollouts!r}.")
         _range(self, "drift_target_ema", 0.0, 1.0, high_open=True)

@@ -362,21 +362,28 @@ def test_harm_gate_keeps_weights_at_one_until_harm_then_stays_open(toy):
     assert not np.all(out.weights == 1.0)
 
 
-def test_harm_found_on_the_start_model_opens_the_gate_from_the_first_refresh(toy, monkeypatch):
+@pytest.mark.parametrize("max_rank", [1, 8])
+def test_harm_found_on_the_start_model_opens_the_gate_from_the_first_refresh(toy, monkeypatch, max_rank):
     from drift_trainer.core import refresher as refresher_module
+    from drift_trainer.core.harm import tail_count_p
 
     tok, model, rows, queries = toy
-    args = _args(drift_harm_gate=True)
+    args = _args(drift_harm_gate=True, drift_harm_max_rank=max_rank)
+    hard_query = max_rank > 1  # that case adds one reference harder than every row: only j >= 2 sees the rows
 
     def start_losses(fp, model, tokenizer, view, query_dataset, seed, refresh_index, dist=None):
         assert refresh_index == -1  # the start model's sample, not a refresh's
-        return np.r_[np.full(10, 9.0), np.zeros(30)], np.ones(64)  # a quarter of the rows above 64 references
+        refs = np.r_[50.0, np.ones(63)] if hard_query else np.ones(64)
+        return np.r_[np.full(10, 9.0), np.zeros(30)], refs  # a quarter of the rows above 63 of 64 references
 
     monkeypatch.setattr(refresher_module, "harm_losses", start_losses)
     refresher = _refresher(toy, args)
     refresher.measure_start(model)
     assert refresher.state.harm_step == 0
-    assert refresher.state.start_loss_p == pytest.approx(np.prod([(40 - i) / (40 + 64 - i) for i in range(10)]))
+    if not hard_query:  # the rows above every reference: the product formula
+        assert refresher.state.start_loss_p == pytest.approx(np.prod([(40 - i) / (40 + 64 - i) for i in range(10)]))
+    else:  # none above the hard one; the 10 above the 2nd largest, Bonferroni over j = 1, 2, 4, 8
+        assert refresher.state.start_loss_p == pytest.approx(4 * tail_count_p(40, 64, 2, 10))
     out = refresher.refresh(model, 1)
     assert out.metrics["drift/harm_found"] == 1.0 and not np.all(out.weights == 1.0)
     assert out.metrics["drift/harm_p_loss_start"] == refresher.state.start_loss_p

@@ -36,6 +36,8 @@ def test_every_drift_field_has_help():
         ("drift_contrast_rollouts", -1, "drift_contrast_rollouts"),
         ("drift_harm_alpha", 0.0, "drift_harm_alpha must be in"),
         ("drift_harm_alpha", 1.0, "drift_harm_alpha must be in"),
+        ("drift_harm_max_rank", 0, "drift_harm_max_rank must be a power of two"),
+        ("drift_harm_max_rank", 6, "drift_harm_max_rank must be a power of two"),
     ],
 )
 def test_bad_values_name_the_field(tmp_path, field, value, message):
