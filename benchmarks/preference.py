@@ -138,6 +138,10 @@ VARIANTS = {
     "drift_anchored_influence": ("drift", {"drift_scorer": "drift_anchored", "drift_loss_mix": 0.0}),
     # weight taken only from a separate low group of a two-Gaussian mixture of the scores (no upweighting)
     "drift_mixture": ("drift", {"drift_weighting": "mixture"}),
+    # drift_pair_bound: pairs whose start-model margin is below every validation pair's get weight 0 for the run
+    # (uniform: DPO on the kept pairs; drift: its weights times the bound)
+    "uniform_bound": ("uniform", {"drift_pair_bound": True}),
+    "drift_bound": ("drift", {"drift_pair_bound": True}),
 }
 # the methods, then every variant (a variant missing here would be left out of the tables)
 METHODS = (

@@ -9,6 +9,9 @@
 - ``drift``: signed on-policy influence, every ``drift_refresh_steps`` steps: rollouts on ``query_dataset`` judged by
   ``reward_funcs`` sign the target, and a pair's "loss" is ``-(log p(y_w|x) - log p(y_l|x))``.
 
+``drift_pair_bound=True`` (any method) first drops, for the whole run, the train pairs whose start-model margin is
+below every validation pair's (:class:`~drift_trainer.hf.pair_callbacks.PairBound`).
+
 Weights enter the loss per pair, ``sum_i w_i L_i / sum_i w_i`` over each batch (pairs are never resampled), with the
 per-pair losses in :data:`drift_trainer.methods.pairs.PAIR_LOSSES` (DPO ``sigmoid``, ``hinge``, ``ipo``, ``sigmoid_norm``,
 and ``simpo``, which TRL 1.16's DPOTrainer does not offer: reference-free, length-normalised, margin
@@ -38,7 +41,7 @@ from drift_trainer.hf.config import REWEIGHT_MODES, DriftArguments, coerce_confi
 from drift_trainer.hf.ica_callback import ICACallback
 from drift_trainer.hf.index import INDEX_COLUMN, prepare_index, with_index
 from drift_trainer.hf.method_options import ICAArguments, PreferenceArguments
-from drift_trainer.hf.pair_callbacks import LossDiffCallback, PairDriftCallback
+from drift_trainer.hf.pair_callbacks import LossDiffCallback, PairBound, PairDriftCallback
 from drift_trainer.methods.lossdiff import band_mask, copy_model
 from drift_trainer.methods.pairs import (
     PAIR_LOSSES,
@@ -101,7 +104,8 @@ class DriftDPOTrainer(DPOTrainer):
         query_dataset, reward_funcs: ``drift`` only, as for :class:`~drift_trainer.DriftSFTTrainer`.
         holdout_dataset: ``ica`` only: ``prompt`` + ``chosen`` (or ``completion``) examples used as demonstrations.
         embedding_fn: ``ica`` only: ``f(texts) -> (n, d)`` for retrieval (default: the model's mean hidden state).
-        validation_dataset: ``lossdiff_irm`` only: preference pairs theta_val trains on.
+        validation_dataset: ``lossdiff_irm``: preference pairs theta_val trains on; ``drift_pair_bound``: the clean
+            pairs whose start-model margins bound the train pairs'.
         validation_model: ``lossdiff_irm`` only: an already trained theta_val (skips training it).
 
     After training, ``trainer.pair_weights`` holds the weights (one per row of ``train_dataset``) and
@@ -133,7 +137,10 @@ class DriftDPOTrainer(DPOTrainer):
         user_train = train_dataset
         self._user_train = user_train
         num_pairs = len(user_train) if user_train is not None else 0
-        if method != "uniform":
+        bound = bool(getattr(args, "drift_pair_bound", False))
+        if bound:
+            check_pair_bound(args, validation_dataset)
+        if method != "uniform" or bound:
             check_pair_method(method, args, train_dataset)
             train_dataset = with_index(train_dataset)
         if method == "lossdiff_irm" and validation_dataset is None and validation_model is None:
@@ -164,6 +171,12 @@ class DriftDPOTrainer(DPOTrainer):
             self.pair_scorer = LossDiffCallback(self, validation_dataset, validation_model, initial, num_pairs)
         elif method == "drift":
             self.pair_scorer = PairDriftCallback(self, query_dataset, self.reward_funcs, num_pairs)
+        # drift_pair_bound: measured on the start model at train begin, before the scorer and the sampler sync
+        self.pair_bound = PairBound(self, validation_dataset, num_pairs) if bound else None
+        self._combined = (None, None, None)  # (scorer weights, bound, their product): pair_weights' cache
+        if bound:
+            prepare_index(self)
+            self.add_callback(self.pair_bound)
         if self.pair_scorer is not None:
             prepare_index(self)
             self.add_callback(self.pair_scorer)
@@ -172,8 +185,17 @@ class DriftDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------ state
     @property
     def pair_weights(self) -> np.ndarray | None:
-        """Weights of the user's train pairs (one per row of ``train_dataset``), or None before the first scoring."""
-        return None if self.pair_scorer is None else self.pair_scorer.weights
+        """Weights of the user's train pairs (one per row of ``train_dataset``), or None before the first scoring:
+        the scorer's, times ``drift_pair_bound``'s 0/1 bound where it is on (the same array until either changes)."""
+        weights = None if self.pair_scorer is None else self.pair_scorer.weights
+        keep = None if self.pair_bound is None else self.pair_bound.keep
+        if keep is None or weights is None:
+            return weights if keep is None else keep
+        w, k, product = self._combined
+        if w is not weights or k is not keep:
+            product = np.asarray(weights, dtype=np.float64) * keep
+            self._combined = (weights, keep, product)
+        return product
 
     @property
     def pair_scores(self) -> dict[str, np.ndarray]:
@@ -199,6 +221,8 @@ class DriftDPOTrainer(DPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
+        if self.pair_bound is not None and checkpoint is not None:
+            self.pair_bound.restore(checkpoint)
         if self.pair_scorer is None or checkpoint is None:
             return
         path = os.path.join(checkpoint, STATE_FILE)
@@ -348,6 +372,20 @@ class _SamplerSync(TrainerCallback):
 
     def on_epoch_end(self, args, state, control, **kwargs):
         self.trainer._sync_sampler()
+
+
+def check_pair_bound(args, validation_dataset) -> None:
+    """Raise unless ``drift_pair_bound`` can run: clean validation pairs to compare with, one process."""
+    if validation_dataset is None:
+        raise ValueError(
+            "drift_pair_bound=True compares each train pair's start-model margin with clean validation pairs: pass "
+            "validation_dataset= (prompt, chosen, rejected), or set drift_pair_bound=False."
+        )
+    if args.world_size > 1:
+        raise ValueError(
+            f"drift_pair_bound=True runs in one process only (its start-model forwards are not split over ranks; "
+            f"this run has {args.world_size}). Set drift_pair_bound=False, or run on one process."
+        )
 
 
 def check_pair_method(method: str, args, train_dataset) -> None:

@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 
 from drift_trainer.core.dist import Dist
 from drift_trainer.core.features import ProjectedGradients, select_target_modules
+from drift_trainer.core.harm import loss_excess_p
 from drift_trainer.core.refresher import Refresher
 from drift_trainer.core.state import (
     STATE_FILE,
@@ -26,7 +27,7 @@ from drift_trainer.core.state import (
 from drift_trainer.hf.callback import SAMPLER_FILE, refresh_due
 from drift_trainer.hf.index import INDEX_COLUMN, generation_context
 from drift_trainer.methods.lossdiff import score_and_select, train_validation_model
-from drift_trainer.methods.pairs import PAIR_ROWS, PairView
+from drift_trainer.methods.pairs import PAIR_ROWS, PairView, pair_logps
 
 logger = logging.getLogger("drift_trainer")
 
@@ -267,3 +268,88 @@ class PairDriftCallback(PairScorer):
     @property
     def history(self) -> list[dict]:
         return self.refresher.state.history if self.refresher is not None else []
+
+
+BOUND_FILE = "drift_pair_bound.json"  # in each checkpoint: the pairs drift_pair_bound dropped
+
+
+def validation_rows(trainer, validation_dataset) -> list[dict]:
+    """``validation_dataset`` prepared as TRL prepares the train pairs (``prompt_ids``, ``chosen_ids``,
+    ``rejected_ids``)."""
+    prepared = trainer._prepare_dataset(validation_dataset, trainer.processing_class, trainer.args, "validation")
+    return list(prepared.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).with_format("python"))
+
+
+def margins(model, rows, pad_token_id: int, batch_size: int) -> np.ndarray:
+    """``log p(chosen|x) - log p(rejected|x)`` of each prepared pair under ``model`` (forward only)."""
+    lp = pair_logps(model, rows, pad_token_id, batch_size, Dist())
+    return lp.chosen - lp.rejected
+
+
+class PairBound(TrainerCallback):
+    """``drift_pair_bound``: before the first step, the train pairs whose margin under the start model is below every
+    validation pair's get weight 0 for the whole run (``keep``, one 0/1 value per row of the user's train set, None
+    before it is measured). The trainer multiplies its scorer's weights by it. Saved into each checkpoint
+    (:data:`BOUND_FILE`) and restored on resume, since the start model is gone by then.
+
+    Why the validation pairs' minimum: if train pairs were clean pairs from the validation pairs' distribution, one
+    would fall below all ``n`` of them with probability ``1 / (n + 1)``; a flipped pair whose right answer the start
+    model already prefers has a negative margin of the size of a clean pair's positive one. The exchangeability
+    p-value of as many pairs below (:func:`drift_trainer.core.harm.loss_excess_p` on the negated margins) is logged.
+    """
+
+    def __init__(self, trainer, validation_dataset, num_pairs: int):
+        self.trainer = trainer
+        self.validation_dataset = validation_dataset
+        self.num_pairs = num_pairs
+        self.keep: np.ndarray | None = None
+        self.metrics: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.keep is not None:  # restored from a checkpoint
+            return
+        tr = self.trainer
+        pad, bs = tr.processing_class.pad_token_id, args.drift_ica_batch_size
+        model = tr.accelerator.unwrap_model(tr.model)
+        rows = tr.prepared_rows()
+        train = margins(model, rows, pad, bs)
+        refs = margins(model, validation_rows(tr, self.validation_dataset), pad, bs)
+        below = train < refs.min()
+        keep = np.ones(self.num_pairs, dtype=np.float64)
+        keep[np.asarray([r[INDEX_COLUMN] for r in rows], dtype=np.int64)[below]] = 0.0
+        self.keep = keep
+        p = loss_excess_p(-train, -refs)
+        self.metrics = {"drift/bound_dropped": float(below.mean()), "drift/bound_p": p}
+        for name, value in self.metrics.items():  # TRL's DPOTrainer averages these into its next log
+            tr._metrics["train"][name].append(value)
+        logger.info(
+            "drift_pair_bound: %d of %d train pairs have a start-model margin below every one of the %d validation "
+            "pairs' (exchangeability p = %.2g); they get weight 0 for the whole run",
+            int(below.sum()),
+            len(train),
+            len(refs),
+            p,
+        )
+
+    def on_save(self, args, state, control, **kwargs):
+        ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.keep is not None and os.path.isdir(ckpt) and state.is_world_process_zero:
+            dropped = np.flatnonzero(self.keep == 0).tolist()
+            atomic_write_text(
+                os.path.join(ckpt, BOUND_FILE), json.dumps({"num_pairs": self.num_pairs, "dropped": dropped})
+            )
+
+    def restore(self, checkpoint: str) -> None:
+        path = os.path.join(checkpoint, BOUND_FILE)
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["num_pairs"] != self.num_pairs:
+            raise ValueError(
+                f"drift_pair_bound: the checkpoint's bound covers {saved['num_pairs']} train pairs, this run has "
+                f"{self.num_pairs}; resume with the same train_dataset."
+            )
+        keep = np.ones(self.num_pairs, dtype=np.float64)
+        keep[np.asarray(saved["dropped"], dtype=np.int64)] = 0.0
+        self.keep = keep

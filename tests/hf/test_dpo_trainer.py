@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -320,3 +321,67 @@ def test_lossdiff_irm_refuses_a_selection_that_comes_when_training_ends(tokenize
     tr = make_trainer(tokenizer, build_tiny_llama(tokenizer, seed=0), args, validation_dataset=pairs(8, 5, 0))
     with pytest.raises(ValueError, match=r"selects its pairs at the end of epoch \d.*drift_lossdiff_warmup_epochs"):
         tr.train()
+
+
+def _start_margins(tokenizer, model, data) -> np.ndarray:
+    """log p(chosen|x) - log p(rejected|x) of each pair, by hand: prompt tokens, then the answer and EOS."""
+    out = []
+    for prompt, chosen, rejected in zip(data["prompt"], data["chosen"], data["rejected"]):
+        p = tokenizer(text=prompt, add_special_tokens=False)["input_ids"]
+        lps = []
+        for answer in (chosen, rejected):
+            a = tokenizer(text=answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([p + a])).logits[0, len(p) - 1 : -1].float()
+            lps.append(torch.log_softmax(logits, -1)[torch.arange(len(a)), torch.tensor(a)].sum().item())
+        out.append(lps[0] - lps[1])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("method", ["uniform", "ica"])
+def test_pair_bound_drops_the_pairs_below_every_validation_margin_and_keeps_them_dropped(tokenizer, tmp_path, method):
+    """drift_pair_bound: the validation pairs are the 8 train pairs the start model ranks best, so exactly the other 8
+    fall below all of them and get weight 0 (through TRL's tokenization and the index column). With ICA the scorer's
+    weights are kept on the rest. A resumed run restores the bound from its checkpoint, not from the start model."""
+    from drift_trainer.cli.toy import build_tiny_llama
+
+    train = pairs(16, 0)  # make_trainer's train pairs
+    margin = _start_margins(tokenizer, build_tiny_llama(tokenizer, seed=0).eval(), train)
+    best = np.argsort(-margin)[:8]
+    expected = np.isin(np.arange(16), best).astype(float)
+    extra = {"holdout_dataset": pairs(6, 9, 0)} if method == "ica" else {}
+    runs = {}
+    for name in ("unbroken", "resumed"):
+        out = _run_dir(tmp_path, name, "checkpoint-2")
+        args = make_args(
+            out,
+            drift_method=method,
+            drift_pair_bound=True,
+            drift_ica_batch_size=4,
+            max_steps=3,
+            per_device_train_batch_size=4,
+            save_strategy="steps",
+            save_steps=2,
+        )
+        # the resumed run is given other validation pairs: its bound must come from the checkpoint
+        val = train.select(best.tolist()) if name == "unbroken" else pairs(8, 5, 0)
+        tr = make_trainer(tokenizer, build_tiny_llama(tokenizer, seed=0), args, n=16, validation_dataset=val, **extra)
+        tr.train(resume_from_checkpoint=str(out / "checkpoint-2") if name == "resumed" else None)
+        runs[name] = tr
+    unbroken = runs["unbroken"]
+    np.testing.assert_array_equal(unbroken.pair_bound.keep, expected)
+    np.testing.assert_array_equal(runs["resumed"].pair_bound.keep, expected)
+    weights = np.asarray(unbroken.pair_weights)
+    assert np.all(weights[expected == 0] == 0)
+    if method == "ica":
+        scorer = np.asarray(unbroken.pair_scorer.weights)
+        np.testing.assert_allclose(weights[expected == 1], scorer[expected == 1])
+        assert not np.all(scorer[expected == 0] == 0)  # the zeros come from the bound
+    logged = [h for h in unbroken.state.log_history if "drift/bound_dropped" in h]
+    assert logged and logged[0]["drift/bound_dropped"] == 0.5
+    assert "drift_pair_bound.json" in os.listdir(tmp_path / "unbroken" / "checkpoint-2")
+
+
+def test_pair_bound_needs_validation_pairs(tokenizer, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="drift_pair_bound=True compares .* pass validation_dataset="):
+        make_trainer(tokenizer, tiny_model, make_args(tmp_path, drift_method="uniform", drift_pair_bound=True))
