@@ -207,6 +207,31 @@ def _run_dir(tmp_path, name: str, checkpoint: str):
     return out
 
 
+def _unbroken_and_resumed(tokenizer, tmp_path, method, n, max_steps, save_steps, inputs, **options):
+    """``{"unbroken": trainer, "resumed": trainer}``: ``method`` on ``n`` pairs for ``max_steps`` (batch 4), once
+    unbroken and once resumed from the unbroken run's checkpoint at ``save_steps``; ``inputs(name)``: the trainer's
+    other inputs for that run."""
+    from drift_trainer.cli.toy import build_tiny_llama
+
+    runs = {}
+    for name in ("unbroken", "resumed"):
+        out = _run_dir(tmp_path, name, f"checkpoint-{save_steps}")
+        args = make_args(
+            out,
+            drift_method=method,
+            num_train_epochs=1,
+            max_steps=max_steps,
+            per_device_train_batch_size=4,
+            save_strategy="steps",
+            save_steps=save_steps,
+            **options,
+        )
+        tr = make_trainer(tokenizer, build_tiny_llama(tokenizer, seed=0), args, n=n, **inputs(name))
+        tr.train(resume_from_checkpoint=str(out / f"checkpoint-{save_steps}") if name == "resumed" else None)
+        runs[name] = tr
+    return runs
+
+
 METHOD_INPUTS = {
     "ica": ({"drift_ica_batch_size": 4}, lambda: {"holdout_dataset": pairs(6, 9, 0)}),
     "lossdiff_irm": ({"drift_lossdiff_warmup_epochs": 1.0}, lambda: {"validation_dataset": pairs(8, 5, 0)}),
@@ -235,25 +260,8 @@ def test_pair_scorers_checkpoint_resume_and_artifacts(tokenizer, tmp_path, metho
 
     import pandas as pd
 
-    from drift_trainer.cli.toy import build_tiny_llama
-
     options, inputs = METHOD_INPUTS[method]
-    runs = {}
-    for name in ("unbroken", "resumed"):
-        out = _run_dir(tmp_path, name, "checkpoint-4")
-        args = make_args(
-            out,
-            drift_method=method,
-            num_train_epochs=1,
-            max_steps=6,
-            per_device_train_batch_size=4,
-            save_strategy="steps",
-            save_steps=4,
-            **options,
-        )
-        tr = make_trainer(tokenizer, build_tiny_llama(tokenizer, seed=0), args, n=12, **inputs())
-        tr.train(resume_from_checkpoint=str(out / "checkpoint-4") if name == "resumed" else None)
-        runs[name] = tr
+    runs = _unbroken_and_resumed(tokenizer, tmp_path, method, 12, 6, 4, lambda name: inputs(), **options)
     saved = json.load(open(tmp_path / "unbroken" / "checkpoint-4" / "drift_state.json"))
     assert saved["weights"] is not None and saved["num_refreshes"] >= 1
     a, b = runs["unbroken"].drift_state, runs["resumed"].drift_state
@@ -350,24 +358,13 @@ def test_pair_bound_drops_the_pairs_below_every_validation_margin_and_keeps_them
     best = np.argsort(-margin)[:8]
     expected = np.isin(np.arange(16), best).astype(float)
     extra = {"holdout_dataset": pairs(6, 9, 0)} if method == "ica" else {}
-    runs = {}
-    for name in ("unbroken", "resumed"):
-        out = _run_dir(tmp_path, name, "checkpoint-2")
-        args = make_args(
-            out,
-            drift_method=method,
-            drift_pair_bound=True,
-            drift_ica_batch_size=4,
-            max_steps=3,
-            per_device_train_batch_size=4,
-            save_strategy="steps",
-            save_steps=2,
-        )
-        # the resumed run is given other validation pairs: its bound must come from the checkpoint
-        val = train.select(best.tolist()) if name == "unbroken" else pairs(8, 5, 0)
-        tr = make_trainer(tokenizer, build_tiny_llama(tokenizer, seed=0), args, n=16, validation_dataset=val, **extra)
-        tr.train(resume_from_checkpoint=str(out / "checkpoint-2") if name == "resumed" else None)
-        runs[name] = tr
+
+    def inputs(name):  # the resumed run is given other validation pairs: its bound must come from the checkpoint
+        return {"validation_dataset": train.select(best.tolist()) if name == "unbroken" else pairs(8, 5, 0), **extra}
+
+    runs = _unbroken_and_resumed(
+        tokenizer, tmp_path, method, 16, 3, 2, inputs, drift_pair_bound=True, drift_ica_batch_size=4
+    )
     unbroken = runs["unbroken"]
     np.testing.assert_array_equal(unbroken.pair_bound.keep, expected)
     np.testing.assert_array_equal(runs["resumed"].pair_bound.keep, expected)
