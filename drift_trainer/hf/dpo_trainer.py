@@ -9,8 +9,8 @@
 - ``drift``: signed on-policy influence, every ``drift_refresh_steps`` steps: rollouts on ``query_dataset`` judged by
   ``reward_funcs`` sign the target, and a pair's "loss" is ``-(log p(y_w|x) - log p(y_l|x))``.
 
-``drift_pair_bound=True`` (any method) first drops, for the whole run, the train pairs whose start-model margin is
-below every validation pair's (:class:`~drift_trainer.hf.pair_callbacks.PairBound`).
+``drift_pair_bound=True`` (any method) first removes from the train set, for the whole run, the pairs whose
+start-model margin is below every validation pair's (:class:`~drift_trainer.hf.pair_callbacks.PairBound`).
 
 Weights enter the loss per pair, ``sum_i w_i L_i / sum_i w_i`` over each batch (pairs are never resampled), with the
 per-pair losses in :data:`drift_trainer.methods.pairs.PAIR_LOSSES` (DPO ``sigmoid``, ``hinge``, ``ipo``, ``sigmoid_norm``,
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOConfig, DPOTrainer
 
 from drift_trainer.cli.datafiles import example_text
@@ -171,12 +172,12 @@ class DriftDPOTrainer(DPOTrainer):
             self.pair_scorer = LossDiffCallback(self, validation_dataset, validation_model, initial, num_pairs)
         elif method == "drift":
             self.pair_scorer = PairDriftCallback(self, query_dataset, self.reward_funcs, num_pairs)
-        # drift_pair_bound: measured on the start model at train begin, before the scorer and the sampler sync
+        # drift_pair_bound: measured on the start model when train() is called, before the train set is loaded
         self.pair_bound = PairBound(self, validation_dataset, num_pairs) if bound else None
         self._combined = (None, None, None)  # (scorer weights, bound, their product): pair_weights' cache
         if bound:
             prepare_index(self)
-            self.add_callback(self.pair_bound)
+            self.add_callback(self.pair_bound)  # saves the bound into each checkpoint
         if self.pair_scorer is not None:
             prepare_index(self)
             self.add_callback(self.pair_scorer)
@@ -193,7 +194,7 @@ class DriftDPOTrainer(DPOTrainer):
             return weights if keep is None else keep
         w, k, product = self._combined
         if w is not weights or k is not keep:
-            product = np.asarray(weights, dtype=np.float64) * keep
+            product = np.where(keep > 0, np.asarray(weights, dtype=np.float64), 0.0)  # a dropped pair: unscored
             self._combined = (weights, keep, product)
         return product
 
@@ -219,10 +220,20 @@ class DriftDPOTrainer(DPOTrainer):
                 ),
             )
 
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; with ``drift_pair_bound``, first the bound (from the checkpoint on resume, else measured
+        on the model as it is, the start model) and the train set without the pairs it drops."""
+        if self.pair_bound is not None and self.pair_bound.keep is None:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if not (isinstance(checkpoint, str) and self.pair_bound.restore(checkpoint)):
+                self.pair_bound.measure()
+            self.train_dataset = self.pair_bound.kept(self.train_dataset)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if self.pair_bound is not None and checkpoint is not None:
-            self.pair_bound.restore(checkpoint)
         if self.pair_scorer is None or checkpoint is None:
             return
         path = os.path.join(checkpoint, STATE_FILE)
@@ -290,7 +301,8 @@ class DriftDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
-        weights = self.pair_weights
+        # the scorer's weights (drift_pair_bound's dropped pairs are not in the train set at all)
+        weights = None if self.pair_scorer is None else self.pair_scorer.weights
         if self.samples_by_weight:  # the weights act through the draw (synced by _SamplerSync); each pair counts once
             weights = None
         use_weights = weights is not None and index is not None and model.training

@@ -106,11 +106,11 @@ class PreferenceArguments:
     drift_pair_bound: bool = field(
         default=False,
         metadata=_help(
-            "Before the first step, give weight 0 for the whole run to every train pair whose start-model margin "
+            "Before the first step, remove from the train set for the whole run every pair whose start-model margin "
             "log p(chosen|x) - log p(rejected|x) is below every `validation_dataset` pair's (clean pairs: a clean "
             "train pair from their distribution falls below all n of them with probability 1/(n+1)). A flipped "
             "pair that the start model ranks confidently the other way is dropped. Combines with any `drift_method` "
-            "(its weights times the 0/1 bound; `uniform`: DPO on the kept pairs). Needs `validation_dataset`; one "
+            "(`uniform`: TRL's DPO on the kept pairs; a scorer scores and weights the kept ones). Needs `validation_dataset`; one "
             "process (the start forwards are not split over ranks)."
         ),
     )

@@ -288,9 +288,9 @@ def margins(model, rows, pad_token_id: int, batch_size: int) -> np.ndarray:
 
 class PairBound(TrainerCallback):
     """``drift_pair_bound``: before the first step, the train pairs whose margin under the start model is below every
-    validation pair's get weight 0 for the whole run (``keep``, one 0/1 value per row of the user's train set, None
-    before it is measured). The trainer multiplies its scorer's weights by it. Saved into each checkpoint
-    (:data:`BOUND_FILE`) and restored on resume, since the start model is gone by then.
+    validation pair's are dropped for the whole run (``keep``, one 0/1 value per row of the user's train set, None
+    before it is measured; :meth:`kept` removes the dropped rows from the prepared train set, so a run trains as on
+    a train set without them). Saved into each checkpoint (:data:`BOUND_FILE`) and restored on resume.
 
     Why the validation pairs' minimum: if train pairs were clean pairs from the validation pairs' distribution, one
     would fall below all ``n`` of them with probability ``1 / (n + 1)``; a flipped pair whose right answer the start
@@ -305,11 +305,10 @@ class PairBound(TrainerCallback):
         self.keep: np.ndarray | None = None
         self.metrics: dict[str, float] = {}
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.keep is not None:  # restored from a checkpoint
-            return
+    def measure(self) -> None:
+        """The bound of the trainer's model as it is now (the start model: called before the first step)."""
         tr = self.trainer
-        pad, bs = tr.processing_class.pad_token_id, args.drift_ica_batch_size
+        pad, bs = tr.processing_class.pad_token_id, tr.args.drift_ica_batch_size
         model = tr.accelerator.unwrap_model(tr.model)
         rows = tr.prepared_rows()
         train = margins(model, rows, pad, bs)
@@ -324,12 +323,17 @@ class PairBound(TrainerCallback):
             tr._metrics["train"][name].append(value)
         logger.info(
             "drift_pair_bound: %d of %d train pairs have a start-model margin below every one of the %d validation "
-            "pairs' (exchangeability p = %.2g); they get weight 0 for the whole run",
+            "pairs' (exchangeability p = %.2g); they are dropped for the whole run",
             int(below.sum()),
             len(train),
             len(refs),
             p,
         )
+
+    def kept(self, dataset):
+        """``dataset`` (prepared, with the index column) without the dropped pairs."""
+        keep = self.keep
+        return dataset.filter(lambda index: keep[index] > 0, input_columns=[INDEX_COLUMN])
 
     def on_save(self, args, state, control, **kwargs):
         ckpt = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -339,10 +343,11 @@ class PairBound(TrainerCallback):
                 os.path.join(ckpt, BOUND_FILE), json.dumps({"num_pairs": self.num_pairs, "dropped": dropped})
             )
 
-    def restore(self, checkpoint: str) -> None:
+    def restore(self, checkpoint: str) -> bool:
+        """The bound saved in ``checkpoint``; False (nothing restored) when it has none."""
         path = os.path.join(checkpoint, BOUND_FILE)
         if not os.path.exists(path):
-            return
+            return False
         with open(path) as f:
             saved = json.load(f)
         if saved["num_pairs"] != self.num_pairs:
@@ -353,3 +358,4 @@ class PairBound(TrainerCallback):
         keep = np.ones(self.num_pairs, dtype=np.float64)
         keep[np.asarray(saved["dropped"], dtype=np.int64)] = 0.0
         self.keep = keep
+        return True

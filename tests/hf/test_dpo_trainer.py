@@ -349,8 +349,8 @@ def _start_margins(tokenizer, model, data) -> np.ndarray:
 @pytest.mark.parametrize("method", ["uniform", "ica"])
 def test_pair_bound_drops_the_pairs_below_every_validation_margin_and_keeps_them_dropped(tokenizer, tmp_path, method):
     """drift_pair_bound: the validation pairs are the 8 train pairs the start model ranks best, so exactly the other 8
-    fall below all of them and get weight 0 (through TRL's tokenization and the index column). With ICA the scorer's
-    weights are kept on the rest. A resumed run restores the bound from its checkpoint, not from the start model."""
+    fall below all of them and leave the train set (through TRL's tokenization and the index column). With ICA the
+    scorer weights the rest. A resumed run restores the bound from its checkpoint, not from the model it is given."""
     from drift_trainer.cli.toy import build_tiny_llama
 
     train = pairs(16, 0)  # make_trainer's train pairs
@@ -370,10 +370,12 @@ def test_pair_bound_drops_the_pairs_below_every_validation_margin_and_keeps_them
     np.testing.assert_array_equal(runs["resumed"].pair_bound.keep, expected)
     weights = np.asarray(unbroken.pair_weights)
     assert np.all(weights[expected == 0] == 0)
-    if method == "ica":
+    for tr in runs.values():  # the dropped pairs are not in the train set at all
+        assert sorted(tr.train_dataset["drift_index"]) == sorted(best.tolist())
+    if method == "ica":  # the scorer's weights on the kept pairs
         scorer = np.asarray(unbroken.pair_scorer.weights)
         np.testing.assert_allclose(weights[expected == 1], scorer[expected == 1])
-        assert not np.all(scorer[expected == 0] == 0)  # the zeros come from the bound
+        assert len(set(np.round(weights[expected == 1], 6))) > 1
     logged = [h for h in unbroken.state.log_history if "drift/bound_dropped" in h]
     assert logged and logged[0]["drift/bound_dropped"] == 0.5
     assert "drift_pair_bound.json" in os.listdir(tmp_path / "unbroken" / "checkpoint-2")
