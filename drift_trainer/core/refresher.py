@@ -124,7 +124,7 @@ class Refresher:
         )
         previous = self.state
         smoothed, weights, reason = self._weights(result, previous, dist, step)
-        harm_step, harm = previous.harm_step, {}
+        harm_step, harm, held = previous.harm_step, {}, False
         if self.params.weighting.harm_gate and harm_step is None:
             harm = self.harm_evidence(result, previous)
             if min(harm.values()) < self.params.weighting.harm_alpha:
@@ -132,6 +132,7 @@ class Refresher:
                 logger.info("DRIFT refresh at step %d: harm found (%s); reweighting from now on", step, harm)
             else:  # nothing to fix yet: plain SFT's weights (and batches)
                 weights = np.ones_like(np.asarray(weights, dtype=np.float64))
+                held = True
         self._check_capture(result, step)
         metrics = refresh_summary(result, weights)
         if self.params.weighting.harm_gate:
@@ -150,7 +151,7 @@ class Refresher:
             capture_full_rescoring=result.capture_full,
             capture_on=self.capture is not None and not self.capture.disabled,
             reason=reason,
-            weights_changed=bool(result.contrast),
+            weights_changed=bool(result.contrast) and not held,  # a shut gate keeps them at 1
         )
         self.state = DriftState(
             step=step,

@@ -352,10 +352,12 @@ def test_harm_gate_keeps_weights_at_one_until_harm_then_stays_open(toy):
     # the start model's own verdicts, no row far beyond the references: nothing to fix, plain SFT's weights
     assert out.metrics["drift/harm_found"] == 0.0 and refresher.state.harm_step is None
     assert np.all(out.weights == 1.0) and out.metrics["drift/harm_p_accuracy"] == 1.0
+    assert out.summary["weights_changed"] is False  # the summary says the shut gate held them
     refresher.state.start_accuracy = {q: 1.0 for q in range(len(queries))}  # a start that solved every query
     out = refresher.refresh(model, 2)
     assert out.metrics["drift/harm_p_accuracy"] < 0.1 and refresher.state.harm_step == 2
     assert not np.all(out.weights == 1.0)  # the weighting rule's weights from now on
+    assert out.summary["weights_changed"] is True
     refresher.state.start_accuracy = {q: 0.0 for q in range(len(queries))}  # the evidence gone: still open
     out = refresher.refresh(model, 3)
     assert refresher.state.harm_step == 2 and out.metrics["drift/harm_found"] == 1.0
