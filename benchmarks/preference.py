@@ -142,6 +142,8 @@ VARIANTS = {
     # (uniform: DPO on the kept pairs; drift: its weights times the bound)
     "uniform_bound": ("uniform", {"drift_pair_bound": True}),
     "drift_bound": ("drift", {"drift_pair_bound": True}),
+    "ica_bound": ("ica", {"drift_pair_bound": True}),
+    "lossdiff_irm_bound": ("lossdiff_irm", {"drift_pair_bound": True}),
 }
 # the methods, then every variant (a variant missing here would be left out of the tables)
 METHODS = (
