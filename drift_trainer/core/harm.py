@@ -36,14 +36,6 @@ def per_query_accuracy(rollouts, threshold: float) -> dict[int, float]:
     return {int(q): float(right[query == q].mean()) for q in np.unique(query)}
 
 
-LOSS_RANKS = (1,)  # the loss test's thresholds by default: the j-th largest reference loss, for each j (up to n)
-
-
-def loss_ranks(max_rank: int) -> tuple[int, ...]:
-    """The thresholds ``j`` of ``drift_harm_max_rank``: 1, 2, 4, ... up to ``max_rank``."""
-    return tuple(2**i for i in range(max(int(max_rank), 1).bit_length()) if 2**i <= max_rank)
-
-
 def tail_count_p(num_train: int, num_refs: int, j: int, k: int) -> float:
     """Under exchangeability of ``num_train`` train losses and ``num_refs`` reference losses (no ties), the
     probability that ``k`` or more train losses lie above the ``j``-th largest reference loss: at most ``j - 1``
@@ -65,13 +57,13 @@ def tail_count_p(num_train: int, num_refs: int, j: int, k: int) -> float:
     return float(min(1.0, sum(math.exp(t) for t in terms)))
 
 
-def loss_excess_p(train_losses: np.ndarray, reference_losses: np.ndarray, ranks=LOSS_RANKS) -> float:
+def loss_excess_p(train_losses: np.ndarray, reference_losses: np.ndarray, max_rank: int = 1) -> float:
     """p-value of the train losses' upper tail under exchangeability with the references: the smallest
-    :func:`tail_count_p` over the thresholds ``j`` in ``ranks`` (those up to ``n``), times their number (1.0 without
-    train rows or references)."""
+    :func:`tail_count_p` over the thresholds ``j`` = 1, 2, 4, ... up to ``max_rank`` (``drift_harm_max_rank``) and
+    up to ``n``, times their number (1.0 without train rows or references)."""
     train = np.asarray(train_losses, dtype=np.float64)
     refs = np.sort(np.asarray(reference_losses, dtype=np.float64))[::-1]
-    ranks = [j for j in ranks if j <= len(refs)]
+    ranks = [2**i for i in range(int(max_rank).bit_length()) if 2**i <= min(max_rank, len(refs))]
     if not len(train) or not ranks:
         return 1.0
     ps = [tail_count_p(len(train), len(refs), j, int(np.count_nonzero(train > refs[j - 1]))) for j in ranks]

@@ -17,7 +17,7 @@ import numpy as np
 
 from drift_trainer.core import pipeline
 from drift_trainer.core.dist import Dist
-from drift_trainer.core.harm import accuracy_drop_p, loss_excess_p, loss_ranks, per_query_accuracy
+from drift_trainer.core.harm import accuracy_drop_p, loss_excess_p, per_query_accuracy
 from drift_trainer.core.params import RefreshParams
 from drift_trainer.core.refresh import (
     RefreshResult,
@@ -195,7 +195,7 @@ class Refresher:
             return self.state.start_accuracy
         fp = pipeline.make_feature_pass(self.projector, self.tokenizer, self.params.features, self.fused_lm_head)
         train, refs = harm_losses(fp, model, self.tokenizer, self.view, self.query_dataset, self.seed, -1, dist)
-        self.state.start_loss_p = loss_excess_p(train, refs, loss_ranks(self.params.weighting.harm_max_rank))
+        self.state.start_loss_p = loss_excess_p(train, refs, self.params.weighting.harm_max_rank)
         if self.state.start_loss_p < self.params.weighting.harm_alpha:
             self.state.harm_step = 0
             logger.info(
@@ -209,15 +209,13 @@ class Refresher:
 
     def harm_evidence(self, result: RefreshResult, previous: DriftState) -> dict[str, float]:
         """``drift_harm_gate``'s two p-values at this refresh (see :mod:`drift_trainer.core.harm`): ``loss``, train
-        rows beyond every reference answer's loss (1.0 at a refresh without contrast, which measures no losses);
+        rows beyond the top reference answers' losses (1.0 at a refresh without contrast, which measures no losses);
         ``accuracy``, the rollouts' per-query accuracy below the start's (1.0 without a start measurement)."""
         train, refs = result.harm_sample_loss, result.reference_loss
         now = per_query_accuracy(result.rollouts, result.reward_threshold)
-        start = previous.start_accuracy
+        start, max_rank = previous.start_accuracy, self.params.weighting.harm_max_rank
         return {
-            "loss": 1.0
-            if train is None or refs is None
-            else loss_excess_p(train, refs, loss_ranks(self.params.weighting.harm_max_rank)),
+            "loss": 1.0 if train is None or refs is None else loss_excess_p(train, refs, max_rank),
             "accuracy": accuracy_drop_p(start, now, seed=self.seed) if start else 1.0,
         }
 

@@ -174,12 +174,11 @@ class DriftDPOTrainer(DPOTrainer):
             self.pair_scorer = PairDriftCallback(self, query_dataset, self.reward_funcs, num_pairs)
         # drift_pair_bound: measured on the start model when train() is called, before the train set is loaded
         self.pair_bound = PairBound(self, validation_dataset, num_pairs) if bound else None
-        self._combined = (None, None, None)  # (scorer weights, bound, their product): pair_weights' cache
-        if bound:
+        if bound or self.pair_scorer is not None:
             prepare_index(self)
+        if bound:
             self.add_callback(self.pair_bound)  # saves the bound into each checkpoint
         if self.pair_scorer is not None:
-            prepare_index(self)
             self.add_callback(self.pair_scorer)
             self.add_callback(_SamplerSync(self))  # after the scorer: new weights reach the sampler at once
 
@@ -187,16 +186,18 @@ class DriftDPOTrainer(DPOTrainer):
     @property
     def pair_weights(self) -> np.ndarray | None:
         """Weights of the user's train pairs (one per row of ``train_dataset``), or None before the first scoring:
-        the scorer's, times ``drift_pair_bound``'s 0/1 bound where it is on (the same array until either changes)."""
-        weights = None if self.pair_scorer is None else self.pair_scorer.weights
+        the scorer's, with 0 for the pairs ``drift_pair_bound`` dropped (they never reach the scorer)."""
+        weights = self._scorer_weights
         keep = None if self.pair_bound is None else self.pair_bound.keep
         if keep is None or weights is None:
             return weights if keep is None else keep
-        w, k, product = self._combined
-        if w is not weights or k is not keep:
-            product = np.where(keep > 0, np.asarray(weights, dtype=np.float64), 0.0)  # a dropped pair: unscored
-            self._combined = (weights, keep, product)
-        return product
+        return np.where(keep > 0, np.asarray(weights, dtype=np.float64), 0.0)
+
+    @property
+    def _scorer_weights(self) -> np.ndarray | None:
+        """What the loss and the sampler use: the scorer's weights (the bound's dropped pairs are not in the train
+        set at all)."""
+        return None if self.pair_scorer is None else self.pair_scorer.weights
 
     @property
     def pair_scores(self) -> dict[str, np.ndarray]:
@@ -244,7 +245,7 @@ class DriftDPOTrainer(DPOTrainer):
         if self.drift_sampler is not None and os.path.exists(path):
             with open(path) as f:
                 self.drift_sampler.load_state_dict(json.load(f))
-            self._sampler_weights = self.pair_weights
+            self._sampler_weights = self._scorer_weights
 
     # ------------------------------------------------------------------ sampler mode
     @property
@@ -262,7 +263,7 @@ class DriftDPOTrainer(DPOTrainer):
 
     def _sync_sampler(self) -> None:
         """Hand the scorer's newest weights to the sampler (from the next row it draws)."""
-        weights = self.pair_weights
+        weights = self._scorer_weights
         if self.drift_sampler is None or weights is None or weights is self._sampler_weights:
             return
         self._sampler_weights = weights
@@ -301,8 +302,7 @@ class DriftDPOTrainer(DPOTrainer):
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         index = inputs.pop(INDEX_COLUMN, None)
-        # the scorer's weights (drift_pair_bound's dropped pairs are not in the train set at all)
-        weights = None if self.pair_scorer is None else self.pair_scorer.weights
+        weights = self._scorer_weights
         if self.samples_by_weight:  # the weights act through the draw (synced by _SamplerSync); each pair counts once
             weights = None
         use_weights = weights is not None and index is not None and model.training

@@ -110,8 +110,8 @@ class PreferenceArguments:
             "log p(chosen|x) - log p(rejected|x) is below every `validation_dataset` pair's (clean pairs: a clean "
             "train pair from their distribution falls below all n of them with probability 1/(n+1)). A flipped "
             "pair that the start model ranks confidently the other way is dropped. Combines with any `drift_method` "
-            "(`uniform`: TRL's DPO on the kept pairs; a scorer scores and weights the kept ones). Needs `validation_dataset`; one "
-            "process (the start forwards are not split over ranks)."
+            "(`uniform`: TRL's DPO on the kept pairs; a scorer scores and weights the kept ones). Needs "
+            "`validation_dataset`; one process (the start forwards are not split over ranks)."
         ),
     )
 

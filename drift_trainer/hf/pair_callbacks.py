@@ -303,7 +303,6 @@ class PairBound(TrainerCallback):
         self.validation_dataset = validation_dataset
         self.num_pairs = num_pairs
         self.keep: np.ndarray | None = None
-        self.metrics: dict[str, float] = {}
 
     def measure(self) -> None:
         """The bound of the trainer's model as it is now (the start model: called before the first step)."""
@@ -318,9 +317,8 @@ class PairBound(TrainerCallback):
         keep[np.asarray([r[INDEX_COLUMN] for r in rows], dtype=np.int64)[below]] = 0.0
         self.keep = keep
         p = loss_excess_p(-train, -refs)
-        self.metrics = {"drift/bound_dropped": float(below.mean()), "drift/bound_p": p}
-        for name, value in self.metrics.items():  # TRL's DPOTrainer averages these into its next log
-            tr._metrics["train"][name].append(value)
+        for name, value in (("drift/bound_dropped", float(below.mean())), ("drift/bound_p", p)):
+            tr._metrics["train"][name].append(value)  # TRL's DPOTrainer averages these into its next log
         logger.info(
             "drift_pair_bound: %d of %d train pairs have a start-model margin below every one of the %d validation "
             "pairs' (exchangeability p = %.2g); they are dropped for the whole run",

@@ -32,16 +32,16 @@ def test_loss_excess_p_holds_its_level_on_exchangeable_losses_and_fires_on_wrong
         train, refs = rng.gamma(2.0, size=500), rng.gamma(2.0, size=n_refs)
         train[:100] += 20.0  # 20% of rows wrong
         refs[0] = 100.0
-        assert loss_excess_p(train, refs, ranks=(1,)) == 1.0
-        hidden.append(loss_excess_p(train, refs, ranks=(1, 2, 4, 8)))
+        assert loss_excess_p(train, refs, max_rank=1) == 1.0
+        hidden.append(loss_excess_p(train, refs, max_rank=8))
     assert np.mean(np.array(hidden) < 0.01) > 0.95
     # by default only the rows above every reference: 1 of N=3 rows above both n=2 references, the top of the 5
     # pooled losses is a train row, p = 3/5; 2 of 3: p = 3/5 * 2/4
     assert loss_excess_p(np.array([0.1, 0.2, 9.0]), np.array([0.3, 0.4])) == pytest.approx(3 / 5)
     assert loss_excess_p(np.array([8.0, 9.0, 0.1]), np.array([0.3, 0.4])) == pytest.approx(3 / 5 * 2 / 4)
-    # thresholds j = 1, 2 (the 8 of (1, 2, 4, 8) left out: n = 2), Bonferroni over both: rows 8.0 and 9.0 above
+    # max_rank 8 with n = 2 references: thresholds j = 1, 2 (4 and 8 left out), Bonferroni over both: rows 8.0 and 9.0 above
     # the 2nd largest reference too (at most one reference in the top 3 of 5: 1 - 3/10), the smaller p doubled
-    two = dict(ranks=(1, 2, 4, 8))
+    two = dict(max_rank=8)
     assert loss_excess_p(np.array([8.0, 9.0, 0.1]), np.array([0.3, 0.4]), **two) == pytest.approx(2 * 3 / 5 * 2 / 4)
     assert loss_excess_p(np.array([0.1, 0.2, 9.0]), np.array([0.3, 0.4]), **two) == 1.0  # 2 * 3/5, capped
     assert loss_excess_p(np.array([0.1]), np.array([0.3])) == 1.0  # none above
