@@ -16,6 +16,8 @@ weak-but-not-hopeless start shared by every method of a seed (and DPO's referenc
 
 - ``uniform``: plain DPO on the noisy pairs; ``oracle``: plain DPO on the *same pairs unflipped* (clean labels);
 - ``ica``, ``lossdiff_irm``, ``drift``: the scorers on the noisy pairs; ``*_simpo``: the same with ``loss_type="simpo"``.
+  ``drift`` and its variants run at ``drift_weighting="softmax"``, the default when they were measured;
+  ``drift_mixture`` is DRIFT at ``DriftDPOConfig``'s default since 2026-12-03.
 
 Held-out clean pairs on unseen test prompts measure ``pref_acc`` (policy log-prob of the right answer above the
 distractor's), ``margin_acc`` / ``margin_mean`` / ``eval_loss`` (the implicit DPO reward margin, and the DPO loss, with
@@ -136,7 +138,8 @@ VARIANTS = {
     # them here: the start's exact match is about 0.08); with and without the loss hybrid
     "drift_anchored": ("drift", {"drift_scorer": "drift_anchored"}),
     "drift_anchored_influence": ("drift", {"drift_scorer": "drift_anchored", "drift_loss_mix": 0.0}),
-    # weight taken only from a separate low group of a two-Gaussian mixture of the scores (no upweighting)
+    # weight taken only from a separate low group of a two-Gaussian mixture of the scores (no upweighting): the
+    # library's default for DPO since 2026-12-03 (`DEFAULT_DRIFT`)
     "drift_mixture": ("drift", {"drift_weighting": "mixture"}),
     # drift_pair_bound: pairs whose start-model margin is below every validation pair's get weight 0 for the run
     # (uniform: DPO on the kept pairs; drift: its weights times the bound)
@@ -145,6 +148,10 @@ VARIANTS = {
     "ica_bound": ("ica", {"drift_pair_bound": True}),
     "lossdiff_irm_bound": ("lossdiff_irm", {"drift_pair_bound": True}),
 }
+# `drift` and its variants run at `softmax` weighting, the default when they were measured (DriftDPOConfig's default
+# is now `mixture`: the `drift_mixture` rows), unless a variant sets its own weighting
+SOFTMAX = {"drift_weighting": "softmax"}
+DEFAULT_DRIFT = "drift_mixture"
 # the methods, then every variant (a variant missing here would be left out of the tables)
 METHODS = (
     "uniform",
@@ -169,6 +176,8 @@ def train_dpo(method: str, data, s: Seed, tok, cfg: dict, tag: str):
 
     base, variant = VARIANTS.get(method, (method, {}))
     base, simpo = base.removesuffix("_simpo"), method.endswith("_simpo")
+    if base == "drift" and "drift_weighting" not in variant:
+        variant = {**SOFTMAX, **variant}  # measured before `mixture` became the default: keep their meaning
     drift_method = "uniform" if base in ("uniform", "oracle", "band") else base
     model, ref = copy.deepcopy(s.start), copy.deepcopy(s.start)
     extra = {"loss_type": ["simpo"], "simpo_gamma": cfg["simpo_gamma"]} if simpo else {}
@@ -363,13 +372,19 @@ def targets(agg: dict) -> list[dict]:
         for k in ("pref_acc", "exact"):
             p = ci(m, "uniform", k)
             add(f"{m} beats uniform DPO on {k} (95% CI excludes 0, > 0)", bool(p and p["ci"][0] > 0), fmt(p))
-    for k in ("pref_acc", "exact"):
-        p = ci("drift", "uniform", k)
-        add(
-            f"drift does not fall below uniform on {k} (CI low >= -0.01 or mean >= 0)",
-            bool(p and (p["ci"][0] >= -0.01 or p["mean"] >= 0)),
-            fmt(p),
+    for m in (DEFAULT_DRIFT, "drift"):
+        if m not in t:
+            continue
+        label = (
+            "DRIFT at its DPO default (`mixture`)" if m == DEFAULT_DRIFT else "drift (`softmax`, the earlier default)"
         )
+        for k in ("pref_acc", "exact"):
+            p = ci(m, "uniform", k)
+            add(
+                f"{label} does not fall below uniform on {k} (CI low >= -0.01 or mean >= 0)",
+                bool(p and (p["ci"][0] >= -0.01 or p["mean"] >= 0)),
+                fmt(p),
+            )
     b = agg["bands"]
     for k in ("pref_acc", "exact", "eval_loss"):
         lo, hi = (b.get("medium-low") or {}).get(k), (b.get("medium-high") or {}).get(k)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from drift_trainer import DriftConfig
 from drift_trainer.methods.lossdiff import band_mask
 from tests.helpers import cpu_args, digit_start_reward, preference_pairs as pairs
 
@@ -156,6 +157,11 @@ def test_drift_scorer_and_simpo(tokenizer, tiny_model, tmp_path):
     w = tr.pair_weights
     assert w.shape == (16,) and w.mean() == pytest.approx(1.0) and w.std() > 0
     assert np.isfinite(tr.pair_scores["score"]).all() and (tr.pair_scores["grad_norm"] > 0).all()
+    # DPO's default weighting is `mixture` (SFT's stays `softmax`): only a low group loses weight, every other pair
+    # shares the top weight (softmax weights would all differ)
+    assert args.drift_weighting == "mixture"
+    assert DriftConfig.__dataclass_fields__["drift_weighting"].default == "softmax"
+    assert np.mean(np.isclose(w, w.max())) >= 0.5 and w.min() < w.max()
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     assert all(np.isfinite(losses))
 
